@@ -1,0 +1,76 @@
+"""Argument checks shared by the core: each raises before any computation, naming the argument."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+
+def check_callable(value: Any, name: str) -> None:
+    if not callable(value):
+        raise TypeError(f"{name}: expected a callable, got {type(value).__name__}")
+
+
+def check_finite_params(params: Mapping[str, Tensor], name: str = "params") -> None:
+    bad = [n for n, t in params.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{name}: parameters {bad} contain NaN or Inf")
+
+
+def check_finite(tensor: Tensor, name: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name}: contains NaN or Inf")
+
+
+def check_nonnegative(value: Any, name: str) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    if not value >= 0:  # also rejects NaN
+        raise ValueError(f"{name}: expected a number >= 0, got {value}")
+    return float(value)
+
+
+def check_positive(value: Any, name: str) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    if not value > 0:
+        raise ValueError(f"{name}: expected a number > 0, got {value}")
+    return float(value)
+
+
+def check_count(value: Any, name: str, minimum: int = 1) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")
+    return int(value)
+
+
+def block_width(B: Any, name: str) -> int:
+    """The width ``P`` of a ``(k, P)`` block or a ``(P,)`` vector."""
+    if not isinstance(B, Tensor):
+        raise TypeError(f"{name}: expected a tensor of shape (k, P), got {type(B).__name__}")
+    if B.dim() not in (1, 2):
+        raise ValueError(f"{name}: expected shape (k, P) or (P,), got {tuple(B.shape)}")
+    return B.shape[-1]
+
+
+def as_block(V: Any, width: int, name: str = "V") -> tuple[Tensor, bool]:
+    """Return ``V`` as a ``(k, width)`` block and whether it was a single ``(width,)`` vector."""
+    if not isinstance(V, Tensor):
+        raise TypeError(f"{name}: expected a tensor of shape (k, {width}), got {type(V).__name__}")
+    if V.dim() == 1:
+        V, single = V.unsqueeze(0), True
+    elif V.dim() == 2:
+        single = False
+    else:
+        raise ValueError(f"{name}: expected shape (k, {width}) or ({width},), got {tuple(V.shape)}")
+    if V.shape[1] != width:
+        raise ValueError(
+            f"{name}: expected width P={width} (shape (k, {width})), got shape {tuple(V.shape)}"
+        )
+    check_finite(V, name)
+    return V, single

@@ -1,0 +1,147 @@
+"""Conjugate gradient for many right-hand sides at once, written as a fold."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+
+from ._checks import as_block, block_width, check_callable, check_count, check_nonnegative
+from .fold import fold
+
+__all__ = ["CGState", "CGSolution", "cg"]
+
+
+class CGState(NamedTuple):
+    """The carry of the CG fold; every field has one entry (row) per right-hand side."""
+
+    x: Tensor  # (k, P) iterate
+    r: Tensor  # (k, P) residual b - A x, updated by recurrence
+    p: Tensor  # (k, P) search direction
+    rho: Tensor  # (k,) r · M r
+    active: Tensor  # (k,) bool: still iterating
+    steps: Tensor  # (k,) int: steps this column took
+
+
+class CGSolution(NamedTuple):
+    """``x`` (``k, P``) solves ``(A + damping I) x = b`` row by row.
+
+    ``steps`` (``k,``) counts the iterations each right-hand side took,
+    ``residual_norm`` (``k,``) is ``||b - (A + damping I) x||`` as tracked by the
+    recurrence, and ``converged`` (``k,``) says whether it reached
+    ``max(tol * ||b||, atol)``.
+    """
+
+    x: Tensor
+    steps: Tensor
+    residual_norm: Tensor
+    converged: Tensor
+
+
+def cg(
+    mv: Union[Callable[[Tensor], Tensor], Tensor],
+    B: Tensor,
+    *,
+    tol: float = 1e-5,
+    atol: float = 0.0,
+    max_iter: Optional[int] = None,
+    damping: float = 0.0,
+    x0: Optional[Tensor] = None,
+    preconditioner: Optional[Callable[[Tensor], Tensor]] = None,
+) -> CGSolution:
+    """Solve ``(A + damping I) x = b`` for every row ``b`` of ``B`` by (preconditioned) conjugate gradient.
+
+    Hestenes & Stiefel (1952). All ``k`` systems advance together, one operator
+    call per step on the ``(k, P)`` block of search directions; a column stops
+    updating once its residual norm is at most ``max(tol * ||b||, atol)`` (the
+    criterion of ``scipy.sparse.linalg.cg``), and the loop ends when all have.
+    Without a preconditioner and from ``x0 = 0`` the iterates are SciPy's.
+
+    Args:
+        mv: ``A`` as an operator ``(k, P) -> (k, P)`` (see :func:`make_hvp`) or a
+            symmetric ``(P, P)`` tensor. ``A + damping I`` should be positive definite.
+        B: right-hand sides ``(k, P)``, or one ``(P,)`` (then ``x`` is ``(P,)`` too).
+        tol: relative tolerance on the residual norm, ``>= 0``.
+        atol: absolute tolerance on the residual norm, ``>= 0``.
+        max_iter: most iterations, ``>= 1``; default ``10 * P``.
+        damping: ``>= 0``, added to the diagonal of ``A``.
+        x0: initial guess shaped like ``B``; default zeros.
+        preconditioner: ``M ≈ (A + damping I)^{-1}`` as an operator ``(k, P) -> (k, P)``.
+
+    Returns:
+        :class:`CGSolution`. A column whose curvature ``pᵀ A p`` is zero (breakdown)
+        or whose residual turns non-finite stops and is reported as not converged.
+    """
+    operator = _as_operator(mv, B)
+    block, single = as_block(B, block_width(B, "B"), name="B")
+    tol = check_nonnegative(tol, "tol")
+    atol = check_nonnegative(atol, "atol")
+    damping = check_nonnegative(damping, "damping")
+    width = block.shape[1]
+    max_iter = 10 * width if max_iter is None else check_count(max_iter, "max_iter")
+    if preconditioner is not None:
+        check_callable(preconditioner, "preconditioner")
+    dtype = torch.promote_types(block.dtype, torch.float32)
+    block = block.to(dtype)
+    if x0 is not None:
+        x0, _ = as_block(x0, width, name="x0")
+        if x0.shape != block.shape:
+            raise ValueError(f"x0: expected shape {tuple(block.shape)} like B, got {tuple(x0.shape)}")
+        x0 = x0.to(dtype)
+
+    def A(v: Tensor) -> Tensor:
+        out = operator(v)
+        return out + damping * v if damping else out
+
+    def M(r: Tensor) -> Tensor:
+        return r if preconditioner is None else preconditioner(r)
+
+    threshold = torch.clamp(tol * block.norm(dim=1), min=atol)
+    x = torch.zeros_like(block) if x0 is None else x0
+    r = block if x0 is None else block - A(x)
+    z = M(r)
+    k = block.shape[0]
+    state = CGState(
+        x=x,
+        r=r,
+        p=z,
+        rho=(r * z).sum(1),
+        active=r.norm(dim=1) > threshold,
+        steps=torch.zeros(k, dtype=torch.long, device=block.device),
+    )
+
+    def step(s: CGState) -> CGState:
+        q = A(s.p)
+        curvature = (s.p * q).sum(1)
+        moving = s.active & (curvature != 0)
+        alpha = torch.where(moving, s.rho / torch.where(moving, curvature, 1), 0).unsqueeze(1)
+        x = s.x + alpha * s.p
+        r = s.r - alpha * q
+        z = M(r)
+        rho = (r * z).sum(1)
+        beta = torch.where(moving & (s.rho != 0), rho / torch.where(s.rho != 0, s.rho, 1), 0)
+        p = torch.where(moving.unsqueeze(1), z + beta.unsqueeze(1) * s.p, s.p)
+        norm = r.norm(dim=1)
+        active = moving & (norm > threshold) & torch.isfinite(norm)
+        return CGState(x, r, p, torch.where(moving, rho, s.rho), active, s.steps + moving.long())
+
+    final = fold(step, state, max_iter, done=lambda s: not bool(s.active.any()))
+    norm = final.r.norm(dim=1)
+    converged = torch.isfinite(norm) & (norm <= threshold)
+    x = final.x[0] if single else final.x
+    return CGSolution(x, final.steps, norm, converged)
+
+
+def _as_operator(mv: Union[Callable[[Tensor], Tensor], Tensor], B: Tensor) -> Callable[[Tensor], Tensor]:
+    if isinstance(mv, Tensor):
+        width = block_width(B, "B")
+        if mv.dim() != 2 or tuple(mv.shape) != (width, width):
+            raise ValueError(
+                f"mv: a matrix operator must have shape (P, P) = ({width}, {width}) to match B, "
+                f"got {tuple(mv.shape)}"
+            )
+        matrix = mv
+        return lambda V: V @ matrix.T.to(V.dtype)
+    check_callable(mv, "mv")
+    return mv

@@ -1,0 +1,1 @@
+"""Real-data attribution benchmarks and microbenchmarks, run with ``python -m benchmarks.<name>``."""
