@@ -1,0 +1,114 @@
+"""The scikit-learn digits data (1,797 8x8 images, shipped with the package) and models trained on it.
+
+Everything here is deterministic given its seed, and nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+
+class Split(NamedTuple):
+    """Digits as float tensors: images ``(n, 64)`` scaled to ``[0, 1]``, labels ``(n,)``."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+
+def load_digits_split(n_train: int = 1000, *, seed: int = 0, dtype: torch.dtype = torch.float64) -> Split:
+    """A seeded random split of scikit-learn's digits into ``n_train`` training images and the rest."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    if not 1 <= n_train < len(data.target):
+        raise ValueError(f"n_train: expected 1 <= n_train < {len(data.target)}, got {n_train}")
+    x = torch.tensor(data.data, dtype=dtype) / 16.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    train, test = order[:n_train], order[n_train:]
+    return Split(x[train], y[train], x[test], y[test])
+
+
+def softmax_regression(*, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """Multinomial logistic regression, 64 -> 10 (650 parameters)."""
+    torch.manual_seed(seed)
+    return nn.Linear(64, 10).to(dtype)
+
+
+def mlp(hidden: int = 128, *, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """A one-hidden-layer MLP 64 -> hidden -> 10 (9,610 parameters at hidden=128)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10)).to(dtype)
+
+
+def cross_entropy(model: nn.Module) -> Callable[[Mapping[str, Tensor], tuple], Tensor]:
+    """``f(params, (x, y))``: the mean cross-entropy of ``model`` on a batch."""
+
+    def f(params: Mapping[str, Tensor], batch: tuple) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(functional_call(model, dict(params), (x,)), y)
+
+    return f
+
+
+def l2_objective(model: nn.Module, l2: float) -> Callable[[Mapping[str, Tensor], tuple], Tensor]:
+    """``f(params, batch)``: mean cross-entropy plus ``l2 / 2 * |params|²``, the training objective."""
+    loss = cross_entropy(model)
+
+    def f(params: Mapping[str, Tensor], batch: tuple) -> Tensor:
+        return loss(params, batch) + l2 / 2 * sum(p.pow(2).sum() for p in params.values())
+
+    return f
+
+
+def fit(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    l2: float,
+    weights: Tensor | None = None,
+    init: Mapping[str, Tensor] | None = None,
+    max_iter: int = 500,
+) -> dict[str, Tensor]:
+    """Full-batch L-BFGS on the L2-regularised objective; returns the fitted parameters.
+
+    ``weights`` (``n,``) multiplies each example's loss (0 removes it) while the
+    mean still divides by ``n``, so leave-one-out refits change exactly one term.
+    It starts from ``init`` (default: the model's own parameters, which are left
+    untouched) and fits a copy.
+    """
+    start = dict(model.named_parameters()) if init is None else init
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in start.items()}
+    w = torch.ones(len(y), dtype=x.dtype) if weights is None else weights.to(x.dtype)
+    optimizer = torch.optim.LBFGS(
+        list(params.values()),
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=1e-10,
+        tolerance_change=1e-14,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        logits = functional_call(model, params, (x,))
+        per_example = nn.functional.cross_entropy(logits, y, reduction="none")
+        objective = (w * per_example).mean() + l2 / 2 * sum(p.pow(2).sum() for p in params.values())
+        objective.backward()
+        return objective
+
+    optimizer.step(closure)
+    return {k: v.detach() for k, v in params.items()}
+
+
+def accuracy(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> float:
+    with torch.no_grad():
+        return float((functional_call(model, dict(params), (x,)).argmax(1) == y).double().mean())
