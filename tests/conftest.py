@@ -8,6 +8,8 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 # "ci" (the default) is deterministic and has no per-example deadline, so a slow
@@ -24,3 +26,9 @@ settings.register_profile(
     "dev", deadline=None, max_examples=50, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Each test starts from the same global RNG state, whatever ran before it."""
+    torch.manual_seed(0)

@@ -62,9 +62,13 @@ def test_damping_x0_and_single_vector():
     result = cg(A, b, damping=0.3, tol=1e-12)
     assert result.x.shape == (8,)
     torch.testing.assert_close(result.x, expected)
-    warm = cg(A, b, damping=0.3, tol=1e-12, x0=expected + 1e-6)
-    assert warm.steps.item() < result.steps.item()
-    torch.testing.assert_close(warm.x, expected)
+    # From a guess already within tol, no step is taken and the guess is returned.
+    warm = cg(A, b, damping=0.3, tol=1e-6, x0=expected + 1e-9)
+    assert warm.steps.item() == 0 and bool(warm.converged)
+    assert torch.equal(warm.x, expected + 1e-9)
+    # From a poor guess, it still converges to the same solution.
+    far = cg(A, b, damping=0.3, tol=1e-12, x0=torch.full((8,), 5.0, dtype=torch.float64))
+    torch.testing.assert_close(far.x, expected)
 
 
 def test_max_iter_reports_unconverged():
