@@ -6,11 +6,17 @@ state between calls. See ``DESIGN.md`` for the conventions (parameters as
 ``dict[str, Tensor]``, operators as ``mv(V)`` on ``(k, P)`` blocks, explicit seeds).
 """
 
+from .arnoldi import ArnoldiResult, ArnoldiState, SpectralProjector, arnoldi, spectral_projector
 from .cg import CGSolution, CGState, cg
 from .curvature import fvp, gnvp, hessian, hvp, make_fvp, make_gnvp, make_hvp
+from .datainf import DataInfSolution, datainf, datainf_damping
+from .diagonal import hutchinson_diagonal, jacobi
 from .fold import fold
 from .gradients import per_sample_grad, per_sample_grad_loop
+from .kfac import EKFAC, EKFACLayer, KFACFactors, LayerFactors, ekfac, kfac_factors
+from .layer_capture import Captured, LayerSpec, capture, layer_specs
 from .lissa import LissaSolution, LissaState, lissa
+from .nystrom import NystromApprox, nystrom
 from .solve_explicit import (
     ExplicitFactor,
     ExplicitSolution,
@@ -44,4 +50,26 @@ __all__ = [
     "lissa",
     "LissaState",
     "LissaSolution",
+    "arnoldi",
+    "ArnoldiState",
+    "ArnoldiResult",
+    "spectral_projector",
+    "SpectralProjector",
+    "datainf",
+    "datainf_damping",
+    "DataInfSolution",
+    "kfac_factors",
+    "KFACFactors",
+    "LayerFactors",
+    "ekfac",
+    "EKFAC",
+    "EKFACLayer",
+    "capture",
+    "Captured",
+    "layer_specs",
+    "LayerSpec",
+    "nystrom",
+    "NystromApprox",
+    "jacobi",
+    "hutchinson_diagonal",
 ]

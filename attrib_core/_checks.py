@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -74,3 +74,17 @@ def as_block(V: Any, width: int, name: str = "V") -> tuple[Tensor, bool]:
         )
     check_finite(V, name)
     return V, single
+
+
+def as_operator(mv: Any, width: int, name: str = "mv") -> Callable[[Tensor], Tensor]:
+    """An operator ``(k, P) -> (k, P)`` from a callable or a symmetric ``(P, P)`` matrix."""
+    if isinstance(mv, Tensor):
+        if mv.dim() != 2 or tuple(mv.shape) != (width, width):
+            raise ValueError(
+                f"{name}: a matrix operator must have shape (P, P) = ({width}, {width}), "
+                f"got {tuple(mv.shape)}"
+            )
+        matrix = mv
+        return lambda V: V @ matrix.T.to(V.dtype)
+    check_callable(mv, name)
+    return mv

@@ -7,7 +7,7 @@ from typing import Callable, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from ._checks import as_block, block_width, check_callable, check_count, check_nonnegative
+from ._checks import as_block, as_operator, block_width, check_callable, check_count, check_nonnegative
 from .fold import fold
 
 __all__ = ["CGState", "CGSolution", "cg"]
@@ -73,7 +73,7 @@ def cg(
         :class:`CGSolution`. A column whose curvature ``pᵀ A p`` is zero (breakdown)
         or whose residual turns non-finite stops and is reported as not converged.
     """
-    operator = _as_operator(mv, B)
+    operator = as_operator(mv, block_width(B, "B"))
     block, single = as_block(B, block_width(B, "B"), name="B")
     tol = check_nonnegative(tol, "tol")
     atol = check_nonnegative(atol, "atol")
@@ -131,17 +131,3 @@ def cg(
     converged = torch.isfinite(norm) & (norm <= threshold)
     x = final.x[0] if single else final.x
     return CGSolution(x, final.steps, norm, converged)
-
-
-def _as_operator(mv: Union[Callable[[Tensor], Tensor], Tensor], B: Tensor) -> Callable[[Tensor], Tensor]:
-    if isinstance(mv, Tensor):
-        width = block_width(B, "B")
-        if mv.dim() != 2 or tuple(mv.shape) != (width, width):
-            raise ValueError(
-                f"mv: a matrix operator must have shape (P, P) = ({width}, {width}) to match B, "
-                f"got {tuple(mv.shape)}"
-            )
-        matrix = mv
-        return lambda V: V @ matrix.T.to(V.dtype)
-    check_callable(mv, "mv")
-    return mv

@@ -1,0 +1,195 @@
+"""Arnoldi (Lanczos, for a symmetric operator) with full reorthogonalisation, and the projector built from it."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+
+from ._checks import as_operator, check_count, check_finite, check_nonnegative
+from .fold import fold
+
+__all__ = ["ArnoldiState", "ArnoldiResult", "arnoldi", "SpectralProjector", "spectral_projector"]
+
+
+class ArnoldiState(NamedTuple):
+    basis: Tensor  # (j + 1, dim) orthonormal Krylov vectors q_0 .. q_j
+    columns: tuple  # j columns of the Hessenberg matrix, column i of length i + 2
+    breakdown: bool  # the Krylov space became invariant
+
+
+class ArnoldiResult(NamedTuple):
+    """The ``top_k`` Ritz pairs of largest magnitude.
+
+    Attributes:
+        eigenvalues: ``(top_k,)``, by decreasing magnitude.
+        eigenvectors: ``(top_k, dim)``, orthonormal rows.
+        steps: the Krylov dimension built (``<= n_iter``).
+        residuals: ``(top_k,)``, ``‖A u - λ u‖`` for each pair, from the recurrence
+            (``|β_m s_{m,i}|``); small means converged.
+        breakdown: the iteration stopped early on an invariant subspace (then the
+            Ritz pairs are exact eigenpairs of ``A`` on that subspace).
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    steps: int
+    residuals: Tensor
+    breakdown: bool
+
+
+def arnoldi(
+    mv: Union[Callable[[Tensor], Tensor], Tensor],
+    dim: int,
+    *,
+    n_iter: int = 100,
+    top_k: int = 20,
+    seed: int = 0,
+    tol: float = 1e-10,
+    dtype: torch.dtype = torch.float64,
+    device: Optional[Union[str, torch.device]] = None,
+) -> ArnoldiResult:
+    """Top eigenpairs of a symmetric operator by Arnoldi iteration with full reorthogonalisation.
+
+    Builds an orthonormal basis ``Q`` of the Krylov space ``{q, Aq, A²q, ...}`` from a
+    random start, orthogonalising each new vector twice against all previous ones
+    (classical Gram-Schmidt, twice: Giraud et al., 2005), and takes the
+    eigenpairs of the projected matrix ``T = Qᵀ A Q``. For a symmetric ``A`` this is
+    the Lanczos method without its loss of orthogonality. As in Schioppa et al.
+    (AAAI 2022), used for influence functions through ``g ↦ Λ^{-1/2} U g``
+    (:func:`spectral_projector`).
+
+    Args:
+        mv: ``A`` as an operator on blocks ``(k, dim) -> (k, dim)`` (called with
+            ``k = 1``), or a symmetric ``(dim, dim)`` matrix.
+        dim: the operator's size ``P``.
+        n_iter: Krylov dimension to build (clamped to ``dim``); must be ``>= top_k``.
+        top_k: eigenpairs kept, by largest ``|λ|``; ``1 <= top_k <= dim``.
+        seed: seeds the random start vector (torch's global RNG is not touched).
+        tol: stop when the new direction's norm falls below ``tol`` times the norm
+            of its column of ``T`` (an invariant subspace).
+        dtype: working precision of the basis (float64 by default; ``mv`` is
+            called with vectors of this dtype, its output is cast back to it).
+        device: where the basis lives; default CPU.
+    """
+    dim = check_count(dim, "dim")
+    top_k = check_count(top_k, "top_k")
+    if top_k > dim:
+        raise ValueError(f"top_k: cannot exceed dim={dim}, got {top_k}")
+    n_iter = check_count(n_iter, "n_iter")
+    if n_iter < top_k:
+        raise ValueError(f"n_iter: must be >= top_k={top_k} to produce that many pairs, got {n_iter}")
+    n_iter = min(n_iter, dim)
+    tol = check_nonnegative(tol, "tol")
+    seed = check_count(seed, "seed", minimum=0)
+    operator = as_operator(mv, dim)
+    generator = torch.Generator().manual_seed(seed)
+    start = torch.randn(dim, generator=generator, dtype=dtype).to(device)
+    state = ArnoldiState((start / start.norm()).unsqueeze(0), (), False)
+
+    def step(s: ArnoldiState) -> ArnoldiState:
+        q = s.basis[-1:]
+        w = operator(q).to(dtype).reshape(dim)
+        check_finite(w, "mv(q)")
+        h = torch.zeros(s.basis.shape[0], dtype=dtype, device=w.device)
+        for _ in range(2):  # twice is enough (Kahan's "twice is enough")
+            c = s.basis @ w
+            w = w - c @ s.basis
+            h = h + c
+        beta = w.norm()
+        column = torch.cat([h, beta.reshape(1)])
+        if beta <= tol * max(float(h.norm()), 1e-300) or s.basis.shape[0] == dim:
+            return ArnoldiState(s.basis, s.columns + (column,), True)
+        return ArnoldiState(torch.cat([s.basis, (w / beta).unsqueeze(0)]), s.columns + (column,), False)
+
+    final = fold(step, state, n_iter, done=lambda s: s.breakdown)
+    m = len(final.columns)
+    T = torch.zeros(m + 1, m, dtype=dtype, device=final.basis.device)
+    for j, column in enumerate(final.columns):
+        T[: j + 2, j] = column
+    square = T[:m]
+    evals, evecs = torch.linalg.eigh((square + square.T) / 2)
+    order = torch.argsort(evals.abs(), descending=True)[: min(top_k, m)]
+    basis = final.basis[:m]
+    beta_m = 0.0 if final.breakdown else float(T[m, m - 1])
+    return ArnoldiResult(
+        evals[order],
+        evecs[:, order].T @ basis,
+        m,
+        (beta_m * evecs[m - 1, order]).abs(),
+        final.breakdown,
+    )
+
+
+class SpectralProjector(NamedTuple):
+    """``g ↦ Λ^{-1/2} U g`` for the kept eigenpairs, so ``⟨Pg, Pg'⟩ ≈ gᵀ (A + damping I)⁻¹ g'``.
+
+    Attributes:
+        vectors: ``(r, dim)`` kept eigenvectors.
+        scales: ``(r,)`` ``1 / sqrt(λ + damping)``, all finite and positive.
+        eigenvalues: ``(r,)`` kept ``|λ + damping|`` (positive).
+        n_negative: pairs dropped (``negative="drop"``) or reflected
+            (``negative="abs"``) because ``λ + damping < 0``.
+        n_small: pairs dropped because ``|λ + damping| <= rcond * max |λ + damping|``.
+    """
+
+    vectors: Tensor
+    scales: Tensor
+    eigenvalues: Tensor
+    n_negative: int
+    n_small: int
+
+    def __call__(self, G: Tensor) -> Tensor:
+        """Project ``G`` ``(n, dim)`` (or ``(dim,)``) to ``(n, r)``."""
+        return (G.to(self.vectors.dtype) @ self.vectors.T) * self.scales
+
+
+def spectral_projector(
+    eigenvalues: Tensor,
+    eigenvectors: Tensor,
+    *,
+    damping: float = 0.0,
+    negative: str = "drop",
+    rcond: float = 1e-6,
+) -> SpectralProjector:
+    """Build ``g ↦ (Λ + damping)^{-1/2} U g`` from eigenpairs, with no NaN whatever the spectrum.
+
+    A Hessian away from a minimum (or of a ReLU network) has negative and tiny
+    eigenvalues; ``λ^{-1/2}`` of those is NaN or huge. They are handled
+    explicitly and counted in the result: tiny ones (``|λ + damping| <= rcond ·
+    max``) are dropped; negative ones are dropped (``negative="drop"``) or
+    replaced by their magnitude (``negative="abs"``).
+
+    Args:
+        eigenvalues: ``(r,)``, e.g. :attr:`ArnoldiResult.eigenvalues`.
+        eigenvectors: ``(r, dim)``, orthonormal rows.
+        damping: ``>= 0``, added to every eigenvalue.
+        negative: ``"drop"`` or ``"abs"``.
+        rcond: relative threshold for tiny eigenvalues, ``>= 0``.
+    """
+    if negative not in ("drop", "abs"):
+        raise ValueError(f"negative: expected 'drop' or 'abs', got {negative!r}")
+    damping = check_nonnegative(damping, "damping")
+    rcond = check_nonnegative(rcond, "rcond")
+    if eigenvalues.dim() != 1 or eigenvectors.dim() != 2 or eigenvectors.shape[0] != eigenvalues.shape[0]:
+        raise ValueError(
+            f"eigenvalues (r,) and eigenvectors (r, dim) disagree: {tuple(eigenvalues.shape)} "
+            f"and {tuple(eigenvectors.shape)}"
+        )
+    check_finite(eigenvalues, "eigenvalues")
+    check_finite(eigenvectors, "eigenvectors")
+    shifted = eigenvalues + damping
+    is_negative = shifted < 0
+    magnitude = shifted.abs()
+    top = float(magnitude.max()) if magnitude.numel() else 0.0
+    small = magnitude <= rcond * top
+    keep = ~small & (~is_negative if negative == "drop" else torch.ones_like(small))
+    kept = magnitude[keep]
+    return SpectralProjector(
+        eigenvectors[keep],
+        kept.rsqrt(),
+        kept,
+        int((is_negative & ~small).sum()),
+        int(small.sum()),
+    )

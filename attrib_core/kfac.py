@@ -1,0 +1,242 @@
+"""K-FAC factors and EK-FAC: Kronecker-factored empirical Fisher, its eigenvalue correction, and its inverse.
+
+For a layer ``s = W̃ ã`` (``W̃ = [W | b]``, ``ã = [a; 1]``), each example's weight
+gradient is ``dW̃_i = Σ_t ds_{it} ã_{it}ᵀ`` over the positions ``t`` the weight is
+applied at (one for a 2-D input, the sequence for ``(B, T, d)``, the output
+pixels of a convolution). The layer's empirical Fisher ``F = E_i[vec dW̃_i vec dW̃_iᵀ]``
+is approximated by
+
+    K-FAC   (Martens & Grosse, 2015; Grosse & Martens, 2016 for convolutions):
+            F ≈ A ⊗ S,  A = mean over positions of ã ãᵀ,  S = E_i[Σ_t ds dsᵀ]
+            (exact for one example at one position);
+    EK-FAC  (George et al., 2018; Grosse et al., 2023): F ≈ (Q_S ⊗ Q_A) diag(Λ) (Q_S ⊗ Q_A)ᵀ
+            with ``Q_A, Q_S`` the eigenvectors of ``A, S`` and the corrected
+            eigenvalues ``Λ = E_i[(Q_Sᵀ dW̃_i Q_A)²]``, exact on the diagonal of that basis.
+
+Layers are independent blocks. Vectors are laid out as :func:`attrib_core.ravel`
+lays out the covered parameters (``EKFAC.names``), the weight row-major.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
+
+import torch
+from opt_einsum import contract
+from torch import Tensor, nn
+
+from ._checks import as_block, check_nonnegative
+from .layer_capture import LayerSpec, capture, layer_specs
+
+__all__ = ["LayerFactors", "KFACFactors", "kfac_factors", "EKFACLayer", "EKFAC", "ekfac"]
+
+MaskFn = Optional[Callable[[Any], Tensor]]
+
+
+class LayerFactors(NamedTuple):
+    """``A`` ``(d_a, d_a)`` and ``S`` ``(d_out, d_out)`` of one layer (float64), and what they averaged."""
+
+    spec: LayerSpec
+    A: Tensor
+    S: Tensor
+    positions: int
+    examples: int
+
+
+class KFACFactors(NamedTuple):
+    """Per-layer factors, and the parameter names they cover in ``params`` order."""
+
+    layers: tuple[LayerFactors, ...]
+    names: tuple[str, ...]
+
+
+def kfac_factors(
+    model: nn.Module,
+    f: Callable[[Mapping[str, Tensor], Any], Tensor],
+    params: Mapping[str, Tensor],
+    batches: Iterable[Any],
+    *,
+    layers: Union[None, str, Sequence[str]] = None,
+    mask: MaskFn = None,
+    reduction: str = "mean",
+) -> KFACFactors:
+    """Fit the K-FAC factors ``A = mean ã ãᵀ`` and ``S = E_i[Σ_t ds dsᵀ]`` over ``batches``.
+
+    Args:
+        model: the module ``f`` runs through ``functional_call``; hooks are placed
+            on its layers for the duration of the call only.
+        f: the batched loss ``f(params, batch) -> scalar`` (its labels make this the
+            empirical Fisher).
+        params: the point of evaluation.
+        batches: an iterable of batches (a list, or a DataLoader).
+        layers: module names to factor (``nn.Linear`` or ``nn.Conv2d``), or None
+            for every such layer whose weight is in ``params``.
+        mask: ``mask(batch) -> (B, T)``, nonzero at the valid positions of
+            sequence inputs; padded positions count in neither factor.
+        reduction: ``"mean"`` or ``"sum"``, how ``f`` combines its batch.
+    """
+    specs = layer_specs(model, params, layers)
+    sums = {s.module: [0.0, 0.0, 0, 0] for s in specs}  # A sum, S sum, positions, examples
+    for batch in batches:
+        captured = capture(model, f, params, batch, specs, reduction=reduction, mask=_mask(mask, batch))
+        for spec in specs:
+            rows = captured[spec.module]
+            a, ds = rows.a.double(), rows.ds.double()
+            entry = sums[spec.module]
+            entry[0] = entry[0] + contract("bti,btj->ij", a, a)
+            entry[1] = entry[1] + contract("bti,btj->ij", ds, ds)
+            entry[2] += rows.positions
+            entry[3] += a.shape[0]
+    if any(entry[3] == 0 for entry in sums.values()):
+        raise ValueError("batches: no batch was given")
+    factors = tuple(
+        LayerFactors(s, sums[s.module][0] / sums[s.module][2], sums[s.module][1] / sums[s.module][3],
+                     sums[s.module][2], sums[s.module][3])
+        for s in specs
+    )
+    return KFACFactors(factors, _covered_names(params, specs))
+
+
+class EKFACLayer(NamedTuple):
+    """One layer's eigenbases ``Q_A`` ``(d_a, d_a)``, ``Q_S`` ``(d_out, d_out)`` and eigenvalues ``(d_out, d_a)``."""
+
+    spec: LayerSpec
+    QA: Tensor
+    QS: Tensor
+    eigenvalues: Tensor
+
+
+class EKFAC(NamedTuple):
+    """A fitted (E)K-FAC approximation ``F̂`` of the empirical Fisher, block-diagonal over layers.
+
+    ``names`` and ``sizes`` give the layout of the vectors it acts on: the covered
+    parameters in ``params`` order, each flattened (build them with
+    ``per_sample_grad`` on ``select(params, names)``).
+    """
+
+    layers: tuple[EKFACLayer, ...]
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]
+    corrected: bool
+
+    @property
+    def dim(self) -> int:
+        return sum(self.sizes)
+
+    def matvec(self, V: Tensor, *, damping: float = 0.0) -> Tensor:
+        """``(F̂ + damping I)`` applied to the rows of ``V`` ``(k, dim)``."""
+        damping = check_nonnegative(damping, "damping")
+        return self._apply(V, lambda lam: lam + damping)
+
+    def solve(self, V: Tensor, *, damping: float) -> Tensor:
+        """``(F̂ + damping I)⁻¹`` applied to the rows of ``V`` ``(k, dim)``: rotate, divide, rotate back."""
+        damping = check_nonnegative(damping, "damping")
+        if damping == 0 and any(bool((layer.eigenvalues <= 0).any()) for layer in self.layers):
+            raise ValueError("damping: some eigenvalues are 0, so F̂ is singular; pass damping > 0")
+        return self._apply(V, lambda lam: 1.0 / (lam + damping))
+
+    def preconditioner(self, *, damping: float) -> Callable[[Tensor], Tensor]:
+        """``(F̂ + damping I)⁻¹`` as an operator, for :func:`cg`'s ``preconditioner``."""
+        check_nonnegative(damping, "damping")
+        return lambda R: self.solve(R, damping=damping)
+
+    def _apply(self, V: Tensor, scale: Callable[[Tensor], Tensor]) -> Tensor:
+        block, single = as_block(V, self.dim)
+        out_dtype = torch.promote_types(block.dtype, torch.float32)
+        offsets = dict(zip(self.names, _offsets(self.sizes)))
+        out = torch.empty_like(block, dtype=out_dtype)
+        for layer in self.layers:
+            spec = layer.spec
+            M = _gather(block, spec, offsets).to(layer.QA.dtype)  # (k, d_out, d_a)
+            rotated = contract("so,kst,ta->koa", layer.QS, M, layer.QA)
+            rotated = rotated * scale(layer.eigenvalues)
+            back = contract("so,koa,ta->kst", layer.QS, rotated, layer.QA)
+            _scatter(out, back.to(out_dtype), spec, offsets)
+        return out[0] if single else out
+
+
+def ekfac(
+    model: nn.Module,
+    f: Callable[[Mapping[str, Tensor], Any], Tensor],
+    params: Mapping[str, Tensor],
+    batches: Iterable[Any],
+    *,
+    layers: Union[None, str, Sequence[str]] = None,
+    mask: MaskFn = None,
+    reduction: str = "mean",
+    correct: bool = True,
+    factors: Optional[KFACFactors] = None,
+) -> EKFAC:
+    """Fit EK-FAC (or, with ``correct=False``, K-FAC in its eigenbasis) over ``batches``.
+
+    Two passes: the K-FAC factors (skipped when ``factors`` is given), their
+    eigendecompositions in float64, then the eigenvalue correction
+    ``Λ = E_i[(Q_Sᵀ dW̃_i Q_A)²]``. The correction rotates the captured activations
+    and output gradients first (``ã Q_A``, ``ds Q_S``) and forms each example's
+    rotated gradient as ``Σ_t (Q_Sᵀ ds)(Q_Aᵀ ã)ᵀ``, never the unrotated ``dW̃_i``.
+    Arguments as in :func:`kfac_factors`; ``batches`` must be re-iterable (a list
+    or a DataLoader) when two passes are needed.
+    """
+    if factors is None and correct and iter(batches) is batches:
+        raise TypeError("batches: EK-FAC passes over the data twice; give a list or a DataLoader, not an iterator")
+    if factors is None:
+        factors = kfac_factors(model, f, params, batches, layers=layers, mask=mask, reduction=reduction)
+    bases = []
+    for factor in factors.layers:
+        eA, QA = torch.linalg.eigh(factor.A)
+        eS, QS = torch.linalg.eigh(factor.S)
+        bases.append((factor.spec, QA, QS, torch.outer(eS.clamp(min=0), eA.clamp(min=0))))
+    if correct:
+        specs = [b[0] for b in bases]
+        sums = {spec.module: torch.zeros_like(lam) for spec, _, _, lam in bases}
+        count = 0
+        for batch in batches:
+            captured = capture(model, f, params, batch, specs, reduction=reduction, mask=_mask(mask, batch))
+            for spec, QA, QS, _ in bases:
+                a, ds = captured[spec.module].a.double(), captured[spec.module].ds.double()
+                rotated = contract("bts,bta->bsa", ds @ QS, a @ QA)
+                sums[spec.module] += rotated.pow(2).sum(0)
+            count += next(iter(captured.values())).a.shape[0]
+        bases = [(spec, QA, QS, sums[spec.module] / count) for spec, QA, QS, _ in bases]
+    layers_out = tuple(EKFACLayer(*b) for b in bases)
+    sizes = tuple(params[n].numel() for n in factors.names)
+    return EKFAC(layers_out, factors.names, sizes, correct)
+
+
+def _mask(mask: MaskFn, batch: Any) -> Optional[Tensor]:
+    if mask is None:
+        return None
+    if not callable(mask):
+        raise TypeError("mask: expected a function batch -> (B, T) tensor")
+    return mask(batch)
+
+
+def _covered_names(params: Mapping[str, Tensor], specs: Sequence[LayerSpec]) -> tuple[str, ...]:
+    covered = {s.weight for s in specs} | {s.bias for s in specs if s.bias is not None}
+    return tuple(n for n in params if n in covered)
+
+
+def _offsets(sizes: Sequence[int]) -> list[int]:
+    out, total = [], 0
+    for size in sizes:
+        out.append(total)
+        total += size
+    return out
+
+
+def _gather(block: Tensor, spec: LayerSpec, offsets: Mapping[str, int]) -> Tensor:
+    k = block.shape[0]
+    start = offsets[spec.weight]
+    W = block[:, start : start + spec.d_out * spec.d_in].reshape(k, spec.d_out, spec.d_in)
+    if spec.bias is None:
+        return W
+    b = block[:, offsets[spec.bias] : offsets[spec.bias] + spec.d_out].reshape(k, spec.d_out, 1)
+    return torch.cat([W, b], dim=2)
+
+
+def _scatter(out: Tensor, M: Tensor, spec: LayerSpec, offsets: Mapping[str, int]) -> None:
+    k = out.shape[0]
+    start = offsets[spec.weight]
+    out[:, start : start + spec.d_out * spec.d_in] = M[:, :, : spec.d_in].reshape(k, -1)
+    if spec.bias is not None:
+        out[:, offsets[spec.bias] : offsets[spec.bias] + spec.d_out] = M[:, :, spec.d_in]

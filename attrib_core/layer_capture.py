@@ -1,0 +1,230 @@
+"""Capture the inputs and output gradients of Linear and Conv2d layers, as a pure function of (params, batch).
+
+Kronecker-factored curvature needs, for each layer, its input activations ``a``
+and the gradients ``ds`` of each example's loss with respect to the layer's
+output ``s = W a (+ b)``. :func:`capture` runs the user's loss once with
+temporary forward hooks on the named modules (removed before it returns), adds
+a zero "probe" tensor to each layer's output and differentiates the loss with
+respect to the probes. Nothing is registered globally and the model is left
+as it was.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from ._checks import check_finite_params
+
+__all__ = ["LayerSpec", "Captured", "layer_specs", "capture"]
+
+_SUPPORTED = {nn.Linear: "linear", nn.Conv2d: "conv2d"}
+
+
+class LayerSpec(NamedTuple):
+    """A factored layer: its module path, kind, parameter names and factor sizes.
+
+    ``d_in`` counts the weight's input side (``in_features``, or
+    ``C_in · kh · kw`` for a convolution) without the bias; the activation factor
+    has ``d_in + 1`` rows when ``bias`` is not None (the bias is the weight of an
+    appended constant 1, laid out as the last column of ``[W | b]``).
+    """
+
+    module: str
+    kind: str
+    weight: str
+    bias: Optional[str]
+    d_in: int
+    d_out: int
+
+    @property
+    def d_a(self) -> int:
+        return self.d_in + (self.bias is not None)
+
+
+class Captured(NamedTuple):
+    """One layer's rows for one batch: ``a`` ``(B, T, d_a)``, ``ds`` ``(B, T, d_out)``, and the valid positions."""
+
+    a: Tensor
+    ds: Tensor
+    positions: int
+
+
+def layer_specs(
+    model: nn.Module, params: Mapping[str, Tensor], layers: Union[None, str, Sequence[str]]
+) -> tuple[LayerSpec, ...]:
+    """The factored layers: every Linear/Conv2d whose weight is in ``params`` (``layers=None``) or the named ones.
+
+    A bias is factored with its layer when it is in ``params``.
+
+    Raises:
+        ValueError: a name is not a module of ``model``, its weight is not in
+            ``params``, it is of a type that cannot be factored (named in the
+            message), or nothing is left to factor.
+    """
+    modules = dict(model.named_modules())
+    if layers is None:
+        names = [n for n, m in modules.items() if type(m) in _SUPPORTED and f"{_prefix(n)}weight" in params]
+        if not names:
+            raise ValueError(
+                "layers: the model has no nn.Linear or nn.Conv2d layer whose weight is in params"
+            )
+    else:
+        names = [layers] if isinstance(layers, str) else list(layers)
+        unknown = [n for n in names if n not in modules]
+        if unknown:
+            valid = [n for n, m in modules.items() if type(m) in _SUPPORTED]
+            raise ValueError(f"layers: {unknown} are not modules of the model; factorable layers: {valid}")
+        for n in names:
+            if type(modules[n]) not in _SUPPORTED:
+                raise ValueError(
+                    f"layers: {n!r} is a {type(modules[n]).__name__}, which cannot be Kronecker-factored; "
+                    f"supported: nn.Linear and nn.Conv2d"
+                )
+            if f"{_prefix(n)}weight" not in params:
+                raise ValueError(f"layers: the weight {_prefix(n)}weight of {n!r} is not in params")
+    return tuple(_spec(n, modules[n], params) for n in names)
+
+
+def _prefix(name: str) -> str:
+    return f"{name}." if name else ""
+
+
+def _spec(name: str, module: nn.Module, params: Mapping[str, Tensor]) -> LayerSpec:
+    kind = _SUPPORTED[type(module)]
+    weight = f"{_prefix(name)}weight"
+    bias = f"{_prefix(name)}bias" if module.bias is not None and f"{_prefix(name)}bias" in params else None
+    if kind == "conv2d":
+        if module.groups != 1:
+            raise ValueError(f"layers: {name!r} is a grouped convolution (groups={module.groups}); not supported")
+        if module.padding_mode != "zeros":
+            raise ValueError(f"layers: {name!r} pads with {module.padding_mode!r}; only 'zeros' is supported")
+        _conv_padding(name, module)
+    shape = params[weight].shape
+    return LayerSpec(name, kind, weight, bias, int(shape[1:].numel()), int(shape[0]))
+
+
+def _conv_padding(name: str, module: nn.Conv2d) -> tuple[int, int]:
+    if module.padding == "valid":
+        return (0, 0)
+    if module.padding == "same":
+        pads = []
+        for k, d, s in zip(module.kernel_size, module.dilation, module.stride):
+            total = d * (k - 1)
+            if total % 2 or s != 1:
+                raise ValueError(f"layers: {name!r} uses asymmetric 'same' padding; not supported")
+            pads.append(total // 2)
+        return tuple(pads)
+    return tuple(module.padding)
+
+
+def capture(
+    model: nn.Module,
+    f: Callable[[Mapping[str, Tensor], Any], Tensor],
+    params: Mapping[str, Tensor],
+    batch: Any,
+    specs: Sequence[LayerSpec],
+    *,
+    reduction: str = "mean",
+    mask: Optional[Tensor] = None,
+) -> dict[str, Captured]:
+    """Per-layer activations and per-example output gradients for one batch.
+
+    Args:
+        model: the module whose submodules ``specs`` name; ``f`` must run it (with
+            ``torch.func.functional_call(model, params, ...)``).
+        f: the batched loss ``f(params, batch) -> scalar``.
+        params: the point of evaluation.
+        batch: passed to ``f``.
+        specs: from :func:`layer_specs`.
+        reduction: how ``f`` combines examples, ``"mean"`` or ``"sum"``; with
+            ``"mean"`` the captured gradients are multiplied by the batch size so
+            that each is the gradient of its own example's loss.
+        mask: ``(B, T)``, nonzero at valid positions of sequence inputs; applied
+            to Linear layers whose inputs are ``(B, T, d)``.
+
+    Returns:
+        ``{module: Captured(a, ds, positions)}`` with ``a`` of shape ``(B, T, d_a)``
+        (a trailing 1 when the bias is factored) and ``ds`` of shape
+        ``(B, T, d_out)``; ``T`` is 1 for 2-D inputs and the number of output
+        positions for a convolution. Masked positions are zero in both and not
+        counted in ``positions``.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
+    check_finite_params(params)
+    modules = dict(model.named_modules())
+    inputs: dict[str, Tensor] = {}
+    probes: dict[str, Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+            if name in probes:
+                raise ValueError(f"layers: {name!r} runs more than once in a forward pass (shared weights)")
+            inputs[name] = args[0].detach()
+            probes[name] = torch.zeros_like(output, requires_grad=True)
+            return output + probes[name]
+
+        return hook
+
+    handles = [modules[s.module].register_forward_hook(hook_for(s.module)) for s in specs]
+    try:
+        detached = {k: v.detach() for k, v in params.items()}
+        with torch.enable_grad():
+            loss = f(detached, batch)
+            missing = [s.module for s in specs if s.module not in probes]
+            if missing:
+                raise ValueError(f"layers: {missing} did not run in the forward pass of f")
+            grads = torch.autograd.grad(loss, [probes[s.module] for s in specs], allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = {}
+    for spec, grad in zip(specs, grads):
+        x = inputs[spec.module]
+        grad = torch.zeros_like(probes[spec.module]) if grad is None else grad
+        if reduction == "mean":
+            grad = grad * x.shape[0]
+        a, ds = _positions(spec, modules[spec.module], x, grad)
+        if spec.bias is not None:
+            a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+        positions = a.shape[0] * a.shape[1]
+        if mask is not None and spec.kind == "linear" and x.dim() > 2:
+            a, ds = _apply_mask(spec, mask, a, ds)
+            positions = int((mask != 0).sum())
+        for value, what in ((a, "inputs"), (ds, "output gradients")):
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"captured {what} of layer {spec.module!r} contain NaN or Inf")
+        out[spec.module] = Captured(a, ds, positions)
+    return out
+
+
+def _positions(spec: LayerSpec, module: nn.Module, x: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """Inputs and output gradients as ``(B, T, d)`` rows, one per position the weight is applied at."""
+    if spec.kind == "linear":
+        if x.dim() == 1:
+            raise ValueError(f"layer {spec.module!r}: input has no batch dimension, shape {tuple(x.shape)}")
+        return x.reshape(x.shape[0], -1, x.shape[-1]), grad.reshape(grad.shape[0], -1, grad.shape[-1])
+    if x.dim() != 4:
+        raise ValueError(f"layer {spec.module!r}: expected a (B, C, H, W) input, got shape {tuple(x.shape)}")
+    patches = nn.functional.unfold(
+        x,
+        kernel_size=module.kernel_size,
+        dilation=module.dilation,
+        padding=_conv_padding(spec.module, module),
+        stride=module.stride,
+    )
+    return rearrange(patches, "b d l -> b l d"), rearrange(grad, "b c h w -> b (h w) c")
+
+
+def _apply_mask(spec: LayerSpec, mask: Tensor, a: Tensor, ds: Tensor) -> tuple[Tensor, Tensor]:
+    if tuple(mask.shape) != tuple(a.shape[:2]):
+        raise ValueError(
+            f"mask: shape {tuple(mask.shape)} does not match the (B, T) = {tuple(a.shape[:2])} "
+            f"positions of layer {spec.module!r}"
+        )
+    keep = (mask != 0).to(a.dtype).unsqueeze(-1)
+    return a * keep, ds * keep.to(ds.dtype)
