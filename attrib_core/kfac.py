@@ -89,6 +89,9 @@ def kfac_factors(
             entry[3] += a.shape[0]
     if any(entry[3] == 0 for entry in sums.values()):
         raise ValueError("batches: no batch was given")
+    empty = [module for module, entry in sums.items() if entry[2] == 0]
+    if empty:
+        raise ValueError(f"mask: no valid position for layers {empty}")
     factors = tuple(
         LayerFactors(s, sums[s.module][0] / sums[s.module][2], sums[s.module][1] / sums[s.module][3],
                      sums[s.module][2], sums[s.module][3])

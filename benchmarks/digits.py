@@ -47,6 +47,28 @@ def mlp(hidden: int = 128, *, seed: int = 0, dtype: torch.dtype = torch.float64)
     return nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10)).to(dtype)
 
 
+class SmallCNN(nn.Module):
+    """Two 3x3 convolutions with average pooling on the 8x8 images, then a linear head (3,130 parameters)."""
+
+    def __init__(self, channels: int = 16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.head = nn.Linear(channels * 4, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.reshape(-1, 1, 8, 8)
+        h = nn.functional.avg_pool2d(torch.tanh(self.conv1(h)), 2)
+        h = nn.functional.avg_pool2d(torch.tanh(self.conv2(h)), 2)
+        return self.head(h.flatten(1))
+
+
+def cnn(channels: int = 16, *, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """:class:`SmallCNN`, taking the flat ``(n, 64)`` images."""
+    torch.manual_seed(seed)
+    return SmallCNN(channels).to(dtype)
+
+
 def cross_entropy(model: nn.Module) -> Callable[[Mapping[str, Tensor], tuple], Tensor]:
     """``f(params, (x, y))``: the mean cross-entropy of ``model`` on a batch."""
 
