@@ -28,16 +28,16 @@ def check_finite(tensor: Tensor, name: str) -> None:
 def check_nonnegative(value: Any, name: str) -> float:
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
-    if not value >= 0:  # also rejects NaN
-        raise ValueError(f"{name}: expected a number >= 0, got {value}")
+    if not 0 <= value < float("inf"):  # also rejects NaN
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value}")
     return float(value)
 
 
 def check_positive(value: Any, name: str) -> float:
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
-    if not value > 0:
-        raise ValueError(f"{name}: expected a number > 0, got {value}")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{name}: expected a finite number > 0, got {value}")
     return float(value)
 
 
@@ -84,6 +84,7 @@ def as_operator(mv: Any, width: int, name: str = "mv") -> Callable[[Tensor], Ten
                 f"{name}: a matrix operator must have shape (P, P) = ({width}, {width}), "
                 f"got {tuple(mv.shape)}"
             )
+        check_finite(mv, name)
         matrix = mv
         return lambda V: V @ matrix.T.to(V.dtype)
     check_callable(mv, name)

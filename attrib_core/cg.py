@@ -30,7 +30,8 @@ class CGSolution(NamedTuple):
     ``steps`` (``k,``) counts the iterations each right-hand side took,
     ``residual_norm`` (``k,``) is ``||b - (A + damping I) x||`` as tracked by the
     recurrence, and ``converged`` (``k,``) says whether it reached
-    ``max(tol * ||b||, atol)``.
+    ``max(tol * ||b||, atol)``. For a single ``(P,)`` right-hand side the
+    diagnostics are 0-d.
     """
 
     x: Tensor
@@ -129,5 +130,6 @@ def cg(
     final = fold(step, state, max_iter, done=lambda s: not bool(s.active.any()))
     norm = final.r.norm(dim=1)
     converged = torch.isfinite(norm) & (norm <= threshold)
-    x = final.x[0] if single else final.x
-    return CGSolution(x, final.steps, norm, converged)
+    if single:
+        return CGSolution(final.x[0], final.steps[0], norm[0], converged[0])
+    return CGSolution(final.x, final.steps, norm, converged)

@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 from ._checks import (
     as_block,
@@ -57,27 +58,39 @@ def make_hvp(
             keep a chunk's working memory near 128 MiB (see :func:`hessian`): past
             that, larger chunks only add memory traffic (measured: a block of 128
             rows costs twice as much per row as one of 32 on a 9,610-parameter MLP).
+            Finding that number costs one forward pass, at the first call with
+            more than one row; pass ``chunk_size`` to skip it (e.g. when a new
+            operator is built for every mini-batch).
+
+    Raises:
+        ValueError: non-finite parameters, an empty batch, or (``"rev-rev"``) a
+            non-finite loss or gradient at ``params``; at call time, a product that
+            is NaN or Inf.
     """
     f_flat, theta = _flat_objective(f, params, batch)
     _check_mode(mode)
     damping = check_nonnegative(damping, "damping")
-    if chunk_size is None:
-        chunk_size = _rows_within(_CHUNK_BYTES, f, params, batch)
-    check_count(chunk_size, "chunk_size")
-    grad_f = torch.func.grad(f_flat)
+    if chunk_size is not None:
+        check_count(chunk_size, "chunk_size")
     if mode == "rev-rev":
-        _, pullback = torch.func.vjp(grad_f, theta)
+        grad_and_loss = torch.func.grad_and_value(f_flat)
+        gradient, pullback, loss = torch.func.vjp(grad_and_loss, theta, has_aux=True)
+        if not (bool(torch.isfinite(loss)) and bool(torch.isfinite(gradient).all())):
+            raise ValueError("f: the loss or its gradient at params is NaN or Inf")
 
         def column(v: Tensor) -> Tensor:
             return pullback(v)[0]
 
     else:
+        grad_f = torch.func.grad(f_flat)
 
         def column(v: Tensor) -> Tensor:
             return torch.func.jvp(grad_f, (theta,), (v,))[1]
 
-    batched = torch.func.vmap(column, chunk_size=chunk_size)
-    return _block_operator(batched, theta.numel(), damping, theta.dtype)
+    def measure() -> int:
+        return _rows_within(_CHUNK_BYTES, f, params, batch)
+
+    return _block_operator(column, theta, damping, chunk_size, measure)
 
 
 def hvp(
@@ -124,9 +137,8 @@ def make_gnvp(
     check_callable(loss_fn, "loss_fn")
     out_flat, theta = _flat_objective(out_fn, params, batch, name="out_fn")
     damping = check_nonnegative(damping, "damping")
-    if chunk_size is None:
-        chunk_size = _rows_within(_CHUNK_BYTES, out_fn, params, batch)
-    check_count(chunk_size, "chunk_size")
+    if chunk_size is not None:
+        check_count(chunk_size, "chunk_size")
     outputs, pull_out = torch.func.vjp(out_flat, theta)
     grad_loss = torch.func.grad(lambda out: loss_fn(out, batch))
 
@@ -135,8 +147,10 @@ def make_gnvp(
         _, hjv = torch.func.jvp(grad_loss, (outputs,), (jv,))
         return pull_out(hjv)[0]
 
-    batched = torch.func.vmap(column, chunk_size=chunk_size)
-    return _block_operator(batched, theta.numel(), damping, theta.dtype)
+    def measure() -> int:
+        return _rows_within(_CHUNK_BYTES, out_fn, params, batch)
+
+    return _block_operator(column, theta, damping, chunk_size, measure)
 
 
 def gnvp(
@@ -169,14 +183,16 @@ def make_fvp(grads: Tensor, *, damping: float = 0.0) -> Operator:
             f"grads: expected per-sample gradients of shape (n, P), got "
             f"{tuple(grads.shape) if isinstance(grads, Tensor) else type(grads).__name__}"
         )
+    if grads.shape[0] == 0:
+        raise ValueError("grads: no examples (shape (0, P))")
     check_finite(grads, "grads")
     damping = check_nonnegative(damping, "damping")
     n = grads.shape[0]
 
-    def batched(V: Tensor) -> Tensor:
+    def product(V: Tensor) -> Tensor:
         return (V @ grads.T) @ grads / n
 
-    return _block_operator(batched, grads.shape[1], damping, grads.dtype)
+    return _block_operator(product, grads, damping, None, None, vectorised=True)
 
 
 def fvp(grads: Tensor, V: Tensor) -> Tensor:
@@ -200,19 +216,34 @@ def hessian(
     activations per row, measured once) stays within ``max_bytes``; the ``(P, P)``
     result itself is not counted. The result is symmetrised, ``(H + Hᵀ) / 2``.
     """
+    _flat_objective(f, params, batch)
     _check_mode(mode)
     check_count(max_bytes, "max_bytes")
     rows = _rows_within(max_bytes, f, params, batch)
     mv = make_hvp(f, params, batch, mode=mode, chunk_size=rows)
     flat, _ = ravel(params)
     p = flat.numel()
-    H = torch.empty(p, p, dtype=flat.dtype, device=flat.device)
+    dtype = torch.promote_types(flat.dtype, torch.float32)
+    H = torch.empty(p, p, dtype=dtype, device=flat.device)
     for start in range(0, p, rows):
         stop = min(p, start + rows)
-        unit = torch.zeros(stop - start, p, dtype=flat.dtype, device=flat.device)
+        unit = torch.zeros(stop - start, p, dtype=dtype, device=flat.device)
         unit[torch.arange(stop - start), torch.arange(start, stop)] = 1
         H[start:stop] = mv(unit)
-    return (H + H.T) / 2
+    return _symmetrise_(H, rows)
+
+
+def _symmetrise_(H: Tensor, block: int) -> Tensor:
+    """``H ← (H + Hᵀ) / 2`` in place, one pair of blocks at a time (no ``(P, P)`` temporaries)."""
+    p = H.shape[0]
+    for i in range(0, p, block):
+        rows = slice(i, min(p, i + block))
+        for j in range(i, p, block):
+            cols = slice(j, min(p, j + block))
+            mean = (H[rows, cols] + H[cols, rows].T) / 2
+            H[rows, cols] = mean
+            H[cols, rows] = mean.T
+    return H
 
 
 def _width(params: Mapping[str, Tensor]) -> int:
@@ -251,6 +282,9 @@ def _flat_objective(
     check_callable(f, name)
     theta, unravel = ravel(params)
     check_finite_params(params)
+    empty = [tuple(x.shape) for x in pytree.tree_leaves(batch) if isinstance(x, Tensor) and x.dim() and not len(x)]
+    if empty:
+        raise ValueError(f"batch: has no examples (tensors of shapes {empty})")
     theta = theta.detach()
 
     def f_flat(t: Tensor) -> Any:
@@ -260,13 +294,41 @@ def _flat_objective(
 
 
 def _block_operator(
-    batched: Callable[[Tensor], Tensor], width: int, damping: float, dtype: torch.dtype
+    column: Callable[[Tensor], Tensor],
+    reference: Tensor,
+    damping: float,
+    chunk_size: int | None,
+    measure: Callable[[], int] | None,
+    vectorised: bool = False,
 ) -> Operator:
+    """Wrap a per-vector product as an operator on ``(k, P)`` blocks.
+
+    ``column`` maps one ``(P,)`` vector (or, when ``vectorised``, a whole block);
+    blocks are run through ``vmap`` in chunks of ``chunk_size`` rows, found by
+    ``measure()`` at the first call with more than one row when not given. The
+    result has dtype ``promote(V, params, float32)``.
+    """
+    width, dtype = reference.shape[-1], reference.dtype
+    batched = {"fn": None}
+
+    def run(block: Tensor) -> Tensor:
+        if vectorised:
+            return column(block)
+        if block.shape[0] == 1:
+            return column(block[0]).unsqueeze(0)
+        if batched["fn"] is None:
+            size = chunk_size if chunk_size is not None else measure()
+            batched["fn"] = torch.func.vmap(column, chunk_size=size)
+        return batched["fn"](block)
+
     def mv(V: Tensor) -> Tensor:
         block, single = as_block(V, width)
-        out = batched(block.to(dtype))
+        out_dtype = torch.promote_types(torch.promote_types(block.dtype, dtype), torch.float32)
+        out = run(block.to(dtype)).to(out_dtype)
         if damping:
-            out = out + damping * block
+            out = out + damping * block.to(out_dtype)
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError("the operator's product is NaN or Inf (is the loss finite at params?)")
         return out[0] if single else out
 
     return mv

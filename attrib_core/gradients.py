@@ -91,27 +91,29 @@ def per_sample_grad_loop(
         _check_args(args, in_dims, argnums)
         n = _batch_size(args, in_dims)
         nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
-        args = list(args)
-        trees = {}
-        for k in nums:
-            leaves, spec = pytree.tree_flatten(args[k])
-            leaves = [x.detach().requires_grad_(True) for x in leaves]
-            args[k] = pytree.tree_unflatten(leaves, spec)
-            trees[k] = (leaves, spec)
-        wrt = [x for k in nums for x in trees[k][0]]
+        specs = {k: pytree.tree_flatten(args[k])[1] for k in nums}
         rows = []
         with torch.enable_grad():
             for i in range(n):
                 example = [_take(a, d, i) for a, d in zip(args, in_dims)]
+                wrt, squeeze = [], []
+                for k in nums:
+                    leaves, spec = pytree.tree_flatten(example[k])
+                    leaves = [x.detach().requires_grad_(True) for x in leaves]
+                    example[k] = pytree.tree_unflatten(leaves, spec)
+                    wrt += leaves
+                    # A batched argument's gradient keeps its size-one example dimension.
+                    squeeze += [d for _, d in _leaves_with_dims(args[k], in_dims[k])]
                 loss = f(*example)
                 grads = torch.autograd.grad(loss, wrt, allow_unused=True)
-                rows.append([torch.zeros_like(w) if gr is None else gr for w, gr in zip(wrt, grads)])
-        stacked = [torch.stack([row[j] for row in rows]) for j in range(len(wrt))]
+                grads = [torch.zeros_like(w) if gr is None else gr for w, gr in zip(wrt, grads)]
+                rows.append([gr if d is None else gr.squeeze(d) for gr, d in zip(grads, squeeze)])
+        stacked = [torch.stack([row[j] for row in rows]) for j in range(len(rows[0]))]
         out, start = [], 0
         for k in nums:
-            leaves, spec = trees[k]
-            out.append(pytree.tree_unflatten(stacked[start : start + len(leaves)], spec))
-            start += len(leaves)
+            count = specs[k].num_leaves
+            out.append(pytree.tree_unflatten(stacked[start : start + count], specs[k]))
+            start += count
         return _finish(out[0] if isinstance(argnums, int) else tuple(out), flatten)
 
     return g
@@ -151,6 +153,8 @@ def _check_args(args: tuple, in_dims: tuple, argnums: Argnums) -> None:
             f"in_dims has {len(in_dims)} entries but the function was called with {len(args)} arguments"
         )
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    if not nums or not all(isinstance(k, int) and not isinstance(k, bool) for k in nums):
+        raise TypeError(f"argnums: expected an int or a tuple of ints, got {argnums!r}")
     for k in nums:
         if not 0 <= k < len(args):
             raise ValueError(f"argnums: {k} is not an argument index (got {len(args)} arguments)")
@@ -169,7 +173,10 @@ def _batch_size(args: tuple, in_dims: tuple) -> int:
         raise ValueError("in_dims: no argument is mapped over (every entry is None)")
     if len(sizes) > 1:
         raise ValueError(f"batch: mapped tensors disagree on the number of examples: {sorted(sizes)}")
-    return sizes.pop()
+    n = sizes.pop()
+    if n == 0:
+        raise ValueError("batch: has no examples")
+    return n
 
 
 def _leaves_with_dims(tree: Any, dims: Any) -> list[tuple[Tensor, Any]]:
@@ -178,7 +185,7 @@ def _leaves_with_dims(tree: Any, dims: Any) -> list[tuple[Tensor, Any]]:
     if isinstance(dims, (tuple, list)):
         return [p for t, d in zip(tree, dims) for p in _leaves_with_dims(t, d)]
     if isinstance(dims, dict):
-        return [p for k in dims for p in _leaves_with_dims(tree[k], dims[k])]
+        return [p for k in tree for p in _leaves_with_dims(tree[k], dims.get(k))]
     raise TypeError(f"in_dims: entries must be None, an int, or a tuple/dict of them, got {dims!r}")
 
 

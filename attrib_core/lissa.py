@@ -12,17 +12,19 @@ from .fold import fold
 
 __all__ = ["LissaState", "LissaSolution", "lissa"]
 
-# An iterate whose update grew by this factor over the first update is diverging:
-# the recursion contracts when the spectrum of H_batch / scale lies in
-# (-damping, 2 - damping), and then its updates shrink geometrically.
-_GROWTH_LIMIT = 10.0
+# Divergence tests on the norms of the updates h_j - h_{j-1}. The recursion
+# contracts when the spectrum of H_batch / scale lies in (-damping, 2 - damping);
+# then its updates shrink geometrically to a noise floor set by the mini-batches.
+# It diverges when an eigenvalue leaves that interval; then the updates grow
+# geometrically, quickly or (an eigenvalue just outside) slowly. Two signs:
+_GROWTH_LIMIT = 10.0  # the last update is ten times the first
+_TREND_LIMIT = 1.2  # the mean update over the last quarter of the run is 20% above the third quarter's
+_TREND_MIN_STEPS = 8
 
 
 class LissaState(NamedTuple):
     h: Tensor  # (k, P) current h_j
-    first_update: Tensor  # (k,) ||h_1 - h_0||
-    last_update: Tensor  # (k,) ||h_j - h_{j-1}||
-    steps: int
+    updates: Tensor  # (j, k) ||h_i - h_{i-1}|| for i = 1..j
 
 
 class LissaSolution(NamedTuple):
@@ -31,8 +33,10 @@ class LissaSolution(NamedTuple):
     ``steps`` is the recursion depth run (per repeat), ``last_update`` (``k,``) the
     norm of the final update of ``h`` (largest over repeats; near zero once the
     series has converged, up to mini-batch noise), and ``diverged`` (``k,``) flags
-    rows whose iterates became non-finite or whose updates grew more than
-    tenfold over the first update in any repeat.
+    rows whose iterates became non-finite, whose last update is more than ten
+    times the first, or whose updates grew over the last half of the run (mean
+    over the last quarter more than 1.2 times the third quarter's), in any
+    repeat. For a single ``(P,)`` right-hand side the diagnostics are 0-d.
     """
 
     x: Tensor
@@ -82,30 +86,50 @@ def lissa(
     depth = check_count(depth, "depth")
     scale = check_positive(scale, "scale")
     damping = check_nonnegative(damping, "damping")
+    if damping >= 2:
+        raise ValueError(
+            f"damping: must be < 2, got {damping}; the recursion cannot contract otherwise "
+            "(|1 - damping - λ/scale| >= 1 for every λ >= 0)"
+        )
     repeats = check_count(repeats, "repeats")
     generator = _generator(seed)
     v = block.to(torch.promote_types(block.dtype, torch.float32))
 
     def step(s: LissaState) -> LissaState:
-        hv = sample_mv(generator)(s.h)
-        h = v + (1 - damping) * s.h - hv / scale
+        mv = sample_mv(generator)
+        if not callable(mv):
+            raise TypeError(
+                f"sample_mv: must return the step's Hessian operator (a callable), got {type(mv).__name__}"
+            )
+        h = v + (1 - damping) * s.h - mv(s.h) / scale
         update = (h - s.h).norm(dim=1)
-        first = update if s.steps == 0 else s.first_update
-        return LissaState(h, first, update, s.steps + 1)
+        return LissaState(h, torch.cat([s.updates, update.unsqueeze(0)]))
 
     total = torch.zeros_like(v)
     last = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
     diverged = torch.zeros(v.shape[0], dtype=torch.bool, device=v.device)
     for _ in range(repeats):
-        start = LissaState(v, torch.zeros_like(last), torch.zeros_like(last), 0)
+        start = LissaState(v, torch.zeros(0, v.shape[0], dtype=v.dtype, device=v.device))
         final = fold(step, start, depth)
         total += final.h
-        last = torch.maximum(last, final.last_update)
-        finite = torch.isfinite(final.h).all(dim=1)
-        growing = final.last_update > _GROWTH_LIMIT * final.first_update
-        diverged |= ~finite | growing
+        last = torch.maximum(last, final.updates[-1])
+        diverged |= ~torch.isfinite(final.h).all(dim=1) | _growing(final.updates)
     x = total / (repeats * scale)
-    return LissaSolution(x[0] if single else x, depth, last, diverged)
+    if single:
+        return LissaSolution(x[0], depth, last[0], diverged[0])
+    return LissaSolution(x, depth, last, diverged)
+
+
+def _growing(updates: Tensor) -> Tensor:
+    """Per row, whether the update norms ``(depth, k)`` show divergence (see the limits above)."""
+    jumped = updates[-1] > _GROWTH_LIMIT * updates[0]
+    depth = updates.shape[0]
+    if depth < _TREND_MIN_STEPS:
+        return jumped
+    quarter = depth // 4
+    late = updates[depth - quarter :].mean(0)
+    earlier = updates[depth - 2 * quarter : depth - quarter].mean(0)
+    return jumped | (late > _TREND_LIMIT * earlier)
 
 
 def _generator(seed: Union[int, torch.Generator]) -> torch.Generator:

@@ -89,15 +89,21 @@ def factor_explicit(H: Tensor, *, damping: float = 0.0, rcond: Optional[float] =
 
 
 def solve_factored(factor: ExplicitFactor, B: Tensor) -> Tensor:
-    """Apply ``(H + damping * I)^{-1}`` from :func:`factor_explicit` to the rows of ``B`` ``(k, P)``."""
+    """Apply ``(H + damping * I)^{-1}`` from :func:`factor_explicit` to the rows of ``B`` ``(k, P)``.
+
+    Computed, and returned, in the wider of ``B``'s dtype and the factorisation's
+    (at least float32), on their common device.
+    """
     block, single = as_block(B, factor.factor.shape[0], name="B")
-    rhs = block.to(factor.factor.dtype)
+    if block.device != factor.factor.device:
+        raise ValueError(f"B: is on {block.device} but the factorisation is on {factor.factor.device}")
+    dtype = torch.promote_types(block.dtype, factor.factor.dtype)
+    rhs = block.to(dtype)
     if factor.method == "cholesky":
-        x = torch.cholesky_solve(rhs.T, factor.factor).T
+        x = torch.cholesky_solve(rhs.T, factor.factor.to(dtype)).T
     else:
-        U = factor.factor
-        x = ((rhs @ U) * factor.inverse_eigenvalues) @ U.T
-    x = x.to(torch.promote_types(B.dtype, torch.float32))
+        U = factor.factor.to(dtype)
+        x = ((rhs @ U) * factor.inverse_eigenvalues.to(dtype)) @ U.T
     return x[0] if single else x
 
 

@@ -6,7 +6,7 @@ so it is set here, at the top of the first file pytest loads.
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -117,3 +117,17 @@ def test_bad_input():
         cg(A, B, preconditioner=1.0)
     with pytest.raises(ValueError, match="B: contains NaN"):
         cg(A, torch.tensor([1.0, float("nan"), 0.0]))
+
+
+def test_single_right_hand_side_has_scalar_diagnostics_and_infinite_settings_are_rejected():
+    A = random_spd(4, 3.0, 0)
+    result = cg(A, torch.ones(4, dtype=torch.float64))
+    assert result.x.shape == (4,)
+    assert result.steps.shape == () and result.residual_norm.shape == () and result.converged.shape == ()
+    for bad in ({"tol": float("inf")}, {"damping": float("inf")}, {"atol": float("nan")}):
+        with pytest.raises(ValueError, match="finite"):
+            cg(A, torch.ones(4, dtype=torch.float64), **bad)
+    nan_matrix = A.clone()
+    nan_matrix[0, 1] = float("nan")
+    with pytest.raises(ValueError, match="mv: contains NaN"):
+        cg(nan_matrix, torch.ones(4, dtype=torch.float64))

@@ -141,3 +141,46 @@ def test_bad_input_is_rejected_before_computing():
         make_fvp(torch.tensor([[1.0, float("nan")]]))
     with pytest.raises(ValueError, match=r"V: contains NaN"):
         make_fvp(torch.ones(3, 2))(torch.tensor([[1.0, float("nan")]]))
+
+
+def test_hessian_with_a_partial_last_block_of_several_rows():
+    from attrib_core.curvature import _saved_activation_bytes
+
+    model, params, f, batch, flat, unravel, V = setting((5, 6, 4, 5, 3, 1))
+    P = flat.numel()  # 43: blocks of 3 rows leave a last block of 1
+    per_row = 4 * P * 8 + 4 * _saved_activation_bytes(f, params, batch)
+    H = hessian(f, params, batch, max_bytes=3 * per_row)
+    torch.testing.assert_close(H, dense_hessian(f, unravel, flat, batch), rtol=1e-8, atol=1e-8)
+    model, params, f, batch, flat, unravel, V = setting((5, 6, 4, 4, 3, 1))
+    P = flat.numel()  # 35: blocks of 4 leave a last block of 3
+    per_row = 4 * P * 8 + 4 * _saved_activation_bytes(f, params, batch)
+    H = hessian(f, params, batch, max_bytes=4 * per_row)
+    torch.testing.assert_close(H, dense_hessian(f, unravel, flat, batch), rtol=1e-8, atol=1e-8)
+
+
+def test_empty_batch_non_finite_loss_and_low_precision():
+    model, params, f, batch, flat, unravel, V = setting((1, 4, 3, 3, 2, 2))
+    empty = (batch[0][:0], batch[1][:0])
+    with pytest.raises(ValueError, match="batch: has no examples"):
+        hessian(f, params, empty)
+    with pytest.raises(ValueError, match="batch: has no examples"):
+        make_hvp(f, params, empty)
+    with pytest.raises(ValueError, match="no examples"):
+        make_fvp(torch.zeros(0, 5))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        make_hvp(lambda p, b: f(p, b) * float("inf"), params, batch)
+    # bf16 parameters: the model runs in bf16, the products come back in float32 at least.
+    low = {k: v.to(torch.bfloat16) for k, v in params.items()}
+    model_bf16 = small_mlp(1, (3, 3, 2), dtype=torch.bfloat16)
+    out = hvp(cross_entropy_loss(model_bf16), low, (batch[0].to(torch.bfloat16), batch[1]), V.float())
+    assert out.dtype == torch.float32
+    # Damping never changes the output dtype.
+    mv = make_hvp(f, {k: v.float() for k, v in params.items()}, (batch[0].float(), batch[1]))
+    damped = make_hvp(f, {k: v.float() for k, v in params.items()}, (batch[0].float(), batch[1]), damping=0.1)
+    assert mv(V).dtype == damped(V).dtype == torch.float64
+
+
+def test_hessian_checks_f_before_running_it():
+    model, params, f, batch, flat, unravel, V = setting((1, 4, 3, 3, 2, 2))
+    with pytest.raises(TypeError, match="f: expected a callable"):
+        hessian("loss", params, batch)

@@ -182,3 +182,34 @@ def test_bad_arguments():
         g({"w": torch.ones(2)})
     with pytest.raises(ValueError, match="disagree"):
         g({"w": torch.ones(2)}, (torch.ones(3, 2), torch.ones(4)))
+
+
+def test_input_gradients_loop_matches_vmap():
+    # Differentiating the batched argument: each row is d loss_i / d x_i, shaped like one example.
+    model = small_mlp(2, (3, 4, 2))
+    params, f = params_of(model), cross_entropy_loss(model)
+    x, y = classification_batch(2, 5, 3, 2)
+
+    def g(p, inputs, labels):
+        return f(p, (inputs, labels))
+
+    vm = per_sample_grad(g, argnums=1, in_dims=(None, 0, 0))(params, x, y)
+    lp = per_sample_grad_loop(g, argnums=1, in_dims=(None, 0, 0))(params, x, y)
+    assert vm.shape == lp.shape == (5, 3)
+    torch.testing.assert_close(lp, vm)
+    rows = []
+    for i in range(5):
+        xi = x[i : i + 1].clone().requires_grad_(True)
+        rows.append(torch.autograd.grad(g(params, xi, y[i : i + 1]), xi)[0][0])
+    torch.testing.assert_close(vm, torch.stack(rows))
+
+
+def test_empty_batch_and_bad_argnums_are_rejected():
+    model = small_mlp(0, (2, 3, 2))
+    params, f = params_of(model), cross_entropy_loss(model)
+    empty = (torch.zeros(0, 2, dtype=torch.float64), torch.zeros(0, dtype=torch.long))
+    for transform in (per_sample_grad, per_sample_grad_loop):
+        with pytest.raises(ValueError, match="no examples"):
+            transform(f)(params, empty)
+    with pytest.raises(TypeError, match="argnums"):
+        per_sample_grad(f, argnums="0")(params, classification_batch(0, 3, 2, 2))

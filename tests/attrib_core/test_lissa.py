@@ -101,3 +101,32 @@ def test_bad_input():
         lissa(full_batch(H), v, repeats=0)
     with pytest.raises(ValueError, match="B: contains NaN"):
         lissa(full_batch(H), torch.tensor([[float("nan"), 0.0, 0.0]]))
+
+
+def test_slow_divergence_is_flagged():
+    # One eigenvalue just below zero: the series grows 0.5% a step, never exploding.
+    scale = 10.0
+    evals = torch.tensor([-0.005 * scale, 1.0, 2.0, 5.0], dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    H = (q * evals) @ q.T
+    result = lissa(full_batch(H), torch.ones(2, 4, dtype=torch.float64), depth=400, scale=scale)
+    assert bool(result.diverged.all())
+    assert bool(torch.isfinite(result.x).all())
+
+
+def test_stochastic_convergence_is_not_flagged():
+    problem = Quadratic()
+    v = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for seed in range(4):
+        result = lissa(problem.sample_mv, v, depth=400, scale=20.0, seed=seed)
+        assert not bool(result.diverged.any())
+
+
+def test_sample_mv_must_return_an_operator_and_damping_below_two():
+    H = random_spd(3, 2.0, 0)
+    with pytest.raises(TypeError, match="sample_mv: must return"):
+        lissa(lambda g: H, torch.ones(3, dtype=torch.float64), depth=2)
+    with pytest.raises(ValueError, match="damping: must be < 2"):
+        lissa(full_batch(H), torch.ones(3, dtype=torch.float64), damping=3.0)
+    single = lissa(full_batch(H), torch.ones(3, dtype=torch.float64), depth=3, scale=4.0)
+    assert single.diverged.shape == () and single.last_update.shape == ()
