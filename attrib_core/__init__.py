@@ -17,6 +17,8 @@ from .kfac import EKFAC, EKFACLayer, KFACFactors, LayerFactors, ekfac, kfac_fact
 from .layer_capture import Captured, LayerSpec, capture, layer_specs
 from .lissa import LissaSolution, LissaState, lissa
 from .nystrom import NystromApprox, nystrom
+from .projector import Projector, projector
+from .scores import TopK, cosine, inner_products, self_scores, topk_scores
 from .solve_explicit import (
     ExplicitFactor,
     ExplicitSolution,
@@ -72,4 +74,11 @@ __all__ = [
     "NystromApprox",
     "jacobi",
     "hutchinson_diagonal",
+    "projector",
+    "Projector",
+    "inner_products",
+    "cosine",
+    "topk_scores",
+    "self_scores",
+    "TopK",
 ]

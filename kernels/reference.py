@@ -1,0 +1,113 @@
+"""The torch reference of every kernel: the CPU path and the tests' oracle.
+
+Projections generate the matrix one bounded tile of rows at a time from the
+hash in :mod:`kernels.hash` and never hold it whole; inner products and the
+top-k merge are plain torch. All accumulation is float32, or float64 for float64
+inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .hash import gaussian_table, row_key, shr, sign_table, word
+
+__all__ = ["TILE_ENTRIES", "dense_tile", "project_dense", "project_sjlt", "inner", "merge_topk"]
+
+# Entries of one generated tile of the matrix (16 MiB in float32).
+TILE_ENTRIES = 1 << 22
+
+
+def dense_tile(seed: int, rows: Tensor, dim_out: int, kind: str) -> Tensor:
+    """Unscaled entries ``R[rows, 0:dim_out]`` (``±1`` or ``TABLE`` values), float32, shape ``(T, dim_out)``."""
+    keys = row_key(seed, rows).unsqueeze(1)
+    T, device = rows.shape[0], rows.device
+    if kind == "rademacher":
+        words = word(keys, torch.arange((dim_out + 31) // 32, device=device).unsqueeze(0))
+        octets = torch.empty(*words.shape, 4, dtype=torch.int32, device=device)
+        for i in range(4):
+            torch.bitwise_and(shr(words, 8 * i) if i else words, 0xFF, out=octets[..., i])
+        tile = sign_table(device).index_select(0, octets.reshape(-1)).reshape(T, -1)  # (T, W * 32)
+    else:
+        words = word(keys, torch.arange((dim_out + 1) // 2, device=device).unsqueeze(0))
+        halves = torch.empty(*words.shape, 2, dtype=torch.int32, device=device)
+        torch.bitwise_and(words, 0xFFFF, out=halves[..., 0])
+        torch.bitwise_and(shr(words, 16), 0xFFFF, out=halves[..., 1])
+        tile = gaussian_table(device).index_select(0, halves.reshape(-1)).reshape(T, -1)  # (T, W * 2)
+    return tile[:, :dim_out]
+
+
+def project_dense(x: Tensor, dim_out: int, kind: str, seed: int, offset: int) -> Tensor:
+    """``x @ R[offset : offset + P] / sqrt(dim_out)`` for ``x`` ``(B, P)``, one tile of rows at a time."""
+    B, P = x.shape
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    out = torch.zeros(B, dim_out, dtype=dtype, device=x.device)
+    rows_per_tile = max(1, TILE_ENTRIES // dim_out)
+    for start in range(0, P, rows_per_tile):
+        stop = min(P, start + rows_per_tile)
+        rows = torch.arange(offset + start, offset + stop, device=x.device)
+        out.addmm_(x[:, start:stop].to(dtype), dense_tile(seed, rows, dim_out, kind).to(dtype))
+    return out * (1.0 / math.sqrt(dim_out))
+
+
+def sjlt_positions(seed: int, rows: Tensor, dim_out: int, nnz: int) -> tuple[Tensor, Tensor]:
+    """Columns ``(T, nnz)`` (int64) and signs ``(T, nnz)`` (float32, ``±1``) of rows ``rows`` of the SJLT."""
+    keys = row_key(seed, rows).unsqueeze(1)
+    h = word(keys, torch.arange(nnz, device=rows.device).unsqueeze(0)).to(torch.int64)
+    blocks = torch.arange(nnz + 1, device=rows.device) * dim_out // nnz
+    starts, widths = blocks[:-1].unsqueeze(0), (blocks[1:] - blocks[:-1]).unsqueeze(0)
+    columns = starts + ((h >> 1) & 0x7FFFFFFF) % widths
+    signs = (1 - 2 * (h & 1)).to(torch.float32)
+    return columns, signs
+
+
+def project_sjlt(x: Tensor, dim_out: int, seed: int, offset: int, nnz: int) -> Tensor:
+    """The sparse JL transform of ``x`` ``(B, P)``: ``O(B · P · nnz)`` scatter-adds, a bounded tile at a time.
+
+    Signs are folded into the scatter rather than multiplied in: a coordinate with
+    sign ``-1`` adds into a second bank of ``dim_out`` columns that is subtracted at
+    the end, so each of the ``nnz`` passes reads the tile of ``x`` once and writes
+    nothing else (3x faster than multiplying by the signs first, measured).
+    """
+    B, P = x.shape
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    banks = torch.zeros(B, 2 * dim_out, dtype=dtype, device=x.device)
+    rows_per_tile = max(1, TILE_ENTRIES // max(B, 1))
+    for start in range(0, P, rows_per_tile):
+        stop = min(P, start + rows_per_tile)
+        rows = torch.arange(offset + start, offset + stop, device=x.device)
+        columns, signs = sjlt_positions(seed, rows, dim_out, nnz)
+        targets = columns + dim_out * (signs < 0)
+        source = x[:, start:stop].to(dtype)
+        for b in range(nnz):
+            banks.index_add_(1, targets[:, b], source)
+    return (banks[:, :dim_out] - banks[:, dim_out:]) * (1.0 / math.sqrt(nnz))
+
+
+def inner(a: Tensor, b: Tensor, normalize: bool) -> Tensor:
+    """``(n, k) x (m, k) -> (n, m)`` in float32 or wider; with ``normalize``, cosines (0 for a zero row)."""
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    a32, b32 = a.to(dtype), b.to(dtype)
+    out = a32 @ b32.T
+    if normalize:
+        na, nb = a32.norm(dim=1), b32.norm(dim=1)
+        out = out / (na.unsqueeze(1) * nb.unsqueeze(0)).clamp(min=torch.finfo(dtype).tiny)
+    return out
+
+
+def merge_topk(
+    values: Tensor, indices: Tensor, block_values: Tensor, block_indices: Tensor, k: int, largest: bool
+) -> tuple[Tensor, Tensor]:
+    """Merge a running top-k ``(m, k')`` with a new block of candidates ``(m, b)``.
+
+    A stable sort keeps candidates in their order on ties; since the running set
+    comes first and holds only earlier (smaller) indices, sorted by index among
+    ties, the smallest index always wins a tie, whatever the block sizes.
+    """
+    all_values = torch.cat([values, block_values], dim=1)
+    all_indices = torch.cat([indices, block_indices], dim=1)
+    order = torch.sort(all_values, dim=1, descending=largest, stable=True).indices[:, :k]
+    return all_values.gather(1, order), all_indices.gather(1, order)

@@ -1,0 +1,166 @@
+"""Triton kernels: random projection with the matrix generated in registers, and fused inner products.
+
+The matrix entries follow the hash spelled out in :mod:`kernels.hash`, step for
+step on uint32 words. Imported lazily by :mod:`kernels.dispatch`, only when a call
+takes the Triton path, so the package works without Triton. On CPU tensors the
+kernels run under ``TRITON_INTERPRET=1`` (the tests do this); the interpreter's
+bf16 arithmetic is wrong, so there everything is cast to float32 first.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .hash import K0, M1, M2, M3, gaussian_table
+
+_KIND = {"rademacher": 0, "gaussian": 1}
+
+
+def _host_mix(x: int) -> int:
+    """The mixer on a Python int (uint32), for the per-call constant ``mix(seed ^ K0)``."""
+    mask = 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * M1) & mask
+    x ^= x >> 15
+    x = (x * M2) & mask
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _mix(x):
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x5BD1E995
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _row_keys(seed_key, rows):
+    """``row_key(seed, p)`` for int64 rows, given ``seed_key = mix(seed ^ K0)`` (uint32)."""
+    lo = (rows & 0xFFFFFFFF).to(tl.uint32)
+    hi = (rows >> 32).to(tl.uint32)
+    return _mix(_mix(seed_key ^ lo) ^ hi)
+
+
+@triton.jit
+def _tile(keys, cols, table_ptr, KIND: tl.constexpr):
+    """Unscaled entries for row keys ``(BP,)`` and int64 columns ``(BK,)``: ``(BP, BK)`` float32."""
+    if KIND == 0:
+        w = (cols >> 5).to(tl.uint32) * 0x61C88647
+        h = _mix(keys[:, None] ^ w[None, :])
+        bit = (h >> (cols & 31).to(tl.uint32)[None, :]) & 1
+        return 1.0 - 2.0 * bit.to(tl.float32)
+    else:
+        w = (cols >> 1).to(tl.uint32) * 0x61C88647
+        h = _mix(keys[:, None] ^ w[None, :])
+        index = (h >> ((cols & 1) * 16).to(tl.uint32)[None, :]) & 0xFFFF
+        return tl.load(table_ptr + index.to(tl.int32))
+
+
+@triton.jit
+def _entries_kernel(out_ptr, table_ptr, R, K, row_offset, seed_key, KIND: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    keys = _row_keys(seed_key.to(tl.uint32), row_offset + rows)
+    values = _tile(keys, cols, table_ptr, KIND)
+    mask = (rows[:, None] < R) & (cols[None, :] < K)
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], values, mask=mask)
+
+
+@triton.jit
+def _project_kernel(x_ptr, out_ptr, table_ptr, B, P, K, stride_xb, stride_xp, stride_ob, stride_ok,
+                    row_offset, seed_key, scale, KIND: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    offs_k = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    key_seed = seed_key.to(tl.uint32)
+    acc = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
+    for start in range(0, P, BLOCK_P):
+        offs_p = start + tl.arange(0, BLOCK_P).to(tl.int64)
+        x_mask = (offs_b[:, None] < B) & (offs_p[None, :] < P)
+        x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_p[None, :] * stride_xp, mask=x_mask, other=0.0)
+        # The tile of the matrix lives in registers only, reused by the BLOCK_B rows of x.
+        tile = _tile(_row_keys(key_seed, row_offset + offs_p), offs_k, table_ptr, KIND)
+        if LOW_PRECISION_DOT:  # ±1 entries are exact in fp16/bf16: tensor cores lose nothing
+            acc += tl.dot(x, tile.to(x.dtype))
+        else:
+            acc += tl.dot(x.to(tl.float32), tile, input_precision="ieee")
+    out_mask = (offs_b[:, None] < B) & (offs_k[None, :] < K)
+    tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_k[None, :] * stride_ok, acc * scale, mask=out_mask)
+
+
+@triton.jit
+def _inner_kernel(a_ptr, b_ptr, out_ptr, N, M, K, stride_an, stride_ak, stride_bm, stride_bk,
+                  stride_on, stride_om, NORMALIZE: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_m = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    norm_a = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    norm_b = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        offs_k = start + tl.arange(0, BLOCK_K).to(tl.int64)
+        a = tl.load(a_ptr + offs_n[:, None] * stride_an + offs_k[None, :] * stride_ak,
+                    mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + offs_m[:, None] * stride_bm + offs_k[None, :] * stride_bk,
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
+        acc += tl.dot(a, tl.trans(b), input_precision="ieee")
+        if NORMALIZE:  # the norms ride along the same pass over the data
+            norm_a += tl.sum(a * a, axis=1)
+            norm_b += tl.sum(b * b, axis=1)
+    if NORMALIZE:
+        denominator = tl.sqrt(norm_a)[:, None] * tl.sqrt(norm_b)[None, :]
+        acc = acc / tl.maximum(denominator, 1.1754943508222875e-38)
+    mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_m[None, :] * stride_om, acc, mask=mask)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def entries(seed: int, row_offset: int, rows: int, dim_out: int, kind: str, device: torch.device) -> Tensor:
+    """Unscaled entries ``R[row_offset : row_offset + rows, :dim_out]``, float32."""
+    out = torch.empty(rows, dim_out, dtype=torch.float32, device=device)
+    grid = (triton.cdiv(rows, 32), triton.cdiv(dim_out, 32))
+    _entries_kernel[grid](out, gaussian_table(device), rows, dim_out, row_offset, _host_mix(seed ^ K0),
+                          KIND=_KIND[kind], BLOCK_R=32, BLOCK_K=32)
+    return out
+
+
+def project_dense(x: Tensor, dim_out: int, kind: str, seed: int, offset: int) -> Tensor:
+    B, P = x.shape
+    if _interpreted() and x.dtype == torch.bfloat16:
+        x = x.to(torch.float32)
+    out = torch.empty(B, dim_out, dtype=torch.float32, device=x.device)
+    low = kind == "rademacher" and x.dtype in (torch.float16, torch.bfloat16) and not _interpreted()
+    block_b, block_p, block_k = 64, 32, 64
+    grid = (triton.cdiv(B, block_b), triton.cdiv(dim_out, block_k))
+    _project_kernel[grid](
+        x, out, gaussian_table(x.device), B, P, dim_out, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        offset, _host_mix(seed ^ K0), 1.0 / math.sqrt(dim_out),
+        KIND=_KIND[kind], LOW_PRECISION_DOT=low, BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_K=block_k,
+    )
+    return out
+
+
+def inner(a: Tensor, b: Tensor, normalize: bool) -> Tensor:
+    if _interpreted():
+        a, b = a.to(torch.float32), b.to(torch.float32)
+    N, K = a.shape
+    M = b.shape[0]
+    out = torch.empty(N, M, dtype=torch.float32, device=a.device)
+    block_n, block_m, block_k = 64, 64, 32
+    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
+    _inner_kernel[grid](a, b, out, N, M, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                        out.stride(0), out.stride(1), NORMALIZE=normalize,
+                        BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k)
+    return out
