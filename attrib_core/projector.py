@@ -31,14 +31,15 @@ class Projector(NamedTuple):
     nnz: int
     columns: Optional[Tensor]
 
-    def __call__(self, G: Tensor, *, offset: int = 0) -> Tensor:
-        """Project ``G`` ``(n, width)``, whose columns are input coordinates ``offset .. offset + width``.
+    def __call__(self, G: Tensor, *, offset: Optional[int] = None) -> Tensor:
+        """Project ``G`` ``(n, dim_in)``; or, with ``offset``, a slice ``(n, width)`` of input coordinates ``offset ..``.
 
         Projecting column slices with their offsets and summing gives the projection
         of the whole, for gradients too wide to hold at once (not for ``mask``).
         """
-        if G.dim() != 2 or (offset == 0 and G.shape[1] != self.dim_in):
+        if G.dim() != 2 or (offset is None and G.shape[1] != self.dim_in):
             raise ValueError(f"G: expected shape (n, {self.dim_in}), got {tuple(G.shape)}")
+        offset = 0 if offset is None else offset
         if G.shape[1] + offset > self.dim_in:
             raise ValueError(f"G: columns {offset}..{offset + G.shape[1]} exceed dim_in={self.dim_in}")
         if self.kind == "identity":
