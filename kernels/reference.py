@@ -101,13 +101,27 @@ def inner(a: Tensor, b: Tensor, normalize: bool) -> Tensor:
 def merge_topk(
     values: Tensor, indices: Tensor, block_values: Tensor, block_indices: Tensor, k: int, largest: bool
 ) -> tuple[Tensor, Tensor]:
-    """Merge a running top-k ``(m, k')`` with a new block of candidates ``(m, b)``.
+    """Merge a running top-k ``(m, k')`` with a new block of candidates ``(m, b)``; ties go to the smaller index.
 
-    A stable sort keeps candidates in their order on ties; since the running set
-    comes first and holds only earlier (smaller) indices, sorted by index among
-    ties, the smallest index always wins a tie, whatever the block sizes.
+    float32 scores are ranked by one ``torch.topk`` on int64 keys that put the
+    score's order-preserving bits above the (complemented) index, so a tie is
+    decided by the index, whatever the block sizes. Wider scores fall back to a
+    stable sort (candidates arrive in index order, so it breaks ties the same way).
     """
     all_values = torch.cat([values, block_values], dim=1)
     all_indices = torch.cat([indices, block_indices], dim=1)
-    order = torch.sort(all_values, dim=1, descending=largest, stable=True).indices[:, :k]
+    k = min(k, all_values.shape[1])
+    if all_values.dtype == torch.float32:
+        order = torch.topk(_rank_keys(all_values, all_indices, largest), k, dim=1).indices
+    else:
+        order = torch.sort(all_values, dim=1, descending=largest, stable=True).indices[:, :k]
     return all_values.gather(1, order), all_indices.gather(1, order)
+
+
+def _rank_keys(scores: Tensor, indices: Tensor, largest: bool) -> Tensor:
+    """int64 keys ordered like ``(score, -index)`` (``largest``) or ``(-score, -index)``."""
+    bits = (scores + 0.0).view(torch.int32)  # + 0.0 makes -0.0 equal to +0.0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int order == float order
+    if not largest:
+        ordered = ~ordered
+    return (ordered.to(torch.int64) << 32) | (0xFFFFFFFF - indices)

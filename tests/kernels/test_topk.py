@@ -28,6 +28,18 @@ def test_equals_full_topk_whatever_the_block_size(n, m, width, block, largest, n
     torch.testing.assert_close(result.values, reference.values.T)
 
 
+@given(st.integers(1, 60), st.integers(1, 5), st.integers(1, 4), st.integers(1, 20), st.booleans(), st.integers(0, 1000))
+def test_float32_integer_scores_with_many_ties(n, m, width, block, largest, seed):
+    # Small integers: every blocking computes the same exact scores, and ties abound.
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(-2, 3, (n, width), generator=g).float()
+    b = torch.randint(-2, 3, (m, width), generator=g).float()
+    k = 1 + seed % n
+    result = topk_inner(a, b, k, largest=largest, block_rows=block)
+    values, indices = stable_topk(a @ b.T, k, largest)
+    assert torch.equal(result.indices, indices) and torch.equal(result.values, values)
+
+
 @given(st.integers(1, 9), st.booleans())
 def test_ties_go_to_the_smallest_index(block, largest):
     # Integer-valued scores with many ties.
