@@ -172,11 +172,10 @@ def topk_inner(
     indices = torch.empty(m, 0, dtype=torch.long, device=b.device)
     for start in range(0, n, block_rows):
         stop = min(n, start + block_rows)
-        scores = inner(a[start:stop], b, normalize=normalize).T  # (m, block)
+        scores = inner(b, a[start:stop], normalize=normalize)  # (m, block), contiguous along the block
         if not bool(torch.isfinite(scores).all()):
             raise ValueError(f"a: rows {start}..{stop - 1} give NaN or Inf scores")
-        positions = torch.arange(start, stop, device=b.device).expand(m, -1)
-        values, indices = reference.merge_topk(values, indices, scores, positions, k, largest)
+        values, indices = reference.merge_topk(values, indices, scores, start, k, largest)
     return TopK(values, indices)
 
 
