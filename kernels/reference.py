@@ -77,7 +77,8 @@ def project_sjlt(x: Tensor, dim_out: int, seed: int, offset: int, nnz: int) -> T
     B, P = x.shape
     dtype = torch.promote_types(x.dtype, torch.float32)
     banks = torch.zeros(B, 2 * dim_out, dtype=dtype, device=x.device)
-    rows_per_tile = max(1, TILE_ENTRIES // max(B, 1))
+    # A tile here is the rows' positions and signs ((T, nnz) each); x is read in place.
+    rows_per_tile = max(1, TILE_ENTRIES // nnz)
     for start in range(0, P, rows_per_tile):
         stop = min(P, start + rows_per_tile)
         rows = torch.arange(offset + start, offset + stop, device=x.device)
