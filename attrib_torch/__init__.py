@@ -1,6 +1,32 @@
 """attrib_torch: AttributionTask and the attributor classes users hold.
 
-Thin wrappers over :mod:`attrib_core` with the class names and signatures of
-the older libraries (see ``DESIGN.md``). The classes land with their issues;
-until then, the functional core in :mod:`attrib_core` is the public API.
+Thin wrappers over :mod:`attrib_core` and :mod:`kernels` with the class names,
+constructor arguments and defaults of dattri, so a user switches by changing an
+import. One deliberate difference: loss and target functions receive batches
+with their batch dimension, and never need ``unsqueeze(0)``.
 """
+
+from .base import BaseAttributor, BaseInnerProductAttributor
+from .influence import (
+    IFAttributorArnoldi,
+    IFAttributorCG,
+    IFAttributorDataInf,
+    IFAttributorEKFAC,
+    IFAttributorExplicit,
+    IFAttributorLiSSA,
+)
+from .influence_legacy import IFAttributor
+from .task import AttributionTask
+
+__all__ = [
+    "AttributionTask",
+    "BaseAttributor",
+    "BaseInnerProductAttributor",
+    "IFAttributor",
+    "IFAttributorExplicit",
+    "IFAttributorCG",
+    "IFAttributorLiSSA",
+    "IFAttributorDataInf",
+    "IFAttributorArnoldi",
+    "IFAttributorEKFAC",
+]

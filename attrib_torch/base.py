@@ -1,0 +1,211 @@
+"""The attributor base classes: representations of training and test data, scored by inner products.
+
+An inner-product attributor maps each training example to a representation
+(by default its loss gradient), each test example to one (by default its target
+gradient), may transform either (an inverse Hessian, a projection), and scores a
+pair by the inner product. Training representations are computed once per
+checkpoint and training loader and kept; a test batch is transformed once, over
+the whole training set, and scored through :mod:`kernels`.
+
+Scores are ``(n_train, n_test)``, averaged over the task's checkpoints; a
+positive score means the training example helps the test prediction.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+import kernels
+from attrib_core import per_sample_grad, select
+from kernels import TopK
+
+from .data import batches, check_loader
+from .task import AttributionTask
+
+__all__ = ["BaseAttributor", "BaseInnerProductAttributor"]
+
+
+class BaseAttributor(ABC):
+    """What every attributor answers: ``cache``, ``attribute`` and ``self_attribute``."""
+
+    @abstractmethod
+    def cache(self, full_train_dataloader: Any) -> None:
+        """Precompute what depends on the full training set only."""
+
+    @abstractmethod
+    def attribute(self, train_dataloader: Any, test_dataloader: Any) -> Tensor:
+        """Scores ``(n_train, n_test)``."""
+
+    @abstractmethod
+    def self_attribute(self, train_dataloader: Any = None) -> Tensor:
+        """Each training example's score with itself, ``(n_train,)``."""
+
+
+class BaseInnerProductAttributor(BaseAttributor):
+    """Scores ``⟨transform_train_rep(g_train), transform_test_rep(g_test)⟩``, averaged over checkpoints.
+
+    Args:
+        task: the :class:`AttributionTask`.
+        layer_name: parameter names or module prefixes to take gradients with
+            respect to (a string is one name); None for all parameters.
+        device: where representations are computed.
+        show_progress: progress bars over data loaders.
+
+    Raises:
+        ValueError: a ``layer_name`` that matches no parameter (before any gradient).
+    """
+
+    def __init__(
+        self,
+        task: AttributionTask,
+        layer_name: Union[None, str, Sequence[str]] = None,
+        device: Union[str, torch.device, None] = "cpu",
+        show_progress: bool = True,
+    ) -> None:
+        if not isinstance(task, AttributionTask):
+            raise TypeError(f"task: expected an AttributionTask, got {type(task).__name__}")
+        self.task = task
+        self.device = torch.device(device if device is not None else "cpu")
+        self.show_progress = show_progress
+        self.layer_name = layer_name
+        self.names = list(select(task.params(0), layer_name))  # raises on unknown names
+        task.get_model().to(self.device)
+        self.full_train_dataloader: Any = None
+        self._train_reps: Dict[int, Tuple[Any, Tensor]] = {}
+
+    # -- representations ---------------------------------------------------------------------
+
+    def _split_params(self, ckpt_idx: int) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+        """(chosen, fixed) parameters of checkpoint ``ckpt_idx`` on the device."""
+        params = {k: v.to(self.device) for k, v in self.task.params(ckpt_idx).items()}
+        chosen = {k: params[k] for k in self.names}
+        return chosen, {k: v for k, v in params.items() if k not in chosen}
+
+    def _restricted(self, func, fixed: Dict[str, Tensor]):
+        return lambda chosen, data: func({**fixed, **chosen}, data)
+
+    def generate_train_rep(self, ckpt_idx: int, data: Tuple[Tensor, ...]) -> Tensor:
+        """Per-example gradients of ``loss_func`` on a batch (with its batch dimension), ``(B, P)``."""
+        chosen, fixed = self._split_params(ckpt_idx)
+        return per_sample_grad(self._restricted(self.task.loss_func, fixed))(chosen, data)
+
+    def generate_test_rep(self, ckpt_idx: int, data: Tuple[Tensor, ...]) -> Tensor:
+        """Per-example gradients of ``target_func`` on a batch (with its batch dimension), ``(B, P)``."""
+        chosen, fixed = self._split_params(ckpt_idx)
+        return per_sample_grad(self._restricted(self.task.target_func, fixed))(chosen, data)
+
+    def transform_train_rep(self, ckpt_idx: int, train_rep: Tensor) -> Tensor:
+        """Identity here; subclasses project or precondition."""
+        return train_rep
+
+    def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
+        """Identity here; influence functions apply an inverse Hessian."""
+        return test_rep
+
+    # -- caching -------------------------------------------------------------------------------
+
+    def cache(self, full_train_dataloader: Any) -> None:
+        """Keep the full training loader and precompute, per checkpoint, what the transforms need."""
+        check_loader(full_train_dataloader, "full_train_dataloader")
+        self.full_train_dataloader = full_train_dataloader
+        self._train_reps.clear()
+        for ckpt_idx in range(len(self.task)):
+            self._prepare(ckpt_idx)
+
+    def _prepare(self, ckpt_idx: int) -> None:
+        """Per-checkpoint precomputation from ``self.full_train_dataloader``; nothing by default."""
+
+    def _ensure_cached(self, train_dataloader: Any) -> None:
+        if self.full_train_dataloader is None:
+            self.cache(train_dataloader)
+
+    def train_reps(self, ckpt_idx: int, train_dataloader: Any) -> Tensor:
+        """Transformed training representations ``(n_train, P')``, computed once per checkpoint and loader."""
+        kept = self._train_reps.get(ckpt_idx)
+        if kept is not None and kept[0] is train_dataloader:
+            return kept[1]
+        parts = [
+            self.transform_train_rep(ckpt_idx, self.generate_train_rep(ckpt_idx, batch))
+            for batch in batches(train_dataloader, self.device, desc=f"train gradients, checkpoint {ckpt_idx}",
+                                 show_progress=self.show_progress)
+        ]
+        reps = torch.cat(parts)
+        self._train_reps[ckpt_idx] = (train_dataloader, reps)
+        return reps
+
+    def _test_reps(self, ckpt_idx: int, batch: Tuple[Tensor, ...]) -> Tensor:
+        return self.transform_test_rep(ckpt_idx, self.generate_test_rep(ckpt_idx, batch))
+
+    # -- answers ---------------------------------------------------------------------------------
+
+    def attribute(self, train_dataloader: Any, test_dataloader: Any) -> Tensor:
+        """Scores ``(n_train, n_test)``: entry ``[i, j]`` for training example ``i`` and test example ``j``.
+
+        The loaders must not shuffle. Calls :meth:`cache` with ``train_dataloader``
+        first if it has not been called.
+        """
+        check_loader(train_dataloader, "train_dataloader")
+        check_loader(test_dataloader, "test_dataloader")
+        self._ensure_cached(train_dataloader)
+        n_ckpt = len(self.task)
+        columns: List[Tensor] = []
+        for ckpt_idx in range(n_ckpt):
+            train = self.train_reps(ckpt_idx, train_dataloader)
+            blocks = [
+                kernels.inner(train, self._test_reps(ckpt_idx, batch))
+                for batch in batches(test_dataloader, self.device, desc=f"test batches, checkpoint {ckpt_idx}",
+                                     show_progress=self.show_progress)
+            ]
+            scores = torch.cat(blocks, dim=1)
+            columns.append(scores)
+        return torch.stack(columns).mean(0)
+
+    def self_attribute(self, train_dataloader: Any = None) -> Tensor:
+        """``(n_train,)``: the diagonal of ``attribute(train, train)`` without the rest of it."""
+        loader = train_dataloader if train_dataloader is not None else self.full_train_dataloader
+        if loader is None:
+            raise ValueError("train_dataloader: none given and cache() has not been called")
+        check_loader(loader, "train_dataloader")
+        self._ensure_cached(loader)
+        total: Optional[Tensor] = None
+        for ckpt_idx in range(len(self.task)):
+            parts = []
+            for batch in batches(loader, self.device, desc=f"self-influence, checkpoint {ckpt_idx}",
+                                 show_progress=self.show_progress):
+                train = self.transform_train_rep(ckpt_idx, self.generate_train_rep(ckpt_idx, batch))
+                test = self._test_reps(ckpt_idx, batch)
+                dtype = torch.promote_types(train.dtype, torch.float32)
+                parts.append((train.to(dtype) * test.to(dtype)).sum(1))
+            values = torch.cat(parts)
+            total = values if total is None else total + values
+        return total / len(self.task)
+
+    def topk(
+        self, test_dataloader: Any, k: int, proponents: bool = True, train_dataloader: Any = None
+    ) -> TopK:
+        """For each test example, the ``k`` strongest proponents (or opponents) among the training examples.
+
+        Streams the training representations through :func:`kernels.topk_inner`;
+        the ``(n_train, n_test)`` matrix is never formed. Checkpoints are combined
+        exactly (representations concatenated, so inner products add up).
+
+        Returns:
+            ``TopK(values, indices)``, each ``(n_test, k)``, best first.
+        """
+        loader = train_dataloader if train_dataloader is not None else self.full_train_dataloader
+        if loader is None:
+            raise ValueError("train_dataloader: none given and cache() has not been called")
+        check_loader(loader, "train_dataloader")
+        check_loader(test_dataloader, "test_dataloader")
+        self._ensure_cached(loader)
+        n_ckpt = len(self.task)
+        train = torch.cat([self.train_reps(c, loader) for c in range(n_ckpt)], dim=1)
+        test = torch.cat([
+            torch.cat([self._test_reps(c, batch) for batch in batches(test_dataloader, self.device)]) / n_ckpt
+            for c in range(n_ckpt)
+        ], dim=1)
+        return kernels.topk_inner(train, test, k, largest=proponents)

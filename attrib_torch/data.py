@@ -1,0 +1,60 @@
+"""Data loaders as attributors use them: checked for order, moved to a device, concatenated."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils.data import DataLoader, RandomSampler
+from tqdm.auto import tqdm
+
+__all__ = ["check_loader", "batches", "concatenate", "batch_size"]
+
+
+def check_loader(loader: Any, name: str) -> None:
+    """Reject a loader whose order changes between passes: scores must line up with dataset positions.
+
+    Raises:
+        ValueError: a ``DataLoader`` that shuffles (a ``RandomSampler``), or an iterator
+            (one pass only).
+        TypeError: something that is not iterable.
+    """
+    if isinstance(loader, DataLoader):
+        sampler = loader.batch_sampler.sampler if loader.batch_sampler is not None else loader.sampler
+        if isinstance(sampler, RandomSampler) or isinstance(loader.sampler, RandomSampler):
+            raise ValueError(f"{name}: the data loader shuffles (RandomSampler); pass shuffle=False")
+        return
+    try:
+        iterator = iter(loader)
+    except TypeError:
+        raise TypeError(f"{name}: expected a DataLoader or a list of batches, got {type(loader).__name__}") from None
+    if iterator is loader:
+        raise ValueError(f"{name}: an iterator can be read once only; pass a DataLoader or a list of batches")
+
+
+def batches(loader: Iterable[Any], device: torch.device, *, desc: str = "", show_progress: bool = False) -> Iterator[Any]:
+    """The loader's batches as tuples of tensors on ``device``."""
+    for batch in tqdm(loader, desc=desc, disable=not show_progress, leave=False):
+        if not isinstance(batch, (tuple, list)):
+            batch = (batch,)
+        yield tuple(pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, list(batch)))
+
+
+def concatenate(loader: Iterable[Any], device: torch.device) -> tuple:
+    """All of the loader's batches as one batch (tensors concatenated along the first dimension)."""
+    parts = list(batches(loader, device))
+    if not parts:
+        raise ValueError("the data loader is empty")
+    return tuple(
+        torch.cat([p[i] for p in parts]) if isinstance(parts[0][i], torch.Tensor) else parts[0][i]
+        for i in range(len(parts[0]))
+    )
+
+
+def batch_size(batch: tuple) -> int:
+    """Examples in a batch: the first dimension of its first tensor."""
+    for item in pytree.tree_leaves(batch):
+        if isinstance(item, torch.Tensor) and item.dim():
+            return item.shape[0]
+    raise ValueError("batch: holds no tensor with a batch dimension")

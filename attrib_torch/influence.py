@@ -1,0 +1,349 @@
+"""Influence-function attributors: ``score[i, j] = g_iᵀ (H + λI)⁻¹ g_j`` (Koh & Liang, 2017).
+
+Each class keeps dattri's name, constructor arguments and defaults, and differs
+only in how ``(H + λI)⁻¹`` is applied, each a short composition of
+:mod:`attrib_core` solvers. ``H`` is the Hessian of ``loss_func`` on the whole
+cached training set (all batches concatenated into one), computed once per
+checkpoint in :meth:`cache`; a test batch is solved once, for all training
+examples. A positive score means the training example helps the test prediction.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Dict, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+from attrib_core import (
+    EKFAC,
+    ExplicitFactor,
+    SpectralProjector,
+    arnoldi,
+    cg,
+    datainf,
+    ekfac,
+    factor_explicit,
+    hessian,
+    layer_specs,
+    lissa,
+    make_hvp,
+    solve_factored,
+    spectral_projector,
+)
+
+from .base import BaseInnerProductAttributor
+from .data import batches, concatenate
+from .task import AttributionTask
+
+__all__ = [
+    "IFAttributorExplicit",
+    "IFAttributorCG",
+    "IFAttributorLiSSA",
+    "IFAttributorDataInf",
+    "IFAttributorArnoldi",
+    "IFAttributorEKFAC",
+]
+
+LayerName = Union[None, str, Sequence[str]]
+
+
+def _nonnegative(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _positive_int(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+    return value
+
+
+class _FullTrainingLoss(BaseInnerProductAttributor):
+    """Shared by the solvers that need the training loss over the whole cached training set."""
+
+    def _training_objective(self, ckpt_idx: int):
+        """``(f, chosen_params, full_batch)`` with ``f(chosen, batch)`` the training loss."""
+        chosen, fixed = self._split_params(ckpt_idx)
+        data = concatenate(self.full_train_dataloader, self.device)
+        return self._restricted(self.task.loss_func, fixed), chosen, data
+
+
+class IFAttributorExplicit(_FullTrainingLoss):
+    """Influence with the exact Hessian: built densely, factored once per checkpoint (Cholesky, or eigh).
+
+    Args:
+        task, layer_name, device: see :class:`BaseInnerProductAttributor`.
+        regularization: ``λ >= 0`` added to the Hessian's diagonal.
+    """
+
+    def __init__(self, task: AttributionTask, layer_name: LayerName = None, device: Optional[str] = "cpu",
+                 regularization: float = 0.0, show_progress: bool = True) -> None:
+        super().__init__(task, layer_name, device, show_progress)
+        self.regularization = _nonnegative(regularization, "regularization")
+        self._factors: Dict[int, ExplicitFactor] = {}
+
+    def _prepare(self, ckpt_idx: int) -> None:
+        f, chosen, data = self._training_objective(ckpt_idx)
+        factor = factor_explicit(hessian(f, chosen, data), damping=self.regularization)
+        if not factor.positive_definite:
+            warnings.warn(
+                f"checkpoint {ckpt_idx}: H + {self.regularization}·I is not positive definite "
+                f"(smallest eigenvalue {factor.min_eigenvalue:.3g}, {factor.n_negative} negative, "
+                f"{factor.n_dropped} dropped as zero); solved by eigendecomposition. "
+                "Raise regularization for a positive-definite system.",
+                stacklevel=3,
+            )
+        self._factors[ckpt_idx] = factor
+
+    def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
+        return solve_factored(self._factors[ckpt_idx], test_rep)
+
+
+class IFAttributorCG(_FullTrainingLoss):
+    """Influence by conjugate gradient on Hessian-vector products, all test examples of a batch at once.
+
+    Args:
+        max_iter: CG steps at most (default 10).
+        tol: stop when a residual norm is below ``tol`` (absolute, as in dattri).
+        mode: ``"rev-rev"`` or ``"rev-fwd"`` Hessian-vector products.
+        regularization: ``λ >= 0`` added to the Hessian's diagonal.
+    """
+
+    def __init__(self, task: AttributionTask, layer_name: LayerName = None, device: Optional[str] = "cpu",
+                 max_iter: int = 10, tol: float = 1e-7, mode: str = "rev-rev", regularization: float = 0.0,
+                 show_progress: bool = True) -> None:
+        super().__init__(task, layer_name, device, show_progress)
+        self.max_iter = _positive_int(max_iter, "max_iter")
+        self.tol = _nonnegative(tol, "tol")
+        if mode not in ("rev-rev", "rev-fwd"):
+            raise ValueError(f"mode: expected 'rev-rev' or 'rev-fwd', got {mode!r}")
+        self.mode = mode
+        self.regularization = _nonnegative(regularization, "regularization")
+        self._operators: Dict[int, Any] = {}
+        self.last_solution = None
+
+    def _prepare(self, ckpt_idx: int) -> None:
+        f, chosen, data = self._training_objective(ckpt_idx)
+        self._operators[ckpt_idx] = make_hvp(f, chosen, data, mode=self.mode)
+
+    def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
+        solution = cg(self._operators[ckpt_idx], test_rep, tol=0.0, atol=self.tol, max_iter=self.max_iter,
+                      damping=self.regularization)
+        self.last_solution = solution
+        return solution.x
+
+
+class IFAttributorLiSSA(_FullTrainingLoss):
+    """Influence by LiSSA: a stochastic Neumann series on mini-batch Hessians.
+
+    Estimates ``(H + damping · scaling · I)⁻¹`` (see :func:`attrib_core.lissa`). Each
+    recursion step draws ``batch_size`` distinct training examples with the
+    attributor's ``seed`` (all of them, deterministically, when ``batch_size`` is the
+    training set's size); rows whose iterates diverge are reported by a warning.
+
+    Args:
+        batch_size: examples per recursion step (default 1).
+        num_repeat: independent runs averaged.
+        recursion_depth: steps per run.
+        damping, scaling: of the recursion (``scaling`` must exceed the largest
+            eigenvalue of the mini-batch Hessians).
+        mode: Hessian-vector product mode.
+        seed: for the mini-batch draws (an addition to dattri's arguments).
+    """
+
+    def __init__(self, task: AttributionTask, layer_name: LayerName = None, device: Optional[str] = "cpu",
+                 batch_size: int = 1, num_repeat: int = 1, recursion_depth: int = 5000, damping: float = 0.0,
+                 scaling: float = 50.0, mode: str = "rev-rev", seed: int = 0, show_progress: bool = True) -> None:
+        super().__init__(task, layer_name, device, show_progress)
+        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.num_repeat = _positive_int(num_repeat, "num_repeat")
+        self.recursion_depth = _positive_int(recursion_depth, "recursion_depth")
+        self.damping = _nonnegative(damping, "damping")
+        if not 0 < scaling < math.inf:
+            raise ValueError(f"scaling: expected a number > 0, got {scaling!r}")
+        self.scaling = float(scaling)
+        if mode not in ("rev-rev", "rev-fwd"):
+            raise ValueError(f"mode: expected 'rev-rev' or 'rev-fwd', got {mode!r}")
+        self.mode = mode
+        self.seed = seed
+        self._objectives: Dict[int, Any] = {}
+
+    def _prepare(self, ckpt_idx: int) -> None:
+        self._objectives[ckpt_idx] = self._training_objective(ckpt_idx)
+
+    def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
+        f, chosen, data = self._objectives[ckpt_idx]
+        n = data[0].shape[0]
+        rows = test_rep.shape[0]
+
+        def sample_mv(generator: torch.Generator):
+            index = torch.randperm(n, generator=generator)[: self.batch_size].to(self.device)
+            sub = tuple(x[index] if isinstance(x, Tensor) else x for x in data)
+            return make_hvp(f, chosen, sub, mode=self.mode, chunk_size=rows)
+
+        result = lissa(sample_mv, test_rep, depth=self.recursion_depth, scale=self.scaling, damping=self.damping,
+                       repeats=self.num_repeat, seed=self.seed)
+        if bool(result.diverged.any()):
+            warnings.warn(
+                f"checkpoint {ckpt_idx}: LiSSA diverged for {int(result.diverged.sum())} of {rows} test examples; "
+                "raise scaling (above the largest Hessian eigenvalue) or damping",
+                stacklevel=2,
+            )
+        return result.x
+
+
+class IFAttributorDataInf(BaseInnerProductAttributor):
+    """Influence with DataInf's closed-form, layer-wise inverse (Kwon et al., ICLR 2024).
+
+    Layers are the modules holding the chosen parameters (a weight with its bias).
+
+    Args:
+        regularization: ``λ_l`` for every layer; ``0`` (the default) uses the paper's
+            per-layer heuristic ``0.1 · mean_i ‖g_{i,l}‖² / d_l`` (DataInf divides by
+            ``λ``, so zero itself is not usable).
+    """
+
+    def __init__(self, task: AttributionTask, layer_name: LayerName = None, device: Optional[str] = "cpu",
+                 regularization: float = 0.0, show_progress: bool = True) -> None:
+        super().__init__(task, layer_name, device, show_progress)
+        self.regularization = _nonnegative(regularization, "regularization")
+        _, self.layer_map = task.get_param(0, self.names, layer_split=True)
+        params = task.params(0)
+        sizes: Dict[int, int] = {}
+        for name, layer in zip(self.names, self.layer_map):
+            sizes[layer] = sizes.get(layer, 0) + params[name].numel()
+        self.layer_sizes = [sizes[layer] for layer in sorted(sizes)]
+        self._train_layers: Dict[int, list] = {}
+
+    def _prepare(self, ckpt_idx: int) -> None:
+        grads = self.train_reps(ckpt_idx, self.full_train_dataloader)
+        self._train_layers[ckpt_idx] = list(torch.split(grads, self.layer_sizes, dim=1))
+
+    def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
+        damping = None if self.regularization == 0 else self.regularization
+        layers = list(torch.split(test_rep, self.layer_sizes, dim=1))
+        return torch.cat(datainf(self._train_layers[ckpt_idx], layers, damping=damping).x, dim=1)
+
+
+class IFAttributorArnoldi(_FullTrainingLoss):
+    """Influence through the top eigenpairs of the Hessian (Schioppa et al., AAAI 2022).
+
+    Both representations become ``(Λ + λ)^{-1/2} U g / sqrt(norm_constant)``, so a score
+    is ``g_iᵀ U (Λ + λ)⁻¹ Uᵀ g_j / norm_constant``. Negative and tiny eigenvalues are
+    dropped (with a warning), never inverted: no NaN.
+
+    Args:
+        precompute_data_ratio: fraction of the training set (a seeded random subset)
+            whose Hessian is decomposed.
+        proj_dim: eigenpairs kept (``<= max_iter``).
+        max_iter: Arnoldi iterations (Krylov dimension).
+        norm_constant: divides every score (``> 0``).
+        tol: breakdown tolerance of the iteration.
+        regularization: ``λ >= 0`` added to every eigenvalue.
+        seed: of the start vector and the data subset.
+    """
+
+    def __init__(self, task: AttributionTask, layer_name: LayerName = None, device: Optional[str] = "cpu",
+                 precompute_data_ratio: float = 1.0, proj_dim: int = 100, max_iter: int = 100,
+                 norm_constant: float = 1.0, tol: float = 1e-7, regularization: float = 0.0, seed: int = 0,
+                 show_progress: bool = True) -> None:
+        super().__init__(task, layer_name, device, show_progress)
+        if not 0 < precompute_data_ratio <= 1:
+            raise ValueError(f"precompute_data_ratio: expected a number in (0, 1], got {precompute_data_ratio!r}")
+        self.precompute_data_ratio = float(precompute_data_ratio)
+        self.proj_dim = _positive_int(proj_dim, "proj_dim")
+        self.max_iter = _positive_int(max_iter, "max_iter")
+        if self.max_iter < self.proj_dim:
+            raise ValueError(f"max_iter: must be >= proj_dim={proj_dim} to produce that many eigenpairs, got {max_iter}")
+        dim = sum(task.params(0)[n].numel() for n in self.names)
+        if self.proj_dim > dim:
+            raise ValueError(f"proj_dim: cannot exceed the number of parameters ({dim}), got {proj_dim}")
+        if not 0 < norm_constant < math.inf:
+            raise ValueError(f"norm_constant: expected a number > 0, got {norm_constant!r}")
+        self.norm_constant = float(norm_constant)
+        self.tol = _nonnegative(tol, "tol")
+        self.regularization = _nonnegative(regularization, "regularization")
+        self.seed = seed
+        self._projectors: Dict[int, SpectralProjector] = {}
+
+    def _prepare(self, ckpt_idx: int) -> None:
+        f, chosen, data = self._training_objective(ckpt_idx)
+        n = data[0].shape[0]
+        keep = max(1, round(self.precompute_data_ratio * n))
+        if keep < n:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[:keep].to(self.device)
+            data = tuple(x[order] if isinstance(x, Tensor) else x for x in data)
+        dim = sum(v.numel() for v in chosen.values())
+        result = arnoldi(make_hvp(f, chosen, data), dim, n_iter=self.max_iter, top_k=self.proj_dim,
+                         seed=self.seed, tol=self.tol, device=self.device)
+        projector = spectral_projector(result.eigenvalues, result.eigenvectors, damping=self.regularization)
+        if projector.n_negative or projector.n_small:
+            warnings.warn(
+                f"checkpoint {ckpt_idx}: of {len(result.eigenvalues)} eigenpairs, dropped {projector.n_negative} "
+                f"negative and {projector.n_small} near-zero ones (after regularization {self.regularization})",
+                stacklevel=3,
+            )
+        self._projectors[ckpt_idx] = projector
+
+    def _project(self, ckpt_idx: int, rep: Tensor) -> Tensor:
+        return self._projectors[ckpt_idx](rep) / math.sqrt(self.norm_constant)
+
+    def transform_train_rep(self, ckpt_idx: int, train_rep: Tensor) -> Tensor:
+        return self._project(ckpt_idx, train_rep)
+
+    def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
+        return self._project(ckpt_idx, test_rep)
+
+
+class IFAttributorEKFAC(BaseInnerProductAttributor):
+    """Influence with EK-FAC (George et al., 2018; Grosse et al., 2023), one fit per checkpoint.
+
+    Gradients are taken with respect to the weights (and biases) of the factored
+    modules. Works for ensembles (one factor set per checkpoint).
+
+    Args:
+        module_name: ``nn.Linear``/``nn.Conv2d`` module names, or None for all of them.
+        damping: ``λ >= 0`` added to the approximate Fisher (needed when it is singular).
+        fisher: ``"empirical"`` (the batches' own labels) or ``"sampled"`` (labels drawn
+            from the model's predictive distribution, the true Fisher, as kronfluence
+            does; this assumes classification batches ``(inputs, ..., labels)`` whose
+            model output on ``inputs`` are logits).
+        seed: for the sampled labels.
+    """
+
+    def __init__(self, task: AttributionTask, module_name: LayerName = None, device: Optional[str] = "cpu",
+                 damping: float = 0.0, fisher: str = "empirical", seed: int = 0, show_progress: bool = True) -> None:
+        specs = layer_specs(task.get_model(), task.params(0), module_name)  # raises on bad names
+        covered = {s.weight for s in specs} | {s.bias for s in specs if s.bias is not None}
+        names = [n for n in task.params(0) if n in covered]
+        super().__init__(task, names, device, show_progress)
+        self.module_name = module_name
+        self.damping = _nonnegative(damping, "damping")
+        if fisher not in ("empirical", "sampled"):
+            raise ValueError(f"fisher: expected 'empirical' or 'sampled', got {fisher!r}")
+        self.fisher = fisher
+        self.seed = seed
+        self._fits: Dict[int, EKFAC] = {}
+
+    def _prepare(self, ckpt_idx: int) -> None:
+        params = {k: v.to(self.device) for k, v in self.task.params(ckpt_idx).items()}
+        data = list(batches(self.full_train_dataloader, self.device))
+        if self.fisher == "sampled":
+            generator = torch.Generator().manual_seed(self.seed + ckpt_idx)
+            data = [self._with_sampled_labels(params, batch, generator) for batch in data]
+        fit = ekfac(self.task.get_model(), self.task.loss_func, params, data, layers=self.module_name)
+        self._fits[ckpt_idx] = fit
+
+    def _with_sampled_labels(self, params, batch, generator):
+        with torch.no_grad():
+            logits = functional_call(self.task.get_model(), params, (batch[0],))
+        labels = torch.multinomial(torch.softmax(logits.float(), dim=-1).cpu(), 1, generator=generator)
+        return (*batch[:-1], labels.reshape(-1).to(batch[-1].device, batch[-1].dtype))
+
+    def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
+        return self._fits[ckpt_idx].solve(test_rep, damping=self.damping)
