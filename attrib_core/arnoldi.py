@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, NamedTuple, Optional, Union
 
 import torch
@@ -20,7 +21,8 @@ class ArnoldiState(NamedTuple):
 
 
 class ArnoldiResult(NamedTuple):
-    """The ``top_k`` Ritz pairs of largest magnitude.
+    """The ``top_k`` Ritz pairs of largest magnitude (fewer, with a warning, when the
+    iteration breaks down on an invariant subspace of smaller dimension first).
 
     Attributes:
         eigenvalues: ``(top_k,)``, by decreasing magnitude.
@@ -105,6 +107,12 @@ def arnoldi(
 
     final = fold(step, state, n_iter, done=lambda s: s.breakdown)
     m = len(final.columns)
+    if m < top_k:
+        warnings.warn(
+            f"arnoldi: the Krylov space became invariant after {m} steps, so only {m} of the "
+            f"top_k={top_k} eigenpairs exist in it; returning {m}",
+            stacklevel=2,
+        )
     T = torch.zeros(m + 1, m, dtype=dtype, device=final.basis.device)
     for j, column in enumerate(final.columns):
         T[: j + 2, j] = column

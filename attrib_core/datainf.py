@@ -39,6 +39,7 @@ def datainf_damping(layer_grads: LayerTensors) -> LayerTensors:
 
 
 def _heuristic(g: Tensor) -> Tensor:
+    g = g.to(torch.promote_types(g.dtype, torch.float32))  # squares of fp16 gradients overflow
     return 0.1 * g.pow(2).sum(1).mean() / g.shape[1]
 
 
@@ -74,12 +75,13 @@ def datainf(layer_grads: LayerTensors, V: LayerTensors, *, damping: Damping = No
     solved = []
     for g, v, lam in zip(grads, vectors, lambdas):
         block, single = as_block(v, g.shape[1], name="V")
-        block = block.to(g.dtype)
+        dtype = torch.promote_types(torch.promote_types(g.dtype, block.dtype), torch.float32)
+        g, block = g.to(dtype), block.to(dtype)
         n = g.shape[0]
         coef = (block @ g.T) / (lam + g.pow(2).sum(1))  # (k, n): (g_iᵀ v) / (λ + ‖g_i‖²)
         x = (block - coef @ g / n) / lam
         solved.append(x[0] if single else x)
-    lambda_tensors = [torch.as_tensor(lam, dtype=g.dtype) for lam, g in zip(lambdas, grads)]
+    lambda_tensors = [torch.as_tensor(lam, dtype=x.dtype) for lam, x in zip(lambdas, solved)]
     return DataInfSolution(_like(layer_grads, keys, solved), _like(layer_grads, keys, lambda_tensors))
 
 
@@ -127,10 +129,10 @@ def _damping_values(damping: Damping, keys: list, grads: list[Tensor]) -> list[f
         values = [float(d) for d in damping]
     else:
         raise TypeError(f"damping: expected None, a number, or one per layer, got {type(damping).__name__}")
-    bad = [(k, v) for k, v in zip(keys, values) if not v > 0]
+    bad = [(k, v) for k, v in zip(keys, values) if not 0 < v < float("inf")]
     if bad:
         raise ValueError(
-            f"damping: every λ_l must be > 0 (DataInf divides by it), got {bad}; "
+            f"damping: every λ_l must be finite and > 0 (DataInf divides by it), got {bad}; "
             "pass None for the paper's heuristic"
         )
     return values

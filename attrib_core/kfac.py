@@ -141,7 +141,16 @@ class EKFAC(NamedTuple):
     def preconditioner(self, *, damping: float) -> Callable[[Tensor], Tensor]:
         """``(F̂ + damping I)⁻¹`` as an operator, for :func:`cg`'s ``preconditioner``."""
         check_nonnegative(damping, "damping")
-        return lambda R: self.solve(R, damping=damping)
+
+        def apply(R: Tensor) -> Tensor:
+            if R.shape[-1] != self.dim:
+                raise ValueError(
+                    f"preconditioner: EK-FAC covers {self.dim} parameters ({list(self.names)}), "
+                    f"got vectors of width {R.shape[-1]}"
+                )
+            return self.solve(R, damping=damping)
+
+        return apply
 
     def _apply(self, V: Tensor, scale: Callable[[Tensor], Tensor]) -> Tensor:
         block, single = as_block(V, self.dim)

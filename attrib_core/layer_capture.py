@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 import torch
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from ._checks import check_finite_params
 
@@ -141,8 +142,11 @@ def capture(
         batch: passed to ``f``.
         specs: from :func:`layer_specs`.
         reduction: how ``f`` combines examples, ``"mean"`` or ``"sum"``; with
-            ``"mean"`` the captured gradients are multiplied by the batch size so
-            that each is the gradient of its own example's loss.
+            ``"mean"`` the captured gradients are multiplied by the batch size (the
+            leading dimension of the batch's first tensor) so that each is the
+            gradient of its own example's loss. A layer whose input has ``B·T`` rows
+            (tokens flattened into the batch, example-major) is regrouped to
+            ``(B, T, d)``.
         mask: ``(B, T)``, nonzero at valid positions of sequence inputs; applied
             to Linear layers whose inputs are ``(B, T, d)``.
 
@@ -182,13 +186,15 @@ def capture(
     finally:
         for handle in handles:
             handle.remove()
+    examples = _examples(batch)
     out = {}
     for spec, grad in zip(specs, grads):
         x = inputs[spec.module]
         grad = torch.zeros_like(probes[spec.module]) if grad is None else grad
         if reduction == "mean":
-            grad = grad * x.shape[0]
+            grad = grad * examples
         a, ds = _positions(spec, modules[spec.module], x, grad)
+        a, ds = _per_example(spec, examples, a, ds)
         if spec.bias is not None:
             a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
         positions = a.shape[0] * a.shape[1]
@@ -218,6 +224,26 @@ def _positions(spec: LayerSpec, module: nn.Module, x: Tensor, grad: Tensor) -> t
         stride=module.stride,
     )
     return rearrange(patches, "b d l -> b l d"), rearrange(grad, "b c h w -> b (h w) c")
+
+
+def _examples(batch: Any) -> int:
+    """The batch size: the leading dimension of the batch's first tensor."""
+    for leaf in pytree.tree_leaves(batch):
+        if isinstance(leaf, Tensor) and leaf.dim():
+            return leaf.shape[0]
+    raise ValueError("batch: holds no tensor with a batch dimension")
+
+
+def _per_example(spec: LayerSpec, examples: int, a: Tensor, ds: Tensor) -> tuple[Tensor, Tensor]:
+    """Group rows by example: ``(B·T, L, d)`` (tokens flattened into the batch) becomes ``(B, T·L, d)``."""
+    rows = a.shape[0]
+    if rows == examples:
+        return a, ds
+    if rows % examples:
+        raise ValueError(
+            f"layer {spec.module!r}: its input has {rows} rows, not a multiple of the batch's {examples} examples"
+        )
+    return a.reshape(examples, -1, a.shape[-1]), ds.reshape(examples, -1, ds.shape[-1])
 
 
 def _apply_mask(spec: LayerSpec, mask: Tensor, a: Tensor, ds: Tensor) -> tuple[Tensor, Tensor]:

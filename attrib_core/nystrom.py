@@ -106,11 +106,18 @@ def nystrom(
     omega = omega.to(device)
     Y = operator(omega.T).to(dtype).T  # (dim, rank)
     check_finite(Y, "mv(Ω)")
-    shift = float(dim**0.5 * torch.finfo(dtype).eps * torch.linalg.matrix_norm(Y, ord=2))
-    Y_shift = Y + shift * omega
-    core = omega.T @ Y_shift
-    C, info = torch.linalg.cholesky_ex((core + core.T) / 2)
-    if int(info) != 0:
+    norm = float(torch.linalg.matrix_norm(Y, ord=2))
+    # The shift must cover the operator's own rounding, which its output dtype does not
+    # reveal (a float32 operator answers a float64 sketch in float64): if Cholesky fails
+    # at this dtype's precision, retry at float32's, then bfloat16's.
+    for eps in sorted({torch.finfo(dtype).eps, torch.finfo(torch.float32).eps, torch.finfo(torch.bfloat16).eps}):
+        shift = dim**0.5 * eps * norm
+        Y_shift = Y + shift * omega
+        core = omega.T @ Y_shift
+        C, info = torch.linalg.cholesky_ex((core + core.T) / 2)
+        if int(info) == 0:
+            break
+    else:
         raise ValueError("mv: the operator is not positive semi-definite on the sketch (Cholesky failed)")
     B = torch.linalg.solve_triangular(C, Y_shift.T, upper=False).T  # Y_ν C⁻ᵀ with C lower
     U, sigma, _ = torch.linalg.svd(B, full_matrices=False)

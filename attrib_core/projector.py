@@ -43,7 +43,10 @@ class Projector(NamedTuple):
         if G.shape[1] + offset > self.dim_in:
             raise ValueError(f"G: columns {offset}..{offset + G.shape[1]} exceed dim_in={self.dim_in}")
         if self.kind == "identity":
-            return G.to(torch.promote_types(G.dtype, torch.float32))
+            out = torch.zeros(G.shape[0], self.dim_in, dtype=torch.promote_types(G.dtype, torch.float32),
+                              device=G.device)
+            out[:, offset : offset + G.shape[1]] = G
+            return out
         if self.kind == "mask":
             if offset:
                 raise ValueError("offset: a mask projector takes the whole gradient")

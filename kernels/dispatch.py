@@ -100,8 +100,7 @@ def project(
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
     seed = check_seed(seed)
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset: expected an integer >= 0, got {offset!r}")
+    _check_offset(offset, x.shape[1])
     if kind == "sjlt":
         nnz = _check_positive_int(nnz, "nnz")
         if nnz > dim_out:
@@ -126,6 +125,7 @@ def projection_entries(
     if kind not in ("rademacher", "gaussian"):
         raise ValueError(f"kind: expected 'rademacher' or 'gaussian', got {kind!r}")
     seed = check_seed(seed)
+    _check_offset(offset, rows)
     device = torch.device(device)
     probe = torch.empty(0, device=device)
     if backend(probe) == "triton":
@@ -167,16 +167,24 @@ def topk_inner(
     if block_rows is None:
         block_rows = max(k, (1 << 24) // max(m, 1))
     block_rows = _check_positive_int(block_rows, "block_rows")
+    if not bool(torch.isfinite(b).all()):
+        raise ValueError("b: contains NaN or Inf")
     dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
     values = torch.empty(m, 0, dtype=dtype, device=b.device)
     indices = torch.empty(m, 0, dtype=torch.long, device=b.device)
     for start in range(0, n, block_rows):
         stop = min(n, start + block_rows)
-        scores = inner(b, a[start:stop], normalize=normalize)  # (m, block), contiguous along the block
+        # The same products as inner(a, b) computes, transposed to (m, block) for topk.
+        scores = inner(a[start:stop], b, normalize=normalize).T.contiguous()
         if not bool(torch.isfinite(scores).all()):
             raise ValueError(f"a: rows {start}..{stop - 1} give NaN or Inf scores")
         values, indices = reference.merge_topk(values, indices, scores, start, k, largest)
     return TopK(values, indices)
+
+
+def _check_offset(offset: int, width: int) -> None:
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0 or offset + width > 2**63:
+        raise ValueError(f"offset: expected an integer with 0 <= offset and offset + width <= 2**63, got {offset!r}")
 
 
 def _check_matrix(x: Tensor, name: str) -> None:

@@ -95,9 +95,9 @@ def inner(a: Tensor, b: Tensor, normalize: bool) -> Tensor:
     dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
     a32, b32 = a.to(dtype), b.to(dtype)
     out = a32 @ b32.T
-    if normalize:
-        na, nb = a32.norm(dim=1), b32.norm(dim=1)
-        out = out / (na.unsqueeze(1) * nb.unsqueeze(0)).clamp(min=torch.finfo(dtype).tiny)
+    if normalize:  # one norm at a time: their product can underflow where each does not
+        tiny = torch.finfo(dtype).tiny
+        out = out / a32.norm(dim=1).clamp(min=tiny).unsqueeze(1) / b32.norm(dim=1).clamp(min=tiny).unsqueeze(0)
     return out
 
 

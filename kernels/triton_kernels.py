@@ -64,7 +64,9 @@ def _tile(keys, cols, table_ptr, KIND: tl.constexpr):
         return tl.load(table_ptr + index.to(tl.int32))
 
 
-@triton.jit
+# seed_key is never specialised: Triton turns an integer argument equal to 1 into a
+# compile-time constant, and one seed (1580096365) hashes to seed_key == 1.
+@triton.jit(do_not_specialize=["seed_key"])
 def _entries_kernel(out_ptr, table_ptr, R, K, row_offset, seed_key, KIND: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -75,7 +77,7 @@ def _entries_kernel(out_ptr, table_ptr, R, K, row_offset, seed_key, KIND: tl.con
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], values, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_key"])
 def _project_kernel(x_ptr, out_ptr, table_ptr, B, P, K, stride_xb, stride_xp, stride_ob, stride_ok,
                     row_offset, seed_key, scale, KIND: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr,
                     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -116,9 +118,9 @@ def _inner_kernel(a_ptr, b_ptr, out_ptr, N, M, K, stride_an, stride_ak, stride_b
         if NORMALIZE:  # the norms ride along the same pass over the data
             norm_a += tl.sum(a * a, axis=1)
             norm_b += tl.sum(b * b, axis=1)
-    if NORMALIZE:
-        denominator = tl.sqrt(norm_a)[:, None] * tl.sqrt(norm_b)[None, :]
-        acc = acc / tl.maximum(denominator, 1.1754943508222875e-38)
+    if NORMALIZE:  # one norm at a time: their product can underflow where each does not
+        acc = acc / tl.maximum(tl.sqrt(norm_a), 1.1754943508222875e-38)[:, None]
+        acc = acc / tl.maximum(tl.sqrt(norm_b), 1.1754943508222875e-38)[None, :]
     mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
     tl.store(out_ptr + offs_n[:, None] * stride_on + offs_m[None, :] * stride_om, acc, mask=mask)
 

@@ -68,3 +68,15 @@ def test_bad_input():
         datainf({"a": torch.tensor([[1.0, float("nan")]])}, V)
     with pytest.raises(ValueError, match="one per layer"):
         datainf(grads, V, damping=[1.0, 2.0])
+
+
+def test_half_precision_gradients_are_computed_in_float32():
+    g = (torch.randn(8, 2000, generator=torch.Generator().manual_seed(0)) * 10).half()
+    v = torch.randn(2, 2000, generator=torch.Generator().manual_seed(1)).half()
+    result = datainf([g], [v])
+    lam = float(result.damping[0])
+    assert 0 < lam < float("inf")
+    expected = formula(g.double(), v.double(), lam)
+    assert float((result.x[0].double() - expected).norm() / expected.norm()) < 1e-3
+    with pytest.raises(ValueError, match="finite"):
+        datainf([g], [v], damping=float("inf"))

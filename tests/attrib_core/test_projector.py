@@ -25,7 +25,9 @@ def test_mask_and_identity():
     torch.testing.assert_close(mask(G), G[:, mask.columns] * math.sqrt(50 / 10))
     assert torch.equal(projector(50, 10, kind="mask", seed=1).columns, mask.columns)
     assert not torch.equal(projector(50, 10, kind="mask", seed=2).columns, mask.columns)
-    torch.testing.assert_close(projector(50, 50, kind="identity")(G), G)
+    identity = projector(50, 50, kind="identity")
+    torch.testing.assert_close(identity(G), G)
+    torch.testing.assert_close(identity(G[:, :20], offset=0) + identity(G[:, 20:], offset=20), G)
 
 
 def test_bad_input():

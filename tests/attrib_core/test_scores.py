@@ -26,3 +26,8 @@ def test_scores_against_plain_torch(n, m, k, seed):
 def test_self_scores_shape_check():
     with pytest.raises(ValueError, match="transformed"):
         self_scores(torch.ones(3, 2), torch.ones(3, 3))
+
+
+def test_cosine_of_tiny_rows():
+    g = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 1e-20
+    torch.testing.assert_close(torch.diagonal(cosine(g, g)), torch.ones(3), rtol=1e-5, atol=1e-5)

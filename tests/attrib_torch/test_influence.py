@@ -50,6 +50,10 @@ def test_iterative_solvers_agree_with_explicit(problem, make, tolerance):
     attributor = make(task_of(problem))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no divergence, no dropped eigenpairs
+        # Softmax regression's Hessian has repeated eigenvalues (pixels that are always 0, the
+        # sum over classes), so its Krylov space has 505 dimensions, not 650; the gradients lie
+        # in it, so the influence is still exact.
+        warnings.filterwarnings("ignore", message="arnoldi: the Krylov space became invariant")
         attributor.cache(problem.loader())
         scores = attributor.attribute(problem.loader(), problem.loader("test"))
     assert relative_error(scores, problem.dense_influence()) < tolerance

@@ -106,3 +106,9 @@ def test_bad_input():
         project(x, 4, kind="sjlt", nnz=5)
     with pytest.raises(ValueError, match="offset"):
         project(x, 4, offset=-3)
+    with pytest.raises(ValueError, match="offset"):
+        project(x, 4, offset=2**64)
+    with pytest.raises(ValueError, match="offset"):
+        projection_entries(3, 4, offset=-1)
+    with pytest.raises(ValueError, match="offset"):
+        projection_entries(3, 4, offset=1.5)

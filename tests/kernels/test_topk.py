@@ -64,5 +64,7 @@ def test_bad_input():
         inner(torch.randn(3), b)
     bad = a.clone()
     bad[3, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="a: rows"):
         topk_inner(bad, b, 2)
+    with pytest.raises(ValueError, match="b: contains NaN"):
+        topk_inner(a, b * float("nan"), 2)
