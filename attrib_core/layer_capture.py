@@ -148,7 +148,8 @@ def capture(
             (tokens flattened into the batch, example-major) is regrouped to
             ``(B, T, d)``.
         mask: ``(B, T)``, nonzero at valid positions of sequence inputs; applied
-            to Linear layers whose inputs are ``(B, T, d)``.
+            to Linear layers with several positions per example (inputs ``(B, T, d)``,
+            or ``(B·T, d)`` flattened).
 
     Returns:
         ``{module: Captured(a, ds, positions)}`` with ``a`` of shape ``(B, T, d_a)``
@@ -198,7 +199,7 @@ def capture(
         if spec.bias is not None:
             a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
         positions = a.shape[0] * a.shape[1]
-        if mask is not None and spec.kind == "linear" and x.dim() > 2:
+        if mask is not None and spec.kind == "linear" and a.shape[1] > 1:  # sequence positions
             a, ds = _apply_mask(spec, mask, a, ds)
             positions = int((mask != 0).sum())
         for value, what in ((a, "inputs"), (ds, "output gradients")):

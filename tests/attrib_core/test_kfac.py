@@ -240,3 +240,61 @@ def test_bad_input():
     grouped = nn.Conv2d(2, 2, 3, groups=2)
     with pytest.raises(ValueError, match="grouped"):
         kfac_factors(grouped, f, params_of(grouped), [batch])
+
+
+class FlatTokens(Sequence):
+    """The same model, with the tokens flattened into the batch before the embedding."""
+
+    def forward(self, x, mask):
+        B, T, d = x.shape
+        h = torch.tanh(self.embed(x.reshape(B * T, d))).reshape(B, T, -1)
+        pooled = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+        return self.head(pooled)
+
+
+def test_tokens_flattened_into_the_batch_give_the_same_fit():
+    torch.manual_seed(6)
+    model = Sequence().double()
+    flat = FlatTokens().double()
+    flat.load_state_dict(model.state_dict())
+    batches = [sequence_batch(3), sequence_batch(4)]
+    a = kfac_factors(model, sequence_loss(model), params_of(model), batches, mask=lambda b: b[1])
+    b = kfac_factors(flat, sequence_loss(flat), params_of(flat), batches, mask=lambda b: b[1])
+    for x, y in zip(a.layers, b.layers):
+        torch.testing.assert_close(x.A, y.A)
+        torch.testing.assert_close(x.S, y.S)
+        assert x.examples == y.examples == 12
+
+
+def test_factor_scaling_with_several_positions_per_example():
+    # A = mean over valid positions of ã ãᵀ; S = mean over examples of Σ_t ds dsᵀ, with ã and ds
+    # computed here independently: inputs by hand, output gradients by autograd per example.
+    torch.manual_seed(7)
+    model = Sequence().double()
+    params, f = params_of(model), sequence_loss(model)
+    x, mask, y = sequence_batch(5)
+    (embed, _) = kfac_factors(model, f, params, [(x, mask, y)], mask=lambda b: b[1]).layers
+    a = torch.cat([x, torch.ones(*x.shape[:2], 1, dtype=DT)], dim=-1) * mask.unsqueeze(-1)
+    torch.testing.assert_close(embed.A, torch.einsum("bti,btj->ij", a, a) / mask.sum())
+    S = torch.zeros(5, 5, dtype=DT)
+    for i in range(x.shape[0]):
+        s = torch.nn.functional.linear(x[i : i + 1], params["embed.weight"], params["embed.bias"]).requires_grad_(True)
+        h = torch.tanh(s)
+        m = mask[i : i + 1]
+        pooled = (h * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True)
+        out = torch.nn.functional.linear(pooled, params["head.weight"], params["head.bias"])
+        (ds,) = torch.autograd.grad(nn.functional.cross_entropy(out, y[i : i + 1]), s)
+        S += ds[0].T @ ds[0]
+    torch.testing.assert_close(embed.S, S / x.shape[0])
+
+
+def test_conv_factors_are_patch_averages():
+    torch.manual_seed(8)
+    model = Conv(True, 1).double()
+    params, f = params_of(model), loss_of(model)
+    x, y = torch.randn(3, 2, 5, 5, dtype=DT), torch.randint(0, 4, (3,))
+    conv = kfac_factors(model, f, params, [(x, y)], layers="conv").layers[0]
+    patches = nn.functional.unfold(x, 3, padding=1).transpose(1, 2)  # (B, 25, 18)
+    a = torch.cat([patches, torch.ones(3, 25, 1, dtype=DT)], dim=-1)
+    torch.testing.assert_close(conv.A, torch.einsum("bti,btj->ij", a, a) / (3 * 25))
+    assert conv.positions == 75 and conv.examples == 3
