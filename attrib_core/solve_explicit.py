@@ -16,19 +16,25 @@ class ExplicitFactor(NamedTuple):
     """A factorisation of ``A = H + damping * I``, reusable for any number of right-hand sides.
 
     Attributes:
-        method: ``"cholesky"`` (``A`` was positive definite) or ``"eigh"`` (it was not).
+        method: ``"cholesky"`` (``A`` positive definite), ``"ldl"`` (indefinite but
+            nonsingular: Bunch-Kaufman ``LDLᵀ``), or ``"eigh"`` (singular to working
+            precision: eigendecomposition with the null directions dropped).
         positive_definite: whether the Cholesky factorisation succeeded.
-        factor: the lower Cholesky factor ``L`` (``P, P``), or the eigenvectors ``U``.
+        factor: the lower Cholesky factor ``L``, the compact ``LD`` factor, or the
+            eigenvectors ``U`` (``P, P``).
+        pivots: the ``LDLᵀ`` pivots (``"ldl"`` only; else None).
         inverse_eigenvalues: for ``"eigh"``, ``1 / lambda_i`` with eigenvalues of
             magnitude at most ``rcond * max|lambda|`` set to 0 (dropped); else None.
         min_eigenvalue: the smallest eigenvalue of ``A`` (``"eigh"`` only; None otherwise).
-        n_negative: eigenvalues of ``A`` below zero (``"eigh"`` only; 0 otherwise).
+        n_negative: eigenvalues of ``A`` below zero (from the inertia of ``D`` for
+            ``"ldl"``, by Sylvester's law; 0 for ``"cholesky"``).
         n_dropped: eigenvalues treated as zero (``"eigh"`` only; 0 otherwise).
     """
 
     method: str
     positive_definite: bool
     factor: Tensor
+    pivots: Optional[Tensor]
     inverse_eigenvalues: Optional[Tensor]
     min_eigenvalue: Optional[float]
     n_negative: int
@@ -50,11 +56,15 @@ def factor_explicit(H: Tensor, *, damping: float = 0.0, rcond: Optional[float] =
     """Factor ``A = H + damping * I`` for repeated solves.
 
     Tries Cholesky first. If ``A`` is not positive definite (a non-convex loss, a
-    Hessian far from a minimum) it falls back to the eigendecomposition
-    ``A = U diag(lambda) Uᵀ`` and solves with ``U diag(1/lambda) Uᵀ``, dropping
-    eigenvalues with ``|lambda| <= rcond * max|lambda|`` (a pseudo-inverse on
-    those directions). Negative eigenvalues are kept and counted: the result is
-    still the solution of the damped system, and the caller sees it was indefinite.
+    Hessian far from a minimum) it falls back to the symmetric-indefinite ``LDLᵀ``
+    factorisation (as cheap as Cholesky; the count of negative eigenvalues comes
+    from the inertia of ``D``), and if ``A`` is singular to working precision, to
+    the eigendecomposition ``A = U diag(lambda) Uᵀ``, solving with
+    ``U diag(1/lambda) Uᵀ`` and dropping eigenvalues with
+    ``|lambda| <= rcond * max|lambda|`` (a pseudo-inverse on those directions).
+    Negative eigenvalues are kept and counted: the result is still the solution of
+    the damped system, and the caller sees it was indefinite. (On a 9,610-parameter
+    MLP, float32, the eigendecomposition took about a minute; ``LDLᵀ`` seconds.)
 
     Args:
         H: symmetric ``(P, P)``. Computed in its own dtype (at least float32).
@@ -72,7 +82,12 @@ def factor_explicit(H: Tensor, *, damping: float = 0.0, rcond: Optional[float] =
         A = A + damping * torch.eye(A.shape[0], dtype=dtype, device=A.device)
     L, info = torch.linalg.cholesky_ex(A)
     if int(info) == 0:
-        return ExplicitFactor("cholesky", True, L, None, None, 0, 0)
+        return ExplicitFactor("cholesky", True, L, None, None, None, 0, 0)
+    LD, pivots, info = torch.linalg.ldl_factor_ex(A)
+    if int(info) == 0:
+        negative = _negative_inertia(LD, pivots)
+        if negative is not None:
+            return ExplicitFactor("ldl", False, LD, pivots, None, None, negative, 0)
     evals, evecs = torch.linalg.eigh(A)
     cutoff = (rcond if rcond is not None else A.shape[0] * torch.finfo(dtype).eps) * evals.abs().max()
     keep = evals.abs() > cutoff
@@ -81,11 +96,39 @@ def factor_explicit(H: Tensor, *, damping: float = 0.0, rcond: Optional[float] =
         "eigh",
         False,
         evecs,
+        None,
         inv,
         float(evals.min()),
         int((evals < 0).sum()),
         int((~keep).sum()),
     )
+
+
+def _negative_inertia(LD: Tensor, pivots: Tensor) -> Optional[int]:
+    """Negative eigenvalues of ``A = L D Lᵀ``: those of ``D``'s 1x1 and 2x2 blocks (Sylvester's law).
+
+    None when a block is singular to working precision (then ``A`` is too, for the solve).
+    """
+    diag = torch.diagonal(LD).tolist()
+    sub = torch.diagonal(LD, -1).tolist()
+    piv = pivots.tolist()
+    scale = max(abs(d) for d in diag) or 1.0
+    tiny = len(diag) * torch.finfo(LD.dtype).eps * scale
+    negative, i = 0, 0
+    while i < len(diag):
+        if piv[i] < 0:  # a 2x2 block on rows i, i+1
+            a, b, c = diag[i], sub[i], diag[i + 1]
+            det = a * c - b * b
+            if abs(det) <= tiny * scale:
+                return None
+            negative += 1 if det < 0 else (2 if a < 0 else 0)
+            i += 2
+        else:
+            if abs(diag[i]) <= tiny:
+                return None
+            negative += diag[i] < 0
+            i += 1
+    return negative
 
 
 def solve_factored(factor: ExplicitFactor, B: Tensor) -> Tensor:
@@ -101,6 +144,8 @@ def solve_factored(factor: ExplicitFactor, B: Tensor) -> Tensor:
     rhs = block.to(dtype)
     if factor.method == "cholesky":
         x = torch.cholesky_solve(rhs.T, factor.factor.to(dtype)).T
+    elif factor.method == "ldl":
+        x = torch.linalg.ldl_solve(factor.factor.to(dtype), factor.pivots, rhs.T).T
     else:
         U = factor.factor.to(dtype)
         x = ((rhs @ U) * factor.inverse_eigenvalues.to(dtype)) @ U.T

@@ -93,9 +93,8 @@ class IFAttributorExplicit(_FullTrainingLoss):
         if not factor.positive_definite:
             warnings.warn(
                 f"checkpoint {ckpt_idx}: H + {self.regularization}·I is not positive definite "
-                f"(smallest eigenvalue {factor.min_eigenvalue:.3g}, {factor.n_negative} negative, "
-                f"{factor.n_dropped} dropped as zero); solved by eigendecomposition. "
-                "Raise regularization for a positive-definite system.",
+                f"({factor.n_negative} negative eigenvalues, {factor.n_dropped} dropped as zero); "
+                f"solved by {factor.method}. Raise regularization for a positive-definite system.",
                 stacklevel=3,
             )
         self._factors[ckpt_idx] = factor
