@@ -113,7 +113,7 @@ def _negative_inertia(LD: Tensor, pivots: Tensor) -> Optional[int]:
     sub = torch.diagonal(LD, -1).tolist()
     piv = pivots.tolist()
     scale = max(abs(d) for d in diag) or 1.0
-    tiny = len(diag) * torch.finfo(LD.dtype).eps * scale
+    tiny = torch.finfo(LD.dtype).eps * scale
     negative, i = 0, 0
     while i < len(diag):
         if piv[i] < 0:  # a 2x2 block on rows i, i+1

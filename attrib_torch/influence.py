@@ -79,13 +79,16 @@ class IFAttributorExplicit(_FullTrainingLoss):
     Args:
         task, layer_name, device: see :class:`BaseInnerProductAttributor`.
         regularization: ``λ >= 0`` added to the Hessian's diagonal.
+
+    After :meth:`cache`, ``factors[ckpt_idx]`` is the :class:`attrib_core.ExplicitFactor`
+    (method, definiteness, count of negative eigenvalues) of each checkpoint.
     """
 
     def __init__(self, task: AttributionTask, layer_name: LayerName = None, device: Optional[str] = "cpu",
                  regularization: float = 0.0, show_progress: bool = True) -> None:
         super().__init__(task, layer_name, device, show_progress)
         self.regularization = _nonnegative(regularization, "regularization")
-        self._factors: Dict[int, ExplicitFactor] = {}
+        self.factors: Dict[int, ExplicitFactor] = {}
 
     def _prepare(self, ckpt_idx: int) -> None:
         f, chosen, data = self._training_objective(ckpt_idx)
@@ -97,10 +100,10 @@ class IFAttributorExplicit(_FullTrainingLoss):
                 f"solved by {factor.method}. Raise regularization for a positive-definite system.",
                 stacklevel=3,
             )
-        self._factors[ckpt_idx] = factor
+        self.factors[ckpt_idx] = factor
 
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
-        return solve_factored(self._factors[ckpt_idx], test_rep)
+        return solve_factored(self.factors[ckpt_idx], test_rep)
 
 
 class IFAttributorCG(_FullTrainingLoss):
