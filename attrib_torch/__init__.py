@@ -17,6 +17,8 @@ from .influence import (
 )
 from .influence_legacy import IFAttributor
 from .task import AttributionTask
+from .tracin import TracInAttributor
+from .trak import TRAKAttributor
 
 __all__ = [
     "AttributionTask",
@@ -29,4 +31,6 @@ __all__ = [
     "IFAttributorDataInf",
     "IFAttributorArnoldi",
     "IFAttributorEKFAC",
+    "TracInAttributor",
+    "TRAKAttributor",
 ]

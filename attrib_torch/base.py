@@ -7,8 +7,10 @@ pair by the inner product. Training representations are computed once per
 checkpoint and training loader and kept; a test batch is transformed once, over
 the whole training set, and scored through :mod:`kernels`.
 
-Scores are ``(n_train, n_test)``, averaged over the task's checkpoints; a
-positive score means the training example helps the test prediction.
+Scores are ``(n_train, n_test)``, combined over the task's checkpoints by
+:meth:`BaseInnerProductAttributor.checkpoint_weights` (the mean unless a subclass
+says otherwise); a positive score means the training example helps the test
+prediction.
 """
 
 from __future__ import annotations
@@ -151,18 +153,21 @@ class BaseInnerProductAttributor(BaseAttributor):
         check_loader(train_dataloader, "train_dataloader")
         check_loader(test_dataloader, "test_dataloader")
         self._ensure_cached(train_dataloader)
-        n_ckpt = len(self.task)
-        columns: List[Tensor] = []
-        for ckpt_idx in range(n_ckpt):
+        total: Optional[Tensor] = None
+        for ckpt_idx, weight in enumerate(self.checkpoint_weights()):
             train = self.train_reps(ckpt_idx, train_dataloader)
             blocks = [
                 kernels.inner(train, self._test_reps(ckpt_idx, batch))
                 for batch in batches(test_dataloader, self.device, desc=f"test batches, checkpoint {ckpt_idx}",
                                      show_progress=self.show_progress)
             ]
-            scores = torch.cat(blocks, dim=1)
-            columns.append(scores)
-        return torch.stack(columns).mean(0)
+            scores = weight * torch.cat(blocks, dim=1)
+            total = scores if total is None else total + scores
+        return total
+
+    def checkpoint_weights(self) -> List[float]:
+        """How checkpoints combine: ``score = Σ_c w_c · score_c``; the mean here (TracIn weighs by learning rate)."""
+        return [1.0 / len(self.task)] * len(self.task)
 
     def self_attribute(self, train_dataloader: Any = None) -> Tensor:
         """``(n_train,)``: the diagonal of ``attribute(train, train)`` without the rest of it."""
@@ -172,7 +177,7 @@ class BaseInnerProductAttributor(BaseAttributor):
         check_loader(loader, "train_dataloader")
         self._ensure_cached(loader)
         total: Optional[Tensor] = None
-        for ckpt_idx in range(len(self.task)):
+        for ckpt_idx, weight in enumerate(self.checkpoint_weights()):
             parts = []
             for batch in batches(loader, self.device, desc=f"self-influence, checkpoint {ckpt_idx}",
                                  show_progress=self.show_progress):
@@ -180,9 +185,9 @@ class BaseInnerProductAttributor(BaseAttributor):
                 test = self._test_reps(ckpt_idx, batch)
                 dtype = torch.promote_types(train.dtype, torch.float32)
                 parts.append((train.to(dtype) * test.to(dtype)).sum(1))
-            values = torch.cat(parts)
+            values = weight * torch.cat(parts)
             total = values if total is None else total + values
-        return total / len(self.task)
+        return total
 
     def topk(
         self, test_dataloader: Any, k: int, proponents: bool = True, train_dataloader: Any = None
@@ -202,10 +207,10 @@ class BaseInnerProductAttributor(BaseAttributor):
         check_loader(loader, "train_dataloader")
         check_loader(test_dataloader, "test_dataloader")
         self._ensure_cached(loader)
-        n_ckpt = len(self.task)
-        train = torch.cat([self.train_reps(c, loader) for c in range(n_ckpt)], dim=1)
+        weights = self.checkpoint_weights()
+        train = torch.cat([self.train_reps(c, loader) for c in range(len(weights))], dim=1)
         test = torch.cat([
-            torch.cat([self._test_reps(c, batch) for batch in batches(test_dataloader, self.device)]) / n_ckpt
-            for c in range(n_ckpt)
+            torch.cat([self._test_reps(c, batch) for batch in batches(test_dataloader, self.device)]) * w
+            for c, w in enumerate(weights)
         ], dim=1)
         return kernels.topk_inner(train, test, k, largest=proponents)

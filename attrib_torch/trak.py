@@ -1,0 +1,174 @@
+"""TRAK (Park et al., ICML 2023): projected gradients of the margin, a kernel inverse, and a reweighting."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import torch
+from torch import Tensor
+
+import kernels
+from attrib_core import solve_explicit
+
+from .base import BaseInnerProductAttributor
+from .data import batches, check_loader
+from .projection import projector_from_kwargs
+from .task import AttributionTask
+
+__all__ = ["TRAKAttributor"]
+
+
+class TRAKAttributor(BaseInnerProductAttributor):
+    """``τ = diag(Q̄) · mean_c[Φ_c (Φ_cᵀ Φ_c + λI)⁻¹ Φ_{test,c}ᵀ]``, ``(n_train, n_test)``.
+
+    For each checkpoint ``c``: ``Φ_c`` are the projected per-example gradients of the
+    task's ``target_func`` (the model output to explain: TRAK's margin
+    ``log(p / (1 - p))`` for classification) on the training set, ``Φ_{test,c}`` the same
+    on the test set, and ``Q_c = 1 - p`` with ``p`` from ``correct_probability_func`` on
+    the training set. As in the paper, the kernel products are averaged over
+    checkpoints and multiplied by the checkpoint-averaged ``Q``.
+
+    Args:
+        task: the :class:`AttributionTask`; its ``target_func`` is the margin.
+        correct_probability_func: ``(params, batch) -> (B,)`` probabilities of the
+            correct label, in ``(0, 1)`` (a function written for one example and
+            returning a scalar is applied example by example).
+        projector_kwargs: the projection (see :func:`projector_from_kwargs`); by
+            default Rademacher to 512 dimensions (none when there are at most 512
+            parameters).
+        layer_name: parameters to take gradients with respect to.
+        device: where to compute.
+        regularization: ``λ >= 0`` added to the kernel's diagonal.
+
+    Raises:
+        ValueError: bad ``projector_kwargs``; probabilities outside ``(0, 1)`` (before
+            any gradient of that checkpoint is computed).
+    """
+
+    def __init__(self, task: AttributionTask, correct_probability_func: Callable,
+                 projector_kwargs: Optional[Dict[str, Any]] = None, layer_name: Union[None, str, List[str]] = None,
+                 device: str = "cpu", regularization: float = 0.0, show_progress: bool = True) -> None:
+        super().__init__(task, layer_name, device, show_progress)
+        if not callable(correct_probability_func):
+            raise TypeError("correct_probability_func: expected a callable (params, batch) -> probabilities")
+        if not 0 <= regularization < float("inf"):
+            raise ValueError(f"regularization: expected a finite number >= 0, got {regularization!r}")
+        self.correct_probability_func = correct_probability_func
+        self.regularization = float(regularization)
+        dim = sum(task.params(0)[n].numel() for n in self.names)
+        self.projector = projector_from_kwargs(projector_kwargs, dim, default_dim=512)
+        self._kernels: Dict[int, Any] = {}
+        self._q: Dict[int, Tensor] = {}
+
+    def cache(self, full_train_dataloader: Any) -> None:
+        """Features of the full training set, their kernel factor and ``Q``, per checkpoint."""
+        super().cache(full_train_dataloader)
+
+    def _prepare(self, ckpt_idx: int) -> None:
+        self._q[ckpt_idx] = 1.0 - self._probabilities(ckpt_idx, self.full_train_dataloader)
+        features = self._features(ckpt_idx, self.full_train_dataloader).double()
+        gram = features.T @ features
+        self._kernels[ckpt_idx] = gram
+        # The training representations of the cached set, from the same features.
+        transformed = solve_explicit(gram, features, damping=self.regularization).x
+        self._train_reps[ckpt_idx] = (self.full_train_dataloader, transformed)
+
+    def _probabilities(self, ckpt_idx: int, loader: Any) -> Tensor:
+        params = {k: v.to(self.device) for k, v in self.task.params(ckpt_idx).items()}
+        parts = []
+        for batch in batches(loader, self.device):
+            with torch.no_grad():
+                p = self.correct_probability_func(params, batch)
+                if p.dim() == 0:  # written for one example: apply it to each, as a batch of one
+                    p = torch.stack([
+                        self.correct_probability_func(params, tuple(x[i : i + 1] for x in batch))
+                        for i in range(batch[0].shape[0])
+                    ])
+            p = p.reshape(-1)
+            if not bool(((p > 0) & (p < 1)).all()):
+                raise ValueError("correct_probability_func: returned probabilities outside (0, 1)")
+            parts.append(p.double())
+        return torch.cat(parts)
+
+    def _features(self, ckpt_idx: int, loader: Any) -> Tensor:
+        """Projected margin gradients ``Φ`` of a loader, ``(n, k)``."""
+        parts = [
+            self._project(self.generate_test_rep(ckpt_idx, batch))
+            for batch in batches(loader, self.device, desc=f"features, checkpoint {ckpt_idx}",
+                                 show_progress=self.show_progress)
+        ]
+        return torch.cat(parts)
+
+    def _project(self, rep: Tensor) -> Tensor:
+        return rep if self.projector is None else self.projector(rep)
+
+    def generate_train_rep(self, ckpt_idx: int, data) -> Tensor:
+        """Per-example gradients of the margin (``target_func``) on training data."""
+        return self.generate_test_rep(ckpt_idx, data)
+
+    def transform_train_rep(self, ckpt_idx: int, train_rep: Tensor) -> Tensor:
+        """``Φ (ΦᵀΦ + λI)⁻¹`` with the kernel of the cached training set."""
+        features = self._project(train_rep).double()
+        return solve_explicit(self._kernels[ckpt_idx], features, damping=self.regularization).x
+
+    def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
+        return self._project(test_rep).double()
+
+    def attribute(self, test_dataloader: Any, train_dataloader: Any = None) -> Tensor:
+        """Scores ``(n_train, n_test)``; the training set is the cached one unless ``train_dataloader`` is given.
+
+        Note the argument order (test first), as in dattri.
+        """
+        check_loader(test_dataloader, "test_dataloader")
+        loader = train_dataloader if train_dataloader is not None else self.full_train_dataloader
+        if loader is None:
+            raise ValueError("train_dataloader: none given and cache() has not been called")
+        check_loader(loader, "train_dataloader")
+        self._ensure_cached(loader)
+        total: Optional[Tensor] = None
+        q = 0.0
+        for ckpt_idx, weight in enumerate(self.checkpoint_weights()):
+            train = self.train_reps(ckpt_idx, loader)
+            test = torch.cat([self._test_reps(ckpt_idx, batch) for batch in batches(test_dataloader, self.device)])
+            scores = weight * kernels.inner(train, test)
+            total = scores if total is None else total + scores
+            q = q + weight * (self._q[ckpt_idx] if loader is self.full_train_dataloader
+                              else 1.0 - self._probabilities(ckpt_idx, loader))
+        return (total * q.unsqueeze(1)).to(torch.float32)
+
+    def self_attribute(self, train_dataloader: Any = None) -> Tensor:
+        """``(n_train,)``: the diagonal of ``attribute(train, train)``."""
+        loader = train_dataloader if train_dataloader is not None else self.full_train_dataloader
+        if loader is None:
+            raise ValueError("train_dataloader: none given and cache() has not been called")
+        self._ensure_cached(loader)
+        total, q = 0.0, 0.0
+        for ckpt_idx, weight in enumerate(self.checkpoint_weights()):
+            train = self.train_reps(ckpt_idx, loader)
+            test = torch.cat([self._test_reps(ckpt_idx, batch) for batch in batches(loader, self.device)])
+            total = total + weight * (train * test).sum(1)
+            q = q + weight * (self._q[ckpt_idx] if loader is self.full_train_dataloader
+                              else 1.0 - self._probabilities(ckpt_idx, loader))
+        return (total * q).to(torch.float32)
+
+    def topk(self, test_dataloader: Any, k: int, proponents: bool = True, train_dataloader: Any = None):
+        """For each test example, the ``k`` training examples with the largest (smallest) TRAK scores.
+
+        ``Q`` scales training rows, so it is folded into the training representations
+        before the streaming top-k.
+        """
+        loader = train_dataloader if train_dataloader is not None else self.full_train_dataloader
+        if loader is None:
+            raise ValueError("train_dataloader: none given and cache() has not been called")
+        check_loader(loader, "train_dataloader")
+        check_loader(test_dataloader, "test_dataloader")
+        self._ensure_cached(loader)
+        weights = self.checkpoint_weights()
+        q = sum(w * (self._q[c] if loader is self.full_train_dataloader
+                     else 1.0 - self._probabilities(c, loader)) for c, w in enumerate(weights))
+        train = torch.cat([self.train_reps(c, loader) * q.unsqueeze(1) for c in range(len(weights))], dim=1)
+        test = torch.cat([
+            torch.cat([self._test_reps(c, batch) for batch in batches(test_dataloader, self.device)]) * w
+            for c, w in enumerate(weights)
+        ], dim=1)
+        return kernels.topk_inner(train, test, k, largest=proponents)

@@ -1,0 +1,130 @@
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from attrib_torch import AttributionTask, TracInAttributor, TRAKAttributor
+from kernels import project
+
+
+def margin_of(problem):
+    """TRAK's margin for multi-class classification: logit of the correct class minus logsumexp of the others."""
+
+    def margin(params, data):
+        x, y = data
+        logits = functional_call(problem.model, params, (x,))
+        correct = logits.gather(1, y[:, None]).squeeze(1)
+        others = logits.scatter(1, y[:, None], float("-inf"))
+        return (correct - torch.logsumexp(others, dim=1)).sum()
+
+    return margin
+
+
+def correct_probability(problem):
+    def p(params, data):
+        x, y = data
+        return torch.softmax(functional_call(problem.model, params, (x,)), dim=1).gather(1, y[:, None]).squeeze(1)
+
+    return p
+
+
+def test_tracin_is_the_weighted_sum_of_exact_gradient_products(problem):
+    other = {k: v * 0.8 for k, v in problem.state.items()}
+    task = AttributionTask(problem.loss_func, problem.model, [problem.state, other])
+    attributor = TracInAttributor(task, weight_list=torch.tensor([0.5, 2.0]), normalized_grad=False, show_progress=False)
+    scores = attributor.attribute(problem.loader(), problem.loader("test"))
+    expected = 0
+    for weight, state in zip((0.5, 2.0), (problem.state, other)):
+        problem.model.load_state_dict(state)
+        problem.params = {k: v.clone() for k, v in state.items()}
+        expected = expected + weight * problem.gradients(problem.x_train, problem.y_train) @ \
+            problem.gradients(problem.x_test, problem.y_test).T
+    problem.model.load_state_dict(problem.state)
+    problem.params = {k: v.clone() for k, v in problem.state.items()}
+    torch.testing.assert_close(scores, expected, rtol=1e-8, atol=1e-10)
+    # self_attribute is the diagonal; topk is the sorted matrix.
+    full = attributor.attribute(problem.loader(), problem.loader())
+    torch.testing.assert_close(attributor.self_attribute(problem.loader()), torch.diagonal(full))
+    top = attributor.topk(problem.loader("test"), 4)
+    assert torch.equal(top.indices, torch.sort(scores.T, dim=1, descending=True, stable=True).indices[:, :4])
+
+
+def test_grad_cos_is_the_cosine_and_projection_is_batch_independent(problem):
+    task = AttributionTask(problem.loss_func, problem.model, problem.state)
+    cos = TracInAttributor(task, [1.0], normalized_grad=True, show_progress=False)
+    G = problem.gradients(problem.x_train, problem.y_train)
+    V = problem.gradients(problem.x_test, problem.y_test)
+    expected = (G / G.norm(dim=1, keepdim=True)) @ (V / V.norm(dim=1, keepdim=True)).T
+    torch.testing.assert_close(cos.attribute(problem.loader(), problem.loader("test")), expected)
+    kwargs = {"proj_dim": 64, "proj_seed": 3}
+    a = TracInAttributor(task, [1.0], False, projector_kwargs=kwargs, show_progress=False)
+    b = TracInAttributor(task, [1.0], False, projector_kwargs=kwargs, show_progress=False)
+    sa = a.attribute(problem.loader(batch_size=7), problem.loader("test", batch_size=3))
+    sb = b.attribute(problem.loader(batch_size=120), problem.loader("test", batch_size=25))
+    torch.testing.assert_close(sa, sb, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(sa, project(G, 64, seed=3) @ project(V, 64, seed=3).T, rtol=1e-9, atol=1e-11)
+
+
+def test_trak_equals_its_closed_form(problem):
+    task = AttributionTask(problem.loss_func, problem.model, problem.state, target_func=margin_of(problem))
+    P = sum(v.numel() for v in problem.state.values())
+    attributor = TRAKAttributor(task, correct_probability(problem), projector_kwargs={"proj_dim": P},
+                                regularization=0.1, show_progress=False)
+    attributor.cache(problem.loader())
+    scores = attributor.attribute(problem.loader("test"))
+    # Dense closed form: Φ (ΦᵀΦ + λI)⁻¹ Φ_testᵀ, rows scaled by 1 - p.
+    margin = margin_of(problem)
+    rows = []
+    for x, y in ((problem.x_train, problem.y_train), (problem.x_test, problem.y_test)):
+        feats = []
+        for i in range(len(y)):
+            g = torch.func.grad(margin)(problem.params, (x[i : i + 1], y[i : i + 1]))
+            feats.append(torch.cat([g["weight"].reshape(-1), g["bias"]]))
+        rows.append(torch.stack(feats))
+    phi, phi_test = rows
+    q = 1 - correct_probability(problem)(problem.params, (problem.x_train, problem.y_train))
+    K = phi.T @ phi + 0.1 * torch.eye(P, dtype=phi.dtype)
+    expected = q[:, None] * (phi @ torch.linalg.solve(K, phi_test.T))
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=1e-6)
+    top = attributor.topk(problem.loader("test"), 3)
+    assert torch.equal(top.indices, torch.sort(expected.T, dim=1, descending=True, stable=True).indices[:, :3])
+    torch.testing.assert_close(attributor.self_attribute().double(),
+                               torch.diagonal(q[:, None] * (phi @ torch.linalg.solve(K, phi.T))), rtol=1e-4, atol=1e-6)
+
+
+def test_trak_ensemble_averages_kernels_and_q(problem):
+    other = {k: v * 0.9 for k, v in problem.state.items()}
+    margin, prob = margin_of(problem), correct_probability(problem)
+    single = []
+    for state in (problem.state, other):
+        t = TRAKAttributor(AttributionTask(problem.loss_func, problem.model, state, target_func=margin), prob,
+                           projector_kwargs={"proj_dim": 32}, regularization=0.1, show_progress=False)
+        t.cache(problem.loader())
+        kernel = t.attribute(problem.loader("test")).double() / t._q[0][:, None]
+        single.append((kernel, t._q[0]))
+    both = TRAKAttributor(AttributionTask(problem.loss_func, problem.model, [problem.state, other], target_func=margin),
+                          prob, projector_kwargs={"proj_dim": 32}, regularization=0.1, show_progress=False)
+    both.cache(problem.loader())
+    expected = ((single[0][0] + single[1][0]) / 2) * ((single[0][1] + single[1][1]) / 2)[:, None]
+    torch.testing.assert_close(both.attribute(problem.loader("test")).double(), expected, rtol=1e-4, atol=1e-6)
+    problem.model.load_state_dict(problem.state)
+
+
+def test_bad_input_before_gradients(problem):
+    calls = []
+
+    def counting(params, data):
+        calls.append(1)
+        return problem.loss_func(params, data)
+
+    task = AttributionTask(counting, problem.model, [problem.state, problem.state])
+    with pytest.raises(ValueError, match="weight_list"):
+        TracInAttributor(task, [1.0], normalized_grad=False)
+    with pytest.raises(ValueError, match="unknown keys"):
+        TracInAttributor(task, [1.0, 1.0], False, projector_kwargs={"dim": 4})
+    with pytest.raises(ValueError, match="proj_dim"):
+        TracInAttributor(task, [1.0, 1.0], False, projector_kwargs={"proj_dim": 0})
+    bad = TRAKAttributor(task, lambda params, data: torch.ones(len(data[1])) * 1.5, show_progress=False)
+    with pytest.raises(ValueError, match=r"outside \(0, 1\)"):
+        bad.cache(problem.loader())
+    assert not calls
