@@ -7,6 +7,13 @@ with their batch dimension, and never need ``unsqueeze(0)``.
 """
 
 from .base import BaseAttributor, BaseInnerProductAttributor
+from .gradient_computers import (
+    AbstractGradientComputer,
+    AbstractModelOutput,
+    FunctionalGradientComputer,
+    ImageClassificationModelOutput,
+    IterativeGradientComputer,
+)
 from .influence import (
     IFAttributorArnoldi,
     IFAttributorCG,
@@ -16,6 +23,7 @@ from .influence import (
     IFAttributorLiSSA,
 )
 from .influence_legacy import IFAttributor
+from .rps import RPSAttributor
 from .task import AttributionTask
 from .tracin import TracInAttributor
 from .trak import TRAKAttributor
@@ -33,4 +41,10 @@ __all__ = [
     "IFAttributorEKFAC",
     "TracInAttributor",
     "TRAKAttributor",
+    "RPSAttributor",
+    "AbstractModelOutput",
+    "ImageClassificationModelOutput",
+    "AbstractGradientComputer",
+    "FunctionalGradientComputer",
+    "IterativeGradientComputer",
 ]

@@ -15,6 +15,7 @@ prediction.
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 import kernels
-from attrib_core import per_sample_grad, select
+from attrib_core import per_sample_grad, per_sample_grad_loop, select
 from kernels import TopK
 
 from .data import batches, check_loader
@@ -93,12 +94,26 @@ class BaseInnerProductAttributor(BaseAttributor):
     def generate_train_rep(self, ckpt_idx: int, data: Tuple[Tensor, ...]) -> Tensor:
         """Per-example gradients of ``loss_func`` on a batch (with its batch dimension), ``(B, P)``."""
         chosen, fixed = self._split_params(ckpt_idx)
-        return per_sample_grad(self._restricted(self.task.loss_func, fixed))(chosen, data)
+        return self._per_example_grads(self._restricted(self.task.loss_func, fixed), chosen, data)
 
     def generate_test_rep(self, ckpt_idx: int, data: Tuple[Tensor, ...]) -> Tensor:
         """Per-example gradients of ``target_func`` on a batch (with its batch dimension), ``(B, P)``."""
         chosen, fixed = self._split_params(ckpt_idx)
-        return per_sample_grad(self._restricted(self.task.target_func, fixed))(chosen, data)
+        return self._per_example_grads(self._restricted(self.task.target_func, fixed), chosen, data)
+
+    def _per_example_grads(self, func, chosen: Dict[str, Tensor], data: Tuple[Tensor, ...]) -> Tensor:
+        """``vmap`` per-example gradients, or a loop (with a warning saying why) when ``vmap`` cannot trace."""
+        if not getattr(self, "_vmap_failed", False):
+            try:
+                return per_sample_grad(func)(chosen, data)
+            except RuntimeError as error:  # vmap's errors: .item(), data-dependent control flow, in-place ops
+                self._vmap_failed = True
+                warnings.warn(
+                    f"torch.func.vmap cannot trace this model ({str(error).splitlines()[0][:200]}); "
+                    "computing per-example gradients in a loop instead (slower, same result)",
+                    stacklevel=3,
+                )
+        return per_sample_grad_loop(func)(chosen, data)
 
     def transform_train_rep(self, ckpt_idx: int, train_rep: Tensor) -> Tensor:
         """Identity here; subclasses project or precondition."""

@@ -1,0 +1,156 @@
+"""Representer point selection (Yeh, Kim, Yen & Ravikumar, NeurIPS 2018)."""
+
+from __future__ import annotations
+
+from typing import Any, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .base import BaseAttributor
+from .data import batches, check_loader
+from .task import AttributionTask
+
+__all__ = ["RPSAttributor"]
+
+
+class RPSAttributor(BaseAttributor):
+    """Scores ``α_i[y_t] · ⟨f_i, f_t⟩``: the representer decomposition of the final layer.
+
+    The final linear layer (``W``, and its bias as the weight of an appended 1) is
+    fine-tuned on the training features ``f_i`` (the layer's inputs) to a stationary
+    point of ``mean_i L(W f_i, y_i) + l2_strength · ‖W‖²``. There
+    ``W = Σ_i α_i f_iᵀ`` with ``α_i = -∂L_i/∂(W f_i) / (2 · l2_strength · n)``, so every
+    test logit splits exactly over the training examples; ``score[i, t]`` is training
+    example ``i``'s share of test example ``t``'s logit for its label ``y_t``.
+
+    Args:
+        task: the :class:`AttributionTask`; its ``target_func(logits, labels)`` is the loss
+            of the final layer's outputs, a mean over examples (as in dattri:
+            cross-entropy, say). Batches are ``(inputs, ..., labels)``.
+        final_linear_layer_name: module name of the final ``nn.Linear`` (nested names work).
+        normalize_preactivate: use unit-norm features.
+        l2_strength: ``> 0``.
+        epoch: L-BFGS iterations of the fine-tuning (at most).
+        device: where to compute.
+
+    Raises:
+        ValueError: the named module is missing or is not an ``nn.Linear``; ``l2_strength <= 0``.
+    """
+
+    def __init__(self, task: AttributionTask, final_linear_layer_name: str, normalize_preactivate: bool = False,
+                 l2_strength: float = 0.003, epoch: int = 3000, device: str = "cpu") -> None:
+        modules = dict(task.get_model().named_modules())
+        if final_linear_layer_name not in modules:
+            raise ValueError(
+                f"final_linear_layer_name: {final_linear_layer_name!r} is not a module; modules: "
+                f"{[n for n in modules if n]}"
+            )
+        layer = modules[final_linear_layer_name]
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(
+                f"final_linear_layer_name: {final_linear_layer_name!r} is a {type(layer).__name__}, not an nn.Linear"
+            )
+        if not 0 < l2_strength < float("inf"):
+            raise ValueError(f"l2_strength: expected a number > 0, got {l2_strength!r}")
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
+            raise ValueError(f"epoch: expected an integer >= 1, got {epoch!r}")
+        self.task = task
+        self.layer_name = final_linear_layer_name
+        self.normalize_preactivate = normalize_preactivate
+        self.l2_strength = float(l2_strength)
+        self.epoch = epoch
+        self.device = torch.device(device)
+        self.full_train_dataloader: Any = None
+        self.weight: Tensor | None = None  # fine-tuned [W | b], (C, d + 1)
+        self.alpha: Tensor | None = None  # (n_train, C)
+        self._train_features: Tensor | None = None
+
+    def _features(self, loader: Any) -> Tuple[Tensor, Tensor]:
+        """The final layer's inputs (with an appended 1) and the labels, over a loader."""
+        model = self.task.get_model().to(self.device)
+        params = {k: v.to(self.device) for k, v in self.task.params(0).items()}
+        layer = model.get_submodule(self.layer_name)
+        feats, labels = [], []
+        for batch in batches(loader, self.device):
+            seen = {}
+            handle = layer.register_forward_hook(lambda m, args, out: seen.__setitem__("x", args[0].detach()))
+            try:
+                with torch.no_grad():
+                    functional_call(model, params, (batch[0],))
+            finally:
+                handle.remove()
+            f = seen["x"].reshape(seen["x"].shape[0], -1).double()
+            if self.normalize_preactivate:
+                f = f / f.norm(dim=1, keepdim=True).clamp(min=torch.finfo(f.dtype).tiny)
+            feats.append(torch.cat([f, torch.ones(f.shape[0], 1, dtype=f.dtype, device=f.device)], dim=1))
+            labels.append(batch[-1])
+        return torch.cat(feats), torch.cat(labels)
+
+    def cache(self, full_train_dataloader: Any) -> None:
+        """Fine-tune the final layer on the training features and compute the representer weights ``α``."""
+        check_loader(full_train_dataloader, "full_train_dataloader")
+        self.full_train_dataloader = full_train_dataloader
+        features, labels = self._features(full_train_dataloader)
+        layer_params = self.task.params(0)
+        prefix = f"{self.layer_name}."
+        W = layer_params[prefix + "weight"].to(self.device).double()
+        bias = layer_params.get(prefix + "bias")
+        b = bias.to(self.device).double() if bias is not None else torch.zeros(W.shape[0], dtype=W.dtype)
+        weight = torch.cat([W, b[:, None]], dim=1).clone().requires_grad_(True)
+        n, lam = features.shape[0], self.l2_strength
+
+        def objective() -> Tensor:
+            return self.task.target_func(features @ weight.T, labels) + lam * weight.pow(2).sum()
+
+        optimizer = torch.optim.LBFGS([weight], lr=1.0, max_iter=self.epoch, tolerance_grad=1e-12,
+                                      tolerance_change=1e-15, history_size=50, line_search_fn="strong_wolfe")
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            value = objective()
+            value.backward()
+            return value
+
+        optimizer.step(closure)
+        weight = weight.detach()
+        logits = (features @ weight.T).requires_grad_(True)
+        # Per-example loss gradients: the mean over n makes each row's gradient 1/n of its own.
+        (grad,) = torch.autograd.grad(self.task.target_func(logits, labels), logits)
+        self.alpha = -grad / (2 * lam)  # grad is ∂L_i/∂logit_i / n for a mean loss
+        self.weight = weight
+        self._train_features = features
+
+    def _ensure_cached(self, train_dataloader: Any) -> None:
+        if self.alpha is None:
+            self.cache(train_dataloader)
+
+    def attribute(self, train_dataloader: Any, test_dataloader: Any) -> Tensor:
+        """Scores ``(n_train, n_test)``: each training example's share of each test example's label logit."""
+        check_loader(train_dataloader, "train_dataloader")
+        check_loader(test_dataloader, "test_dataloader")
+        self._ensure_cached(train_dataloader)
+        if train_dataloader is self.full_train_dataloader:
+            train_features, alpha = self._train_features, self.alpha
+        else:
+            train_features, train_labels = self._features(train_dataloader)
+            alpha = self._alpha_for(train_features, train_labels)
+        test_features, test_labels = self._features(test_dataloader)
+        return ((train_features @ test_features.T) * alpha[:, test_labels]).to(torch.float32)
+
+    def _alpha_for(self, features: Tensor, labels: Tensor) -> Tensor:
+        n = self._train_features.shape[0]
+        logits = (features @ self.weight.T).requires_grad_(True)
+        (grad,) = torch.autograd.grad(self.task.target_func(logits, labels) * len(labels), logits)
+        return -grad / (2 * self.l2_strength * n)
+
+    def self_attribute(self, train_dataloader: Any = None) -> Tensor:
+        """``(n_train,)``: each training example's share of its own label logit."""
+        loader = train_dataloader if train_dataloader is not None else self.full_train_dataloader
+        if loader is None:
+            raise ValueError("train_dataloader: none given and cache() has not been called")
+        self._ensure_cached(loader)
+        features, labels = self._features(loader)
+        alpha = self._alpha_for(features, labels)
+        return ((features * features).sum(1) * alpha.gather(1, labels[:, None]).squeeze(1)).to(torch.float32)

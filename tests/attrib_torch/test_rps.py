@@ -1,0 +1,53 @@
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from attrib_torch import AttributionTask, RPSAttributor
+
+
+class Nested(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, 16), nn.Tanh())
+        self.encoder = nn.Module()
+        self.encoder.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.encoder.head(self.body(x))
+
+
+def ce(logits, labels):
+    return nn.functional.cross_entropy(logits, labels)
+
+
+@pytest.mark.parametrize("name,normalize", [("encoder.head", False), ("encoder.head", True)])
+def test_representer_decomposition_is_exact_after_fine_tuning(problem, name, normalize):
+    torch.manual_seed(0)
+    model = Nested().double()
+    task = AttributionTask(lambda p, d: ce(torch.func.functional_call(model, p, (d[0],)), d[1]), model,
+                           {k: v.clone() for k, v in model.state_dict().items()}, target_func=ce)
+    rps = RPSAttributor(task, name, normalize_preactivate=normalize, l2_strength=0.01, epoch=500)
+    train = DataLoader(TensorDataset(problem.x_train, problem.y_train), batch_size=40)
+    test = DataLoader(TensorDataset(problem.x_test, problem.y_test), batch_size=10)
+    rps.cache(train)
+    scores = rps.attribute(train, test)
+    assert scores.shape == (120, 25)
+    # The shares add up to the fine-tuned layer's logit for each test example's label, bias included.
+    features, labels = rps._features(test)
+    logits = features @ rps.weight.T
+    torch.testing.assert_close(scores.double().sum(0), logits.gather(1, labels[:, None]).squeeze(1),
+                               rtol=1e-5, atol=1e-6)
+    full = rps.attribute(train, train)
+    torch.testing.assert_close(rps.self_attribute(train), torch.diagonal(full), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_layer_names(problem):
+    model = Nested().double()
+    task = AttributionTask(lambda p, d: 0, model, model.state_dict(), target_func=ce)
+    with pytest.raises(ValueError, match="not an nn.Linear"):
+        RPSAttributor(task, "body")
+    with pytest.raises(ValueError, match="not a module"):
+        RPSAttributor(task, "decoder")
+    with pytest.raises(ValueError, match="l2_strength"):
+        RPSAttributor(task, "encoder.head", l2_strength=0.0)
