@@ -180,17 +180,26 @@ class BaseInnerProductAttributor(BaseAttributor):
             total = scores if total is None else total + scores
         return total
 
+    def _training_loader(self, train_dataloader: Any) -> Any:
+        """The given training loader, else the cached one; checked, and cached if nothing was."""
+        loader = train_dataloader if train_dataloader is not None else self.full_train_dataloader
+        if loader is None:
+            raise ValueError("train_dataloader: none given and cache() has not been called")
+        check_loader(loader, "train_dataloader")
+        self._ensure_cached(loader)
+        return loader
+
+    def _row_scale(self, train_dataloader: Any) -> Optional[Tensor]:
+        """A per-training-example factor applied to every score row (TRAK's ``Q``); none here."""
+        return None
+
     def checkpoint_weights(self) -> List[float]:
         """How checkpoints combine: ``score = Σ_c w_c · score_c``; the mean here (TracIn weighs by learning rate)."""
         return [1.0 / len(self.task)] * len(self.task)
 
     def self_attribute(self, train_dataloader: Any = None) -> Tensor:
         """``(n_train,)``: the diagonal of ``attribute(train, train)`` without the rest of it."""
-        loader = train_dataloader if train_dataloader is not None else self.full_train_dataloader
-        if loader is None:
-            raise ValueError("train_dataloader: none given and cache() has not been called")
-        check_loader(loader, "train_dataloader")
-        self._ensure_cached(loader)
+        loader = self._training_loader(train_dataloader)
         total: Optional[Tensor] = None
         for ckpt_idx, weight in enumerate(self.checkpoint_weights()):
             parts = []
@@ -216,14 +225,13 @@ class BaseInnerProductAttributor(BaseAttributor):
         Returns:
             ``TopK(values, indices)``, each ``(n_test, k)``, best first.
         """
-        loader = train_dataloader if train_dataloader is not None else self.full_train_dataloader
-        if loader is None:
-            raise ValueError("train_dataloader: none given and cache() has not been called")
-        check_loader(loader, "train_dataloader")
+        loader = self._training_loader(train_dataloader)
         check_loader(test_dataloader, "test_dataloader")
-        self._ensure_cached(loader)
         weights = self.checkpoint_weights()
         train = torch.cat([self.train_reps(c, loader) for c in range(len(weights))], dim=1)
+        scale = self._row_scale(loader)
+        if scale is not None:
+            train = train * scale.unsqueeze(1).to(train.dtype)
         test = torch.cat([
             torch.cat([self._test_reps(c, batch) for batch in batches(test_dataloader, self.device)]) * w
             for c, w in enumerate(weights)

@@ -104,8 +104,8 @@ class AbstractGradientComputer(ABC):
         return output, {k: self.func_weights[k] for k in chosen}
 
 
-class FunctionalGradientComputer(AbstractGradientComputer):
-    """Per-example gradients by ``torch.func.vmap``; returns ``{name: (B, *shape)}`` for ``grad_wrt`` (all by default)."""
+class _ParameterGradientComputer(AbstractGradientComputer):
+    """Shared by the two computers: the model's weights and buffers, and ``grad_wrt``."""
 
     def __init__(self, model: nn.Module, task: AbstractModelOutput, grad_dim: int, dtype: torch.dtype,
                  device: torch.device, grad_wrt: Optional[Iterable[str]] = None) -> None:
@@ -117,6 +117,10 @@ class FunctionalGradientComputer(AbstractGradientComputer):
         self.model = model
         self.func_weights = {k: v.detach() for k, v in model.named_parameters()}
         self.func_buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+
+class FunctionalGradientComputer(_ParameterGradientComputer):
+    """Per-example gradients by ``torch.func.vmap``; returns ``{name: (B, *shape)}`` for ``grad_wrt`` (all by default)."""
 
     def compute_per_sample_grad(self, batch: Iterable[Tensor]) -> Dict[str, Tensor]:
         output, chosen = self._output_of_chosen()
@@ -124,23 +128,12 @@ class FunctionalGradientComputer(AbstractGradientComputer):
         return {k: v.to(self.dtype) for k, v in grads.items()}
 
 
-class IterativeGradientComputer(AbstractGradientComputer):
+class IterativeGradientComputer(_ParameterGradientComputer):
     """Per-example gradients by a loop of ``torch.autograd.grad``, for models ``vmap`` cannot trace.
 
     Returns a flat ``(B, grad_dim)`` tensor (as TRAK's does), restricted to ``grad_wrt``
     (which TRAK's ignores).
     """
-
-    def __init__(self, model: nn.Module, task: AbstractModelOutput, grad_dim: int, dtype: torch.dtype,
-                 device: torch.device, grad_wrt: Optional[Iterable[str]] = None) -> None:
-        super().__init__(model, task, grad_dim, dtype, device)
-        self.load_model_params(model)
-        self.grad_wrt = self._check_grad_wrt(grad_wrt)
-
-    def load_model_params(self, model: nn.Module) -> None:
-        self.model = model
-        self.func_weights = {k: v.detach() for k, v in model.named_parameters()}
-        self.func_buffers = {k: v.detach() for k, v in model.named_buffers()}
 
     def compute_per_sample_grad(self, batch: Iterable[Tensor]) -> Tensor:
         output, chosen = self._output_of_chosen()

@@ -114,61 +114,25 @@ class TRAKAttributor(BaseInnerProductAttributor):
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
         return self._project(test_rep).double()
 
+    def _row_scale(self, train_dataloader: Any) -> Tensor:
+        """``Q̄``: ``1 - p`` of the training examples, averaged over checkpoints."""
+        return sum(
+            w * (self._q[c] if train_dataloader is self.full_train_dataloader
+                 else 1.0 - self._probabilities(c, train_dataloader))
+            for c, w in enumerate(self.checkpoint_weights())
+        )
+
     def attribute(self, test_dataloader: Any, train_dataloader: Any = None) -> Tensor:
         """Scores ``(n_train, n_test)``; the training set is the cached one unless ``train_dataloader`` is given.
 
         Note the argument order (test first), as in dattri.
         """
         check_loader(test_dataloader, "test_dataloader")
-        loader = train_dataloader if train_dataloader is not None else self.full_train_dataloader
-        if loader is None:
-            raise ValueError("train_dataloader: none given and cache() has not been called")
-        check_loader(loader, "train_dataloader")
-        self._ensure_cached(loader)
-        total: Optional[Tensor] = None
-        q = 0.0
-        for ckpt_idx, weight in enumerate(self.checkpoint_weights()):
-            train = self.train_reps(ckpt_idx, loader)
-            test = torch.cat([self._test_reps(ckpt_idx, batch) for batch in batches(test_dataloader, self.device)])
-            scores = weight * kernels.inner(train, test)
-            total = scores if total is None else total + scores
-            q = q + weight * (self._q[ckpt_idx] if loader is self.full_train_dataloader
-                              else 1.0 - self._probabilities(ckpt_idx, loader))
-        return (total * q.unsqueeze(1)).to(torch.float32)
+        loader = self._training_loader(train_dataloader)
+        scores = super().attribute(loader, test_dataloader)
+        return (scores * self._row_scale(loader).unsqueeze(1)).to(torch.float32)
 
     def self_attribute(self, train_dataloader: Any = None) -> Tensor:
         """``(n_train,)``: the diagonal of ``attribute(train, train)``."""
-        loader = train_dataloader if train_dataloader is not None else self.full_train_dataloader
-        if loader is None:
-            raise ValueError("train_dataloader: none given and cache() has not been called")
-        self._ensure_cached(loader)
-        total, q = 0.0, 0.0
-        for ckpt_idx, weight in enumerate(self.checkpoint_weights()):
-            train = self.train_reps(ckpt_idx, loader)
-            test = torch.cat([self._test_reps(ckpt_idx, batch) for batch in batches(loader, self.device)])
-            total = total + weight * (train * test).sum(1)
-            q = q + weight * (self._q[ckpt_idx] if loader is self.full_train_dataloader
-                              else 1.0 - self._probabilities(ckpt_idx, loader))
-        return (total * q).to(torch.float32)
-
-    def topk(self, test_dataloader: Any, k: int, proponents: bool = True, train_dataloader: Any = None):
-        """For each test example, the ``k`` training examples with the largest (smallest) TRAK scores.
-
-        ``Q`` scales training rows, so it is folded into the training representations
-        before the streaming top-k.
-        """
-        loader = train_dataloader if train_dataloader is not None else self.full_train_dataloader
-        if loader is None:
-            raise ValueError("train_dataloader: none given and cache() has not been called")
-        check_loader(loader, "train_dataloader")
-        check_loader(test_dataloader, "test_dataloader")
-        self._ensure_cached(loader)
-        weights = self.checkpoint_weights()
-        q = sum(w * (self._q[c] if loader is self.full_train_dataloader
-                     else 1.0 - self._probabilities(c, loader)) for c, w in enumerate(weights))
-        train = torch.cat([self.train_reps(c, loader) * q.unsqueeze(1) for c in range(len(weights))], dim=1)
-        test = torch.cat([
-            torch.cat([self._test_reps(c, batch) for batch in batches(test_dataloader, self.device)]) * w
-            for c, w in enumerate(weights)
-        ], dim=1)
-        return kernels.topk_inner(train, test, k, largest=proponents)
+        loader = self._training_loader(train_dataloader)
+        return (super().self_attribute(loader) * self._row_scale(loader)).to(torch.float32)
