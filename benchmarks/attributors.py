@@ -1,4 +1,4 @@
-"""End-to-end timing of every influence attributor on scikit-learn digits, with dattri side by side when installed.
+"""End-to-end timing of every attributor on scikit-learn digits, with dattri side by side when installed.
 
 Setting: MLP 64-128-10 (9,610 parameters, float32) fitted on 1,000 training
 images; 100 test images; train loader batches of 250, one test batch of 100.
@@ -8,7 +8,10 @@ and checked to be finite. With dattri importable, the same classes from dattri
 run on the identical task, model, loss and loaders, and the ratio is printed;
 dattri is never a dependency.
 
-    python -m benchmarks.attributors [--methods explicit,cg,...] [--dattri-methods cg,datainf,...]
+    python -m benchmarks.attributors [--methods explicit,cg,...] [--dattri-methods cg,datainf,...] [--no-data-methods]
+
+The second table times TracIn over 5 checkpoints, Grad-Dot, Grad-Cos, TRAK with a
+512-dimensional projection over 1, 5 and 10 checkpoints, and RPS (ours only).
 """
 
 from __future__ import annotations
@@ -79,6 +82,68 @@ def run(module, method: str, model, loss, state, train, test) -> tuple[float, to
     return time.perf_counter() - start, scores.detach().float().cpu()
 
 
+def checkpoints_of(state, count: int):
+    """``count`` checkpoints along a line toward the fitted weights (a stand-in for a training run)."""
+    return [{k: v * (0.6 + 0.4 * (c + 1) / count) for k, v in state.items()} for c in range(count)]
+
+
+def margin_and_probability(model):
+    def margin(params, data):
+        x, y = data
+        logits = functional_call(model, params, (x,))
+        correct = logits.gather(1, y[:, None]).squeeze(1)
+        return (correct - torch.logsumexp(logits.scatter(1, y[:, None], float("-inf")), dim=1)).sum()
+
+    def probability(params, data):
+        x, y = data
+        return torch.softmax(functional_call(model, params, (x,)), dim=1).gather(1, y[:, None]).squeeze(1)
+
+    return margin, probability
+
+
+def run_data_methods(model, loss, state, train, test) -> list[tuple[str, float, torch.Tensor]]:
+    """TracIn (5 checkpoints), Grad-Dot, Grad-Cos, TRAK (one, 5 and 10 checkpoints, 512 dimensions), RPS."""
+    margin, probability = margin_and_probability(model)
+    out = []
+
+    def timed(name, make, call):
+        start = time.perf_counter()
+        attributor = make()
+        scores = call(attributor)
+        out.append((name, time.perf_counter() - start, scores.detach().float()))
+
+    five = checkpoints_of(state, 5)
+    timed("tracin (5 checkpoints)",
+          lambda: attrib_torch.TracInAttributor(attrib_torch.AttributionTask(loss, model, five), [0.1] * 5, False,
+                                                show_progress=False),
+          lambda a: a.attribute(train, test))
+    for name, normalized in (("grad-dot", False), ("grad-cos", True)):
+        timed(name, lambda: attrib_torch.TracInAttributor(attrib_torch.AttributionTask(loss, model, state), [1.0],
+                                                          normalized, show_progress=False),
+              lambda a: a.attribute(train, test))
+    for count in (1, 5, 10):
+        checkpoints = state if count == 1 else checkpoints_of(state, count)
+
+        def make(checkpoints=checkpoints):
+            task = attrib_torch.AttributionTask(loss, model, checkpoints, target_func=margin)
+            attributor = attrib_torch.TRAKAttributor(task, probability, projector_kwargs={"proj_dim": 512},
+                                                     show_progress=False)
+            attributor.cache(train)
+            return attributor
+
+        timed(f"trak, 512 dimensions, {count} checkpoint{'s' if count > 1 else ''}", make, lambda a: a.attribute(test))
+
+    def make_rps():
+        task = attrib_torch.AttributionTask(loss, model, state, target_func=nn.functional.cross_entropy)
+        rps = attrib_torch.RPSAttributor(task, "2", l2_strength=0.003, epoch=300)
+        rps.cache(train)
+        return rps
+
+    timed("rps", make_rps, lambda a: a.attribute(train, test))
+    model.load_state_dict(state)
+    return out
+
+
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     if not bool(torch.isfinite(a).all()):
         return float("nan")
@@ -109,6 +174,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--data-methods", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time TracIn, Grad-Dot, Grad-Cos, TRAK and RPS")
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     unknown = set(methods) - set(METHODS)
@@ -116,7 +183,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         parser.error(f"--methods: unknown {sorted(unknown)}; choose from {METHODS}")
     torch.manual_seed(args.seed)
     model, loss, state, train, test = build(args.seed, args.n_train, args.hidden)
-    _, reference = run(attrib_torch, "explicit", model, loss, state, train, test)
+    reference = run(attrib_torch, "explicit", model, loss, state, train, test)[1] if methods else None
     dattri = dattri_module()
     dattri_methods = set(args.dattri_methods.split(",")) if dattri is not None else set()
 
@@ -138,6 +205,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         else:
             row += " | | |"
         print(row, flush=True)
+    if args.data_methods:
+        print("\n| method | ours (s) | finite |")
+        print("|---|---:|---|")
+        for name, seconds, scores in run_data_methods(model, loss, state, train, test):
+            print(f"| {name} | {seconds:.3f} | {bool(torch.isfinite(scores).all())} |", flush=True)
 
 
 if __name__ == "__main__":
