@@ -79,6 +79,7 @@ class BaseInnerProductAttributor(BaseAttributor):
         task.get_model().to(self.device)
         self.full_train_dataloader: Any = None
         self._train_reps: Dict[int, Tuple[Any, Tensor]] = {}
+        self._vmap_failed = False  # set once vmap has failed on this model: loop from then on
 
     # -- representations ---------------------------------------------------------------------
 
@@ -103,7 +104,7 @@ class BaseInnerProductAttributor(BaseAttributor):
 
     def _per_example_grads(self, func, chosen: Dict[str, Tensor], data: Tuple[Tensor, ...]) -> Tensor:
         """``vmap`` per-example gradients, or a loop (with a warning saying why) when ``vmap`` cannot trace."""
-        if not getattr(self, "_vmap_failed", False):
+        if not self._vmap_failed:
             try:
                 return per_sample_grad(func)(chosen, data)
             except RuntimeError as error:  # vmap's errors: .item(), data-dependent control flow, in-place ops
