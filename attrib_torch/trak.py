@@ -92,12 +92,7 @@ class TRAKAttributor(BaseInnerProductAttributor):
 
     def _features(self, ckpt_idx: int, loader: Any) -> Tensor:
         """Projected margin gradients ``Φ`` of a loader, ``(n, k)``."""
-        parts = [
-            self._project(self.generate_test_rep(ckpt_idx, batch))
-            for batch in batches(loader, self.device, desc=f"features, checkpoint {ckpt_idx}",
-                                 show_progress=self.show_progress)
-        ]
-        return torch.cat(parts)
+        return torch.cat(list(self._grouped(loader, ckpt_idx, train=False)))
 
     def _project(self, rep: Tensor) -> Tensor:
         return rep if self.projector is None else self.projector(rep)
