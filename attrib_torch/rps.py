@@ -8,6 +8,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+import kernels
+from kernels import TopK
+
 from .base import BaseAttributor
 from .data import batches, check_loader
 from .task import AttributionTask
@@ -154,3 +157,31 @@ class RPSAttributor(BaseAttributor):
         features, labels = self._features(loader)
         alpha = self._alpha_for(features, labels)
         return ((features * features).sum(1) * alpha.gather(1, labels[:, None]).squeeze(1)).to(torch.float32)
+
+    def topk(self, test_dataloader: Any, k: int, proponents: bool = True, train_dataloader: Any = None) -> TopK:
+        """For each test example, the ``k`` training examples with the largest (smallest) representer values.
+
+        A test example of label ``c`` scores ``⟨α_{:,c} ⊙ f_i, f_t⟩``: the test set is split
+        by label and each part streamed through :func:`kernels.topk_inner`, so the full
+        matrix is never formed.
+        """
+        loader = train_dataloader if train_dataloader is not None else self.full_train_dataloader
+        if loader is None:
+            raise ValueError("train_dataloader: none given and cache() has not been called")
+        check_loader(loader, "train_dataloader")
+        check_loader(test_dataloader, "test_dataloader")
+        self._ensure_cached(loader)
+        if loader is self.full_train_dataloader:
+            train_features, alpha = self._train_features, self.alpha
+        else:
+            train_features, train_labels = self._features(loader)
+            alpha = self._alpha_for(train_features, train_labels)
+        test_features, test_labels = self._features(test_dataloader)
+        values = torch.empty(len(test_labels), k, dtype=train_features.dtype, device=train_features.device)
+        indices = torch.empty(len(test_labels), k, dtype=torch.long, device=train_features.device)
+        for label in test_labels.unique().tolist():
+            rows = (test_labels == label).nonzero().flatten()
+            top = kernels.topk_inner(train_features * alpha[:, label : label + 1], test_features[rows], k,
+                                     largest=proponents)
+            values[rows], indices[rows] = top.values, top.indices
+        return TopK(values.to(torch.float32), indices)

@@ -21,10 +21,16 @@ def ce(logits, labels):
     return nn.functional.cross_entropy(logits, labels)
 
 
-@pytest.mark.parametrize("name,normalize", [("encoder.head", False), ("encoder.head", True)])
-def test_representer_decomposition_is_exact_after_fine_tuning(problem, name, normalize):
+class TopLevel(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+
+
+@pytest.mark.parametrize("make,name,normalize", [(Nested, "encoder.head", False), (Nested, "encoder.head", True),
+                                                 (TopLevel, "2", False)])
+def test_representer_decomposition_is_exact_after_fine_tuning(problem, make, name, normalize):
     torch.manual_seed(0)
-    model = Nested().double()
+    model = make().double()
     task = AttributionTask(lambda p, d: ce(torch.func.functional_call(model, p, (d[0],)), d[1]), model,
                            {k: v.clone() for k, v in model.state_dict().items()}, target_func=ce)
     rps = RPSAttributor(task, name, normalize_preactivate=normalize, l2_strength=0.01, epoch=500)
@@ -40,6 +46,10 @@ def test_representer_decomposition_is_exact_after_fine_tuning(problem, name, nor
                                rtol=1e-5, atol=1e-6)
     full = rps.attribute(train, train)
     torch.testing.assert_close(rps.self_attribute(train), torch.diagonal(full), rtol=1e-5, atol=1e-6)
+    for proponents in (True, False):
+        top = rps.topk(test, 5, proponents=proponents)
+        order = torch.sort(scores.T, dim=1, descending=proponents, stable=True)
+        torch.testing.assert_close(top.values, order.values[:, :5], rtol=1e-5, atol=1e-6)
 
 
 def test_bad_layer_names(problem):
