@@ -122,9 +122,15 @@ def per_sample_grad_loop(
 def _finish(grads: Any, flatten: bool) -> Any:
     leaves = pytree.tree_leaves(grads)
     n = leaves[0].shape[0]
-    bad = torch.zeros(n, dtype=torch.bool, device=leaves[0].device)
+    # A row sum is NaN or Inf whenever an entry is, and it is one fast pass; only rows it
+    # flags (possibly by overflow of finite entries) get the exact, slower check.
+    suspect = torch.zeros(n, dtype=torch.bool, device=leaves[0].device)
     for x in leaves:
-        bad |= ~torch.isfinite(x.reshape(n, -1)).all(dim=1)
+        suspect |= ~torch.isfinite(x.reshape(n, -1).sum(dim=1))
+    bad = torch.zeros_like(suspect)
+    if bool(suspect.any()):
+        for x in leaves:
+            bad[suspect] |= ~torch.isfinite(x.reshape(n, -1)[suspect]).all(dim=1)
     if bool(bad.any()):
         idx = bad.nonzero().flatten().tolist()
         raise ValueError(
