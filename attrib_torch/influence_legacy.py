@@ -8,7 +8,6 @@ and per-example gradients of ``target_func`` on one-example loaders.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch

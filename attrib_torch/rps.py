@@ -61,17 +61,18 @@ class RPSAttributor(BaseAttributor):
             raise ValueError(f"epoch: expected an integer >= 1, got {epoch!r}")
         self.task = task
         self.layer_name = final_linear_layer_name
+        self.has_bias = layer.bias is not None
         self.normalize_preactivate = normalize_preactivate
         self.l2_strength = float(l2_strength)
         self.epoch = epoch
         self.device = torch.device(device)
         self.full_train_dataloader: Any = None
-        self.weight: Tensor | None = None  # fine-tuned [W | b], (C, d + 1)
+        self.weight: Tensor | None = None  # fine-tuned [W | b], (C, d + 1); W alone without a bias
         self.alpha: Tensor | None = None  # (n_train, C)
         self._train_features: Tensor | None = None
 
     def _features(self, loader: Any) -> Tuple[Tensor, Tensor]:
-        """The final layer's inputs (with an appended 1) and the labels, over a loader."""
+        """The final layer's inputs (with an appended 1 when it has a bias) and the labels, over a loader."""
         model = self.task.get_model().to(self.device)
         params = {k: v.to(self.device) for k, v in self.task.params(0).items()}
         layer = model.get_submodule(self.layer_name)
@@ -87,7 +88,9 @@ class RPSAttributor(BaseAttributor):
             f = seen["x"].reshape(seen["x"].shape[0], -1).double()
             if self.normalize_preactivate:
                 f = f / f.norm(dim=1, keepdim=True).clamp(min=torch.finfo(f.dtype).tiny)
-            feats.append(torch.cat([f, torch.ones(f.shape[0], 1, dtype=f.dtype, device=f.device)], dim=1))
+            if self.has_bias:  # the bias is the weight of an appended constant 1
+                f = torch.cat([f, torch.ones(f.shape[0], 1, dtype=f.dtype, device=f.device)], dim=1)
+            feats.append(f)
             labels.append(batch[-1])
         return torch.cat(feats), torch.cat(labels)
 
@@ -98,11 +101,12 @@ class RPSAttributor(BaseAttributor):
         features, labels = self._features(full_train_dataloader)
         layer_params = self.task.params(0)
         prefix = f"{self.layer_name}."
-        W = layer_params[prefix + "weight"].to(self.device).double()
-        bias = layer_params.get(prefix + "bias")
-        b = bias.to(self.device).double() if bias is not None else torch.zeros(W.shape[0], dtype=W.dtype)
-        weight = torch.cat([W, b[:, None]], dim=1).clone().requires_grad_(True)
-        n, lam = features.shape[0], self.l2_strength
+        weight = layer_params[prefix + "weight"].to(self.device).double()
+        if self.has_bias:
+            bias = layer_params[prefix + "bias"].to(self.device).double()
+            weight = torch.cat([weight, bias[:, None]], dim=1)
+        weight = weight.clone().requires_grad_(True)
+        lam = self.l2_strength
 
         def objective() -> Tensor:
             return self.task.target_func(features @ weight.T, labels) + lam * weight.pow(2).sum()

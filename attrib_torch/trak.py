@@ -7,7 +7,6 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 from torch import Tensor
 
-import kernels
 from attrib_core import solve_explicit
 
 from .base import BaseInnerProductAttributor

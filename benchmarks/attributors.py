@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import time
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 import torch
 from torch import nn

@@ -60,7 +60,7 @@ def cpu_part(args) -> None:
     t_mat = timed(lambda: x @ R, args.repeats)
     check = kernels.project(x[:, : min(P, 4096)], k, kind="rademacher")
     torch.testing.assert_close(check, x[:, : min(P, 4096)] @ R[: min(P, 4096)], rtol=1e-4, atol=1e-4)
-    del R
+    R = None  # free the materialised matrix before the next measurements
     lines.append(row("matmul with the materialised matrix (baseline)", t_mat, flops, t_mat,
                      f"matrix {P * k * 4 / 2**30:.2f} GiB held"))
     tile_mib = reference.TILE_ENTRIES * 4 / 2**20
@@ -109,7 +109,7 @@ def gpu_part(args) -> None:
         R = materialise(P, k, "rademacher", 0, device).to(dtype)
         t = timed(lambda: x @ R, args.repeats, sync)
         print(f"| matmul, materialised | {dtype} | {t * 1e3:.2f} | {flops / t / 1e12:.1f} |")
-        del R
+        R = None  # free it before the next kind
         for kind in ("rademacher", "gaussian"):
             t = timed(lambda: kernels.project(x, k, kind=kind), args.repeats, sync)
             print(f"| project {kind}, Triton | {dtype} | {t * 1e3:.2f} | {flops / t / 1e12:.1f} |")

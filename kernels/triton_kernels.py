@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .hash import K0, M1, M2, M3, gaussian_table
+from .hash import K0, M1, M2, gaussian_table
 
 _KIND = {"rademacher": 0, "gaussian": 1}
 

@@ -23,7 +23,7 @@ def ce(logits, labels):
 
 class TopLevel(nn.Sequential):
     def __init__(self):
-        super().__init__(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+        super().__init__(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10, bias=False))
 
 
 @pytest.mark.parametrize("make,name,normalize", [(Nested, "encoder.head", False), (Nested, "encoder.head", True),

@@ -1,6 +1,5 @@
 import pytest
 import torch
-from torch import nn
 from torch.func import functional_call
 
 from attrib_torch import AttributionTask, TracInAttributor, TRAKAttributor
