@@ -79,6 +79,7 @@ class BaseInnerProductAttributor(BaseAttributor):
         self.show_progress = show_progress
         self.layer_name = layer_name
         self.names = list(select(task.params(0), layer_name))  # raises on unknown names
+        self._width = sum(task.params(0)[n].numel() for n in self.names)
         task.get_model().to(self.device)
         self.full_train_dataloader: Any = None
         self._train_reps: Dict[int, Tuple[Any, Tensor]] = {}
@@ -164,8 +165,7 @@ class BaseInnerProductAttributor(BaseAttributor):
         """
         generate = self.generate_train_rep if train else self.generate_test_rep
         transform = self.transform_train_rep if train else self.transform_test_rep
-        width = sum(self.task.params(0)[n].numel() for n in self.names)
-        limit = max(1, min(_GROUP_MAX_ROWS, _GROUP_BYTES // (4 * width)))
+        limit = max(1, min(_GROUP_MAX_ROWS, _GROUP_BYTES // (4 * self._width)))
         pending: List[Tensor] = []
         rows = 0
         desc = f"{'train' if train else 'test'} gradients, checkpoint {ckpt_idx}"

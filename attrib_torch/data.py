@@ -6,7 +6,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 from torch.utils import _pytree as pytree
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, SequentialSampler
 from tqdm.auto import tqdm
 
 __all__ = ["check_loader", "batches", "concatenate", "batch_size"]
@@ -22,8 +22,12 @@ def check_loader(loader: Any, name: str) -> None:
     """
     if isinstance(loader, DataLoader):
         sampler = loader.batch_sampler.sampler if loader.batch_sampler is not None else loader.sampler
-        if isinstance(sampler, RandomSampler) or isinstance(loader.sampler, RandomSampler):
-            raise ValueError(f"{name}: the data loader shuffles (RandomSampler); pass shuffle=False")
+        for s in {id(sampler): sampler, id(loader.sampler): loader.sampler}.values():
+            if not isinstance(s, SequentialSampler):
+                raise ValueError(
+                    f"{name}: the data loader's sampler is a {type(s).__name__}; scores must line up with "
+                    "dataset positions, so use a sequential order (shuffle=False, no random sampler)"
+                )
         return
     try:
         iterator = iter(loader)

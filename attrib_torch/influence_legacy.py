@@ -86,7 +86,8 @@ class IFAttributor(BaseAttributor):
         elif self.ihvp_solver == "arnoldi":
             top = kw.get("proj_dim", 100)
             result = arnoldi(make_hvp(f, params, loader), dim, n_iter=max(kw.get("max_iter", 100), top),
-                             top_k=min(top, dim), tol=kw.get("tol", 1e-7), seed=kw.get("seed", 0))
+                             top_k=min(top, dim), tol=kw.get("tol", 1e-7), seed=kw.get("seed", 0),
+                             device=self.device)
             projector = spectral_projector(result.eigenvalues, result.eigenvectors,
                                            damping=kw.get("regularization", 0.0))
             self._inverse = lambda V: (projector(V) * projector.scales) @ projector.vectors

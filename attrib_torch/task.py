@@ -103,7 +103,9 @@ class AttributionTask:
             self._states[ckpt_idx] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         else:
             if isinstance(checkpoint, Mapping):
-                state = dict(checkpoint)
+                # A copy: a live model.state_dict() shares storage with the parameters
+                # that the next checkpoint is loaded into.
+                state = {k: v.detach().clone() for k, v in checkpoint.items()}
             else:
                 state = torch.load(checkpoint, map_location="cpu", weights_only=True)
             self.model.load_state_dict(state)

@@ -60,11 +60,15 @@ class TRAKAttributor(BaseInnerProductAttributor):
         self._q: Dict[int, Tensor] = {}
 
     def cache(self, full_train_dataloader: Any) -> None:
-        """Features of the full training set, their kernel factor and ``Q``, per checkpoint."""
+        """Features of the full training set, their kernel factor and ``Q``, per checkpoint.
+
+        The probabilities of every checkpoint are checked before any gradient.
+        """
+        check_loader(full_train_dataloader, "full_train_dataloader")
+        self._q = {c: 1.0 - self._probabilities(c, full_train_dataloader) for c in range(len(self.task))}
         super().cache(full_train_dataloader)
 
     def _prepare(self, ckpt_idx: int) -> None:
-        self._q[ckpt_idx] = 1.0 - self._probabilities(ckpt_idx, self.full_train_dataloader)
         features = self._features(ckpt_idx, self.full_train_dataloader).double()
         gram = features.T @ features
         self._kernels[ckpt_idx] = gram
@@ -123,10 +127,12 @@ class TRAKAttributor(BaseInnerProductAttributor):
         """
         check_loader(test_dataloader, "test_dataloader")
         loader = self._training_loader(train_dataloader)
+        q = self._row_scale(loader)  # probabilities checked before any gradient
         scores = super().attribute(loader, test_dataloader)
-        return (scores * self._row_scale(loader).unsqueeze(1)).to(torch.float32)
+        return (scores * q.unsqueeze(1)).to(torch.float32)
 
     def self_attribute(self, train_dataloader: Any = None) -> Tensor:
         """``(n_train,)``: the diagonal of ``attribute(train, train)``."""
         loader = self._training_loader(train_dataloader)
-        return (super().self_attribute(loader) * self._row_scale(loader)).to(torch.float32)
+        q = self._row_scale(loader)  # probabilities checked before any gradient
+        return (super().self_attribute(loader) * q).to(torch.float32)

@@ -173,7 +173,7 @@ def test_bad_input_before_any_gradient(problem):
     with pytest.raises(ValueError, match="layer_name|names"):
         IFAttributorExplicit(task, layer_name="decoder")
     shuffled = torch.utils.data.DataLoader(problem.loader().dataset, batch_size=8, shuffle=True)
-    with pytest.raises(ValueError, match="shuffles"):
+    with pytest.raises(ValueError, match="RandomSampler"):
         IFAttributorExplicit(task).attribute(shuffled, problem.loader("test"))
     with pytest.raises(ValueError, match="does not exist"):
         AttributionTask(counting, problem.model, "/no/such/checkpoint.pt")

@@ -147,3 +147,25 @@ def test_bad_arguments(setting):
         AttributionTask(loss, model, ["/nope.pt"])
     with pytest.raises(ValueError, match="ckpt_idx"):
         AttributionTask(loss, model, state).get_param(ckpt_idx=1)
+
+
+def test_a_live_state_dict_checkpoint_is_not_overwritten_by_the_next(setting):
+    model, state, loss, target, data = setting
+    other = {k: v + 1 for k, v in state.items()}
+    task = AttributionTask(loss, model, [model.state_dict(), other])
+    first, _ = task.get_param(0)
+    task.get_param(1)
+    again, _ = task.get_param(0)
+    assert torch.equal(first, again)
+
+
+def test_random_samplers_are_rejected():
+    from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
+
+    from attrib_torch.data import check_loader
+
+    ds = TensorDataset(torch.arange(8.0))
+    for sampler in (SubsetRandomSampler(range(8)), WeightedRandomSampler([1.0] * 8, 8)):
+        with pytest.raises(ValueError, match="sequential"):
+            check_loader(DataLoader(ds, sampler=sampler), "train_dataloader")
+    check_loader(DataLoader(ds, batch_size=3), "train_dataloader")
