@@ -138,13 +138,16 @@ class RPSAttributor(BaseAttributor):
         check_loader(train_dataloader, "train_dataloader")
         check_loader(test_dataloader, "test_dataloader")
         self._ensure_cached(train_dataloader)
-        if train_dataloader is self.full_train_dataloader:
-            train_features, alpha = self._train_features, self.alpha
-        else:
-            train_features, train_labels = self._features(train_dataloader)
-            alpha = self._alpha_for(train_features, train_labels)
+        train_features, alpha = self._train_side(train_dataloader)
         test_features, test_labels = self._features(test_dataloader)
         return ((train_features @ test_features.T) * alpha[:, test_labels]).to(torch.float32)
+
+    def _train_side(self, loader: Any) -> Tuple[Tensor, Tensor]:
+        """Features and representer weights of a training loader (kept for the cached one)."""
+        if loader is self.full_train_dataloader:
+            return self._train_features, self.alpha
+        features, labels = self._features(loader)
+        return features, self._alpha_for(features, labels)
 
     def _alpha_for(self, features: Tensor, labels: Tensor) -> Tensor:
         n = self._train_features.shape[0]
@@ -175,11 +178,7 @@ class RPSAttributor(BaseAttributor):
         check_loader(loader, "train_dataloader")
         check_loader(test_dataloader, "test_dataloader")
         self._ensure_cached(loader)
-        if loader is self.full_train_dataloader:
-            train_features, alpha = self._train_features, self.alpha
-        else:
-            train_features, train_labels = self._features(loader)
-            alpha = self._alpha_for(train_features, train_labels)
+        train_features, alpha = self._train_side(loader)
         test_features, test_labels = self._features(test_dataloader)
         values = torch.empty(len(test_labels), k, dtype=train_features.dtype, device=train_features.device)
         indices = torch.empty(len(test_labels), k, dtype=torch.long, device=train_features.device)
