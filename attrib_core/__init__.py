@@ -11,6 +11,14 @@ from .cg import CGSolution, CGState, cg
 from .curvature import fvp, gnvp, hessian, hvp, make_fvp, make_gnvp, make_hvp
 from .datainf import DataInfSolution, datainf, datainf_damping
 from .diagonal import hutchinson_diagonal, jacobi
+from .factored import (
+    concat_captured,
+    factored_cost,
+    factored_dense,
+    factored_inner,
+    factored_rowwise,
+    factored_sq_norms,
+)
 from .fold import fold
 from .gradients import per_sample_grad, per_sample_grad_loop
 from .kfac import EKFAC, EKFACLayer, KFACFactors, LayerFactors, ekfac, kfac_factors
@@ -70,6 +78,12 @@ __all__ = [
     "Captured",
     "layer_specs",
     "LayerSpec",
+    "factored_inner",
+    "factored_rowwise",
+    "factored_sq_norms",
+    "factored_dense",
+    "factored_cost",
+    "concat_captured",
     "nystrom",
     "NystromApprox",
     "jacobi",

@@ -150,7 +150,7 @@ class BaseInnerProductAttributor(BaseAttributor):
         kept = self._train_reps.get(ckpt_idx)
         if kept is not None and kept[0] is train_dataloader:
             return kept[1]
-        reps = torch.cat(list(self._grouped(train_dataloader, ckpt_idx, train=True)))
+        reps = self._concat(list(self._grouped(train_dataloader, ckpt_idx, train=True)))
         self._train_reps[ckpt_idx] = (train_dataloader, reps)
         return reps
 
@@ -171,12 +171,34 @@ class BaseInnerProductAttributor(BaseAttributor):
         desc = f"{'train' if train else 'test'} gradients, checkpoint {ckpt_idx}"
         for batch in batches(loader, self.device, desc=desc, show_progress=self.show_progress):
             pending.append(generate(ckpt_idx, batch))
-            rows += pending[-1].shape[0]
+            rows += self._rows(pending[-1])
             if rows >= limit:
-                yield transform(ckpt_idx, torch.cat(pending))
+                yield transform(ckpt_idx, self._concat(pending))
                 pending, rows = [], 0
         if pending:
-            yield transform(ckpt_idx, torch.cat(pending))
+            yield transform(ckpt_idx, self._concat(pending))
+
+    # -- what a representation is: a (n, P') tensor here; TracIn's factored gradients differ -----
+
+    def _concat(self, parts: List[Any]) -> Any:
+        """Representations of consecutive examples joined (no copy for one part)."""
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _rows(self, rep: Any) -> int:
+        return rep.shape[0]
+
+    def _inner(self, train: Any, test: Any) -> Tensor:
+        """``(n_train, n_test)`` inner products of two representations."""
+        return kernels.inner(train, test)
+
+    def _diag(self, train: Any, test: Any) -> Tensor:
+        """``(n,)`` inner products of matching rows."""
+        dtype = torch.promote_types(torch.promote_types(train.dtype, test.dtype), torch.float32)
+        return (train.to(dtype) * test.to(dtype)).sum(1)
+
+    def _dense(self, rep: Any) -> Tensor:
+        """The representation as an ``(n, P')`` matrix (for the top-k kernel)."""
+        return rep
 
     # -- answers ---------------------------------------------------------------------------------
 
@@ -192,8 +214,8 @@ class BaseInnerProductAttributor(BaseAttributor):
         total: Optional[Tensor] = None
         for ckpt_idx, weight in enumerate(self.checkpoint_weights()):
             train = self.train_reps(ckpt_idx, train_dataloader)
-            blocks = [kernels.inner(train, test) for test in self._grouped(test_dataloader, ckpt_idx, train=False)]
-            scores = weight * torch.cat(blocks, dim=1)
+            blocks = [self._inner(train, test) for test in self._grouped(test_dataloader, ckpt_idx, train=False)]
+            scores = weight * (blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1))
             total = scores if total is None else total + scores
         return total
 
@@ -222,8 +244,7 @@ class BaseInnerProductAttributor(BaseAttributor):
             parts = []
             pairs = zip(self._grouped(loader, ckpt_idx, train=True), self._grouped(loader, ckpt_idx, train=False))
             for train, test in pairs:  # the same loader, so the same groups of rows
-                dtype = torch.promote_types(train.dtype, torch.float32)
-                parts.append((train.to(dtype) * test.to(dtype)).sum(1))
+                parts.append(self._diag(train, test))
             values = weight * torch.cat(parts)
             total = values if total is None else total + values
         return total
@@ -243,12 +264,12 @@ class BaseInnerProductAttributor(BaseAttributor):
         loader = self._training_loader(train_dataloader)
         check_loader(test_dataloader, "test_dataloader")
         weights = self.checkpoint_weights()
-        train = torch.cat([self.train_reps(c, loader) for c in range(len(weights))], dim=1)
+        train = torch.cat([self._dense(self.train_reps(c, loader)) for c in range(len(weights))], dim=1)
         scale = self._row_scale(loader)
         if scale is not None:
             train = train * scale.unsqueeze(1).to(train.dtype)
         test = torch.cat([
-            torch.cat(list(self._grouped(test_dataloader, c, train=False))) * w
+            self._dense(self._concat(list(self._grouped(test_dataloader, c, train=False)))) * w
             for c, w in enumerate(weights)
         ], dim=1)
         return kernels.topk_inner(train, test, k, largest=proponents)

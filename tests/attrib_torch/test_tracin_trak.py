@@ -127,3 +127,56 @@ def test_bad_input_before_gradients(problem):
     with pytest.raises(ValueError, match=r"outside \(0, 1\)"):
         bad.cache(problem.loader())
     assert not calls
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_tracin_factored_path_is_exact(normalized):
+    """Linear layers only, no penalty: factored products, equal to an autograd loop; a sum target is detected."""
+    from tests.helpers import classification_batch, small_mlp
+
+    model = small_mlp(2, (6, 8, 4))
+    x, y = classification_batch(5, 30, 6, 4)
+    states = [{k: v.clone() for k, v in model.state_dict().items()},
+              {k: 0.7 * v.clone() for k, v in model.state_dict().items()}]
+
+    def mean_loss(params, data):
+        return torch.nn.functional.cross_entropy(functional_call(model, params, (data[0],)), data[1])
+
+    def sum_target(params, data):
+        return torch.nn.functional.cross_entropy(functional_call(model, params, (data[0],)), data[1], reduction="sum")
+
+    task = AttributionTask(mean_loss, model, states, target_func=sum_target)
+    attributor = TracInAttributor(task, [0.3, 1.5], normalized_grad=normalized, show_progress=False)
+    train = [(x[:12], y[:12]), (x[12:24], y[12:24])]
+    test = [(x[24:], y[24:])]
+    scores = attributor.attribute(train, test)
+    assert attributor._factored and attributor._factored[1] == {"train": "mean", "test": "sum"}
+
+    def loop(state, rows):
+        out = []
+        for i in rows:
+            live = {k: v.clone().requires_grad_(True) for k, v in state.items()}
+            g = torch.autograd.grad(mean_loss(live, (x[i : i + 1], y[i : i + 1])), list(live.values()))
+            out.append(torch.cat([t.reshape(-1) for t in g]))
+        G = torch.stack(out)
+        return G / G.norm(dim=1, keepdim=True) if normalized else G
+
+    expected = sum(w * loop(s, range(24)) @ loop(s, range(24, 30)).T for w, s in zip((0.3, 1.5), states))
+    torch.testing.assert_close(scores, expected)
+    full = attributor.attribute(train, train)
+    torch.testing.assert_close(attributor.self_attribute(train), torch.diagonal(full))
+    for proponents in (True, False):
+        top = attributor.topk(test, 5, proponents=proponents)
+        order = torch.sort(expected.T, dim=1, descending=proponents, stable=True)
+        torch.testing.assert_close(top.values, order.values[:, :5])
+
+
+def test_tracin_keeps_per_example_gradients_when_factors_disagree(problem):
+    """The digits loss carries an L2 penalty on the parameters: its gradients are not ds ⊗ a."""
+    task = AttributionTask(problem.loss_func, problem.model, problem.state)
+    attributor = TracInAttributor(task, [1.0], normalized_grad=False, show_progress=False)
+    attributor.attribute(problem.loader(), problem.loader("test"))
+    assert attributor._factored is False
+    projected = TracInAttributor(AttributionTask(lambda p, d: problem.loss_func(p, d), problem.model, problem.state),
+                                 [1.0], False, projector_kwargs={"proj_dim": 8}, show_progress=False)
+    assert projected._factored is False
