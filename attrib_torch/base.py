@@ -154,7 +154,7 @@ class BaseInnerProductAttributor(BaseAttributor):
         self._train_reps[ckpt_idx] = (train_dataloader, reps)
         return reps
 
-    def _grouped(self, loader: Any, ckpt_idx: int, *, train: bool) -> Iterator[Tensor]:
+    def _grouped(self, loader: Any, ckpt_idx: int, *, train: bool, transform: Any = None) -> Iterator[Tensor]:
         """Transformed representations of a loader's examples, transformed a group of rows at a time.
 
         Loader batches are gathered into groups of up to 256 rows (fewer for wide
@@ -162,9 +162,11 @@ class BaseInnerProductAttributor(BaseAttributor):
         1.5 GB where 512 MiB did not) before the transform, since a projection
         regenerates its matrix once per call: on a 1.1M-parameter model, projecting 128
         rows at once was 2.2x faster (dense) and 2x (SJLT) than 4 calls of 32.
+        ``transform(ckpt_idx, rep)`` replaces the train or test transform when given.
         """
         generate = self.generate_train_rep if train else self.generate_test_rep
-        transform = self.transform_train_rep if train else self.transform_test_rep
+        if transform is None:
+            transform = self.transform_train_rep if train else self.transform_test_rep
         limit = max(1, min(_GROUP_MAX_ROWS, _GROUP_BYTES // (4 * self._width)))
         pending: List[Tensor] = []
         rows = 0

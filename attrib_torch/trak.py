@@ -21,14 +21,16 @@ class TRAKAttributor(BaseInnerProductAttributor):
     """``τ = diag(Q̄) · mean_c[Φ_c (Φ_cᵀ Φ_c + λI)⁻¹ Φ_{test,c}ᵀ]``, ``(n_train, n_test)``.
 
     For each checkpoint ``c``: ``Φ_c`` are the projected per-example gradients of the
-    task's ``target_func`` (the model output to explain: TRAK's margin
-    ``log(p / (1 - p))`` for classification) on the training set, ``Φ_{test,c}`` the same
-    on the test set, and ``Q_c = 1 - p`` with ``p`` from ``correct_probability_func`` on
-    the training set. As in the paper, the kernel products are averaged over
-    checkpoints and multiplied by the checkpoint-averaged ``Q``.
+    task's ``loss_func`` on the training set and ``Φ_{test,c}`` those of its
+    ``target_func`` on the test set, and ``Q_c = 1 - p`` with ``p`` from
+    ``correct_probability_func`` on the training set. As in dattri, give TRAK's
+    margin ``log(p / (1 - p))`` (the model output to explain) as ``loss_func`` and
+    leave ``target_func`` to default to it; the paper uses the margin on both sides.
+    As in the paper, the kernel products are averaged over checkpoints and multiplied
+    by the checkpoint-averaged ``Q``.
 
     Args:
-        task: the :class:`AttributionTask`; its ``target_func`` is the margin.
+        task: the :class:`AttributionTask`; its ``loss_func`` (and ``target_func``) the margin.
         correct_probability_func: ``(params, batch) -> (B,)`` probabilities of the
             correct label, in ``(0, 1)`` (a function written for one example and
             returning a scalar is applied example by example).
@@ -94,15 +96,12 @@ class TRAKAttributor(BaseInnerProductAttributor):
         return torch.cat(parts)
 
     def _features(self, ckpt_idx: int, loader: Any) -> Tensor:
-        """Projected margin gradients ``Φ`` of a loader, ``(n, k)``."""
-        return torch.cat(list(self._grouped(loader, ckpt_idx, train=False)))
+        """Projected training gradients ``Φ`` of a loader (of ``loss_func``: the margin), ``(n, k)``."""
+        return torch.cat(list(self._grouped(loader, ckpt_idx, train=True,
+                                            transform=lambda c, rep: self.transform_test_rep(c, rep))))
 
     def _project(self, rep: Tensor) -> Tensor:
         return rep if self.projector is None else self.projector(rep)
-
-    def generate_train_rep(self, ckpt_idx: int, data) -> Tensor:
-        """Per-example gradients of the margin (``target_func``) on training data."""
-        return self.generate_test_rep(ckpt_idx, data)
 
     def transform_train_rep(self, ckpt_idx: int, train_rep: Tensor) -> Tensor:
         """``Φ (ΦᵀΦ + λI)⁻¹`` with the kernel of the cached training set."""

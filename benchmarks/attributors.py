@@ -11,7 +11,10 @@ dattri is never a dependency.
     python -m benchmarks.attributors [--methods explicit,cg,...] [--dattri-methods cg,datainf,...] [--no-data-methods]
 
 The second table times TracIn over 5 checkpoints, Grad-Dot, Grad-Cos, TRAK with a
-512-dimensional projection over 1, 5 and 10 checkpoints, and RPS (ours only).
+512-dimensional projection over 1, 5 and 10 checkpoints, and RPS; dattri's classes of
+the same names run on the same model, checkpoints and loaders when it is installed
+(dattri's TracIn projects to 512 dimensions by default, ours is exact, so their scores
+agree only approximately).
 """
 
 from __future__ import annotations
@@ -87,23 +90,37 @@ def checkpoints_of(state, count: int):
     return [{k: v * (0.6 + 0.4 * (c + 1) / count) for k, v in state.items()} for c in range(count)]
 
 
-def margin_and_probability(model):
+def margin_and_probability(model, per_example: bool = False):
+    """TRAK's margin and the correct-class probability; ``per_example`` for dattri (one example, no batch dimension)."""
+
+    def logits_of(params, x):
+        return functional_call(model, params, (x.unsqueeze(0) if per_example else x,))
+
     def margin(params, data):
         x, y = data
-        logits = functional_call(model, params, (x,))
+        y = y.reshape(-1)
+        logits = logits_of(params, x)
         correct = logits.gather(1, y[:, None]).squeeze(1)
         return (correct - torch.logsumexp(logits.scatter(1, y[:, None], float("-inf")), dim=1)).sum()
 
     def probability(params, data):
         x, y = data
-        return torch.softmax(functional_call(model, params, (x,)), dim=1).gather(1, y[:, None]).squeeze(1)
+        y = y.reshape(-1)
+        p = torch.softmax(logits_of(params, x), dim=1).gather(1, y[:, None]).squeeze(1)
+        return p.squeeze(0) if per_example else p
 
     return margin, probability
 
 
-def run_data_methods(model, loss, state, train, test) -> list[tuple[str, float, torch.Tensor]]:
-    """TracIn (5 checkpoints), Grad-Dot, Grad-Cos, TRAK (one, 5 and 10 checkpoints, 512 dimensions), RPS."""
-    margin, probability = margin_and_probability(model)
+def run_data_methods(module, model, loss, state, train, test) -> list[tuple[str, float, torch.Tensor]]:
+    """TracIn (5 checkpoints), Grad-Dot, Grad-Cos, TRAK (one, 5 and 10 checkpoints, 512 dimensions), RPS.
+
+    ``module`` is :mod:`attrib_torch` or dattri's namespace (whose functions see one
+    example at a time, without its batch dimension).
+    """
+    ours = module is attrib_torch
+    margin, probability = margin_and_probability(model, per_example=not ours)
+    quiet = {"show_progress": False} if ours else {}
     out = []
 
     def timed(name, make, call):
@@ -114,28 +131,27 @@ def run_data_methods(model, loss, state, train, test) -> list[tuple[str, float, 
 
     five = checkpoints_of(state, 5)
     timed("tracin (5 checkpoints)",
-          lambda: attrib_torch.TracInAttributor(attrib_torch.AttributionTask(loss, model, five), [0.1] * 5, False,
-                                                show_progress=False),
+          lambda: module.TracInAttributor(module.AttributionTask(loss, model, five), torch.tensor([0.1] * 5), False,
+                                          **quiet),
           lambda a: a.attribute(train, test))
     for name, normalized in (("grad-dot", False), ("grad-cos", True)):
-        timed(name, lambda: attrib_torch.TracInAttributor(attrib_torch.AttributionTask(loss, model, state), [1.0],
-                                                          normalized, show_progress=False),
+        timed(name, lambda: module.TracInAttributor(module.AttributionTask(loss, model, state), torch.tensor([1.0]),
+                                                    normalized, **quiet),
               lambda a: a.attribute(train, test))
     for count in (1, 5, 10):
         checkpoints = state if count == 1 else checkpoints_of(state, count)
 
         def make(checkpoints=checkpoints):
-            task = attrib_torch.AttributionTask(loss, model, checkpoints, target_func=margin)
-            attributor = attrib_torch.TRAKAttributor(task, probability, projector_kwargs={"proj_dim": 512},
-                                                     show_progress=False)
+            task = module.AttributionTask(margin, model, checkpoints)  # the margin on both sides, as in the paper
+            attributor = module.TRAKAttributor(task, probability, projector_kwargs={"proj_dim": 512}, **quiet)
             attributor.cache(train)
             return attributor
 
         timed(f"trak, 512 dimensions, {count} checkpoint{'s' if count > 1 else ''}", make, lambda a: a.attribute(test))
 
     def make_rps():
-        task = attrib_torch.AttributionTask(loss, model, state, target_func=nn.functional.cross_entropy)
-        rps = attrib_torch.RPSAttributor(task, "2", l2_strength=0.003, epoch=300)
+        task = module.AttributionTask(loss, model, state, target_func=nn.functional.cross_entropy)
+        rps = module.RPSAttributor(task, "2", l2_strength=0.003, epoch=300)
         rps.cache(train)
         return rps
 
@@ -163,6 +179,13 @@ def dattri_module():
     namespace.AttributionTask = AttributionTask
     for name in CLASSES.values():
         setattr(namespace, name, getattr(influence_function, name))
+    from dattri.algorithm.rps import RPSAttributor
+    from dattri.algorithm.tracin import TracInAttributor
+    from dattri.algorithm.trak import TRAKAttributor
+
+    namespace.TracInAttributor = TracInAttributor
+    namespace.TRAKAttributor = TRAKAttributor
+    namespace.RPSAttributor = RPSAttributor
     return namespace
 
 
@@ -176,6 +199,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--data-methods", action=argparse.BooleanOptionalAction, default=True,
                         help="also time TracIn, Grad-Dot, Grad-Cos, TRAK and RPS")
+    parser.add_argument("--dattri-data-methods", action=argparse.BooleanOptionalAction, default=True,
+                        help="run dattri's TracIn/TRAK/RPS side by side when dattri is installed")
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     unknown = set(methods) - set(METHODS)
@@ -206,10 +231,23 @@ def main(argv: Optional[list[str]] = None) -> None:
             row += " | | |"
         print(row, flush=True)
     if args.data_methods:
-        print("\n| method | ours (s) | finite |")
-        print("|---|---:|---|")
-        for name, seconds, scores in run_data_methods(model, loss, state, train, test):
-            print(f"| {name} | {seconds:.3f} | {bool(torch.isfinite(scores).all())} |", flush=True)
+        rows = run_data_methods(attrib_torch, model, loss, state, train, test)
+        theirs = {}
+        if dattri is not None and args.dattri_data_methods:
+            try:
+                theirs = {name: (s, sc) for name, s, sc in run_data_methods(dattri, model, loss, state, train, test)}
+            except Exception as error:  # noqa: BLE001 - dattri failing is a result to report
+                print(f"dattri's TracIn/TRAK/RPS failed: {type(error).__name__}: {str(error)[:120]}")
+        print("\n| method | ours (s) | finite | dattri (s) | speed-up | Pearson (ours, dattri) |")
+        print("|---|---:|---|---:|---:|---:|")
+        for name, seconds, scores in rows:
+            row = f"| {name} | {seconds:.3f} | {bool(torch.isfinite(scores).all())} |"
+            if name in theirs:
+                d_seconds, d_scores = theirs[name]
+                row += f" {d_seconds:.3f} | {d_seconds / seconds:.1f}x | {pearson(scores, d_scores):.3f} |"
+            else:
+                row += " | | |"
+            print(row, flush=True)
 
 
 if __name__ == "__main__":

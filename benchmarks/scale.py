@@ -67,7 +67,7 @@ def one(method: str, kind: str, n: int) -> dict:
         scores = attrib_torch.TracInAttributor(task, [1.0], False, projector_kwargs=kwargs,
                                                show_progress=False).attribute(train, test)
     else:
-        task = attrib_torch.AttributionTask(loss, model, state, target_func=margin)
+        task = attrib_torch.AttributionTask(margin, model, state)
         trak = attrib_torch.TRAKAttributor(task, probability, projector_kwargs=kwargs, show_progress=False)
         trak.cache(train)
         scores = trak.attribute(test)

@@ -64,31 +64,37 @@ def test_grad_cos_is_the_cosine_and_projection_is_batch_independent(problem):
     torch.testing.assert_close(sa, project(G, 64, seed=3) @ project(V, 64, seed=3).T, rtol=1e-9, atol=1e-11)
 
 
-def test_trak_equals_its_closed_form(problem):
-    task = AttributionTask(problem.loss_func, problem.model, problem.state, target_func=margin_of(problem))
+@pytest.mark.parametrize("own_target", [False, True])
+def test_trak_equals_its_closed_form(problem, own_target):
+    """Training features from loss_func (the margin), test features from target_func (dattri's convention)."""
+    margin = margin_of(problem)
+    target = problem.loss_func if own_target else margin
+    task = AttributionTask(margin, problem.model, problem.state, target_func=target if own_target else None)
     P = sum(v.numel() for v in problem.state.values())
     attributor = TRAKAttributor(task, correct_probability(problem), projector_kwargs={"proj_dim": P},
                                 regularization=0.1, show_progress=False)
     attributor.cache(problem.loader())
     scores = attributor.attribute(problem.loader("test"))
-    # Dense closed form: Φ (ΦᵀΦ + λI)⁻¹ Φ_testᵀ, rows scaled by 1 - p.
-    margin = margin_of(problem)
-    rows = []
-    for x, y in ((problem.x_train, problem.y_train), (problem.x_test, problem.y_test)):
-        feats = []
+
+    def features(func, x, y):
+        rows = []
         for i in range(len(y)):
-            g = torch.func.grad(margin)(problem.params, (x[i : i + 1], y[i : i + 1]))
-            feats.append(torch.cat([g["weight"].reshape(-1), g["bias"]]))
-        rows.append(torch.stack(feats))
-    phi, phi_test = rows
+            g = torch.func.grad(func)(problem.params, (x[i : i + 1], y[i : i + 1]))
+            rows.append(torch.cat([g["weight"].reshape(-1), g["bias"]]))
+        return torch.stack(rows)
+
+    # Dense closed form: Φ (ΦᵀΦ + λI)⁻¹ Φ_testᵀ, rows scaled by 1 - p.
+    phi = features(margin, problem.x_train, problem.y_train)
+    phi_test = features(target, problem.x_test, problem.y_test)
     q = 1 - correct_probability(problem)(problem.params, (problem.x_train, problem.y_train))
     K = phi.T @ phi + 0.1 * torch.eye(P, dtype=phi.dtype)
     expected = q[:, None] * (phi @ torch.linalg.solve(K, phi_test.T))
     torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=1e-6)
     top = attributor.topk(problem.loader("test"), 3)
     assert torch.equal(top.indices, torch.sort(expected.T, dim=1, descending=True, stable=True).indices[:, :3])
+    phi_self = features(target, problem.x_train, problem.y_train)
     torch.testing.assert_close(attributor.self_attribute().double(),
-                               torch.diagonal(q[:, None] * (phi @ torch.linalg.solve(K, phi.T))), rtol=1e-4, atol=1e-6)
+                               q * (phi @ torch.linalg.solve(K, phi_self.T)).diagonal(), rtol=1e-4, atol=1e-6)
 
 
 def test_trak_ensemble_averages_kernels_and_q(problem):
@@ -96,12 +102,12 @@ def test_trak_ensemble_averages_kernels_and_q(problem):
     margin, prob = margin_of(problem), correct_probability(problem)
     single = []
     for state in (problem.state, other):
-        t = TRAKAttributor(AttributionTask(problem.loss_func, problem.model, state, target_func=margin), prob,
+        t = TRAKAttributor(AttributionTask(margin, problem.model, state), prob,
                            projector_kwargs={"proj_dim": 32}, regularization=0.1, show_progress=False)
         t.cache(problem.loader())
         kernel = t.attribute(problem.loader("test")).double() / t._q[0][:, None]
         single.append((kernel, t._q[0]))
-    both = TRAKAttributor(AttributionTask(problem.loss_func, problem.model, [problem.state, other], target_func=margin),
+    both = TRAKAttributor(AttributionTask(margin, problem.model, [problem.state, other]),
                           prob, projector_kwargs={"proj_dim": 32}, regularization=0.1, show_progress=False)
     both.cache(problem.loader())
     expected = ((single[0][0] + single[1][0]) / 2) * ((single[0][1] + single[1][1]) / 2)[:, None]
