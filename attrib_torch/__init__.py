@@ -26,6 +26,7 @@ from .influence_legacy import IFAttributor
 from .rps import RPSAttributor
 from .task import AttributionTask
 from .tracin import TracInAttributor
+from .tracincp import KMostInfluentialResults, TracInCP, TracInCPFast, TracInCPFastRandProj
 from .trak import TRAKAttributor
 
 __all__ = [
@@ -40,6 +41,10 @@ __all__ = [
     "IFAttributorArnoldi",
     "IFAttributorEKFAC",
     "TracInAttributor",
+    "TracInCP",
+    "TracInCPFast",
+    "TracInCPFastRandProj",
+    "KMostInfluentialResults",
     "TRAKAttributor",
     "RPSAttributor",
     "AbstractModelOutput",

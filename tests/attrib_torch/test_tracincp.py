@@ -1,0 +1,145 @@
+"""Captum-style TracInCP against a brute-force loop of torch.autograd.grad over examples and checkpoints."""
+
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from attrib_torch import KMostInfluentialResults, TracInCP, TracInCPFast, TracInCPFastRandProj
+from kernels import project
+from tests.helpers import classification_batch, small_mlp
+
+RATES = (0.5, 0.2, 1.3)
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    model = small_mlp(4, (6, 7, 3))
+    x, y = classification_batch(8, 40, 6, 3)
+    directory = tmp_path_factory.mktemp("checkpoints")
+    paths = []
+    for c, rate in enumerate(RATES):
+        state = {k: v * (0.6 + 0.2 * c) for k, v in model.state_dict().items()}
+        path = os.path.join(directory, f"ckpt-{c * 5}.pt")  # ckpt-0, ckpt-5, ckpt-10: natural order
+        torch.save({"model_state_dict": state, "learning_rate": rate}, path)
+        paths.append(path)
+    return model, (x[:30], y[:30]), (x[30:], y[30:]), str(directory), paths
+
+
+def brute_force(model, paths, train, test, params=None):
+    """``(n_test, n_train)``: Σ_c lr_c ⟨∇ loss_train, ∇ loss_test⟩, one example at a time."""
+    total = 0
+    for path in paths:
+        saved = torch.load(path, weights_only=True)
+        model.load_state_dict(saved["model_state_dict"])
+        names = params or [n for n, _ in model.named_parameters()]
+
+        def grads(x, y):
+            rows = []
+            for i in range(len(y)):
+                loss = nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+                g = torch.autograd.grad(loss, [dict(model.named_parameters())[n] for n in names])
+                rows.append(torch.cat([t.reshape(-1) for t in g]))
+            return torch.stack(rows)
+
+        total = total + saved["learning_rate"] * grads(*test) @ grads(*train).T
+    return total
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("source", ["directory", "list", "iterator"])
+def test_scores_self_influence_and_topk_equal_the_loop(setting, reduction, source):
+    model, train, test, directory, paths = setting
+    checkpoints = {"directory": directory, "list": list(reversed(paths)), "iterator": iter(paths)}[source]
+    tracin = TracInCP(model, TensorDataset(*train), checkpoints, loss_fn=nn.CrossEntropyLoss(reduction=reduction),
+                      batch_size=8, sample_wise_grads_per_batch=reduction != "none")
+    expected = brute_force(model, paths, train, test)
+    scores = tracin.influence(test)
+    assert scores.shape == (10, 30)
+    torch.testing.assert_close(scores, expected)
+    torch.testing.assert_close(tracin.self_influence(), brute_force(model, paths, train, train).diagonal())
+    torch.testing.assert_close(tracin.influence(None), tracin.self_influence())
+    torch.testing.assert_close(tracin.self_influence(test), brute_force(model, paths, test, test).diagonal())
+    for proponents in (True, False):
+        top = tracin.influence(test, k=4, proponents=proponents)
+        assert isinstance(top, KMostInfluentialResults)
+        reference = torch.topk(expected, 4, dim=1, largest=proponents)
+        torch.testing.assert_close(top.influence_scores, reference.values)
+        assert torch.equal(top.indices, reference.indices)
+
+
+def test_layers_restrict_the_gradient_and_a_dataloader_is_accepted(setting):
+    model, train, test, directory, paths = setting
+    loader = DataLoader(TensorDataset(*train), batch_size=7)
+    tracin = TracInCP(model, loader, paths, layers=["2"], loss_fn=nn.CrossEntropyLoss(reduction="none"))
+    torch.testing.assert_close(tracin.influence(test), brute_force(model, paths, train, test, ["2.weight", "2.bias"]))
+
+
+def test_fast_variants_equal_their_closed_forms(setting):
+    model, train, test, directory, paths = setting
+    fast = TracInCPFast(model, "2", TensorDataset(*train), paths, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+                        batch_size=16)
+    expected = brute_force(model, paths, train, test, ["2.weight"])
+    torch.testing.assert_close(fast.influence(test), expected)
+    assert fast._attributor._factored  # from layer inputs and output gradients, no per-example weight gradients
+    # The closed form itself: (a_i·a_j)(ds_i·ds_j) with ds = softmax - onehot, summed over checkpoints.
+    closed = 0
+    for path in paths:
+        saved = torch.load(path, weights_only=True)
+        model.load_state_dict(saved["model_state_dict"])
+
+        def factors(x, y):
+            a = torch.tanh(model[0](x))
+            return a, torch.softmax(model[2](a), 1) - nn.functional.one_hot(y, 3)
+
+        (a, ds), (b, dt) = factors(*test), factors(*train)
+        closed = closed + saved["learning_rate"] * (a @ b.T) * (ds @ dt.T)
+    torch.testing.assert_close(fast.influence(test), closed.detach())
+    top = fast.influence(test, k=3, proponents=False)
+    assert torch.equal(top.indices, torch.topk(expected, 3, dim=1, largest=False).indices)
+
+    projected = TracInCPFastRandProj(model, model[2], TensorDataset(*train), paths,
+                                     loss_fn=nn.CrossEntropyLoss(reduction="mean"), batch_size=16,
+                                     projection_dim=5, seed=11)
+    rows = []
+    for path in paths:
+        saved = torch.load(path, weights_only=True)
+        model.load_state_dict(saved["model_state_dict"])
+        rows.append(saved["learning_rate"] * project(brute_force_rows(model, *test), 5, seed=11)
+                    @ project(brute_force_rows(model, *train), 5, seed=11).T)
+    torch.testing.assert_close(projected.influence(test), sum(rows))
+
+
+def brute_force_rows(model, x, y):
+    rows = []
+    for i in range(len(y)):
+        loss = nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        rows.append(torch.autograd.grad(loss, model[2].weight)[0].reshape(-1))
+    return torch.stack(rows)
+
+
+def test_bad_input_is_refused_before_computing(setting, tmp_path):
+    model, train, test, directory, paths = setting
+    data = TensorDataset(*train)
+    per_example = nn.CrossEntropyLoss(reduction="none")
+    with pytest.raises(ValueError, match="holds no checkpoint"):
+        TracInCP(model, data, str(tmp_path), loss_fn=per_example)
+    with pytest.raises(ValueError, match="layers"):
+        TracInCP(model, data, paths, layers=["decoder"], loss_fn=per_example)
+    with pytest.raises(ValueError, match="sample_wise_grads_per_batch"):
+        TracInCP(model, data, paths, loss_fn=nn.CrossEntropyLoss(reduction="sum"))
+    with pytest.raises(ValueError, match="sample_wise_grads_per_batch"):
+        TracInCP(model, data, paths, loss_fn=per_example, sample_wise_grads_per_batch=True)
+    with pytest.raises(ValueError, match="final_fc_layer"):
+        TracInCPFast(model, "1", data, paths, loss_fn=nn.CrossEntropyLoss())
+    with pytest.raises(ValueError, match="reduction must be"):
+        TracInCPFast(model, "2", data, paths, loss_fn=per_example)
+    tracin = TracInCP(model, data, paths, loss_fn=per_example)
+    with pytest.raises(ValueError, match="k: expected an integer in \\[1, 30\\]"):
+        tracin.influence(test, k=31)
+    with pytest.raises(ValueError, match="inputs: the model"):
+        tracin.influence((torch.randn(4, 9, dtype=torch.float64), torch.zeros(4, dtype=torch.long)))
+    with pytest.raises(ValueError, match="inputs: expected a tuple"):
+        tracin.influence(test[0])
