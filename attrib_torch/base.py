@@ -198,9 +198,9 @@ class BaseInnerProductAttributor(BaseAttributor):
         dtype = torch.promote_types(torch.promote_types(train.dtype, test.dtype), torch.float32)
         return (train.to(dtype) * test.to(dtype)).sum(1)
 
-    def _dense(self, rep: Any) -> Tensor:
-        """The representation as an ``(n, P')`` matrix (for the top-k kernel)."""
-        return rep
+    def _slice(self, rep: Any, start: int, stop: int) -> Any:
+        """Rows ``start .. stop - 1`` of a representation."""
+        return rep[start:stop]
 
     # -- answers ---------------------------------------------------------------------------------
 
@@ -256,22 +256,33 @@ class BaseInnerProductAttributor(BaseAttributor):
     ) -> TopK:
         """For each test example, the ``k`` strongest proponents (or opponents) among the training examples.
 
-        Streams the training representations through :func:`kernels.topk_inner`;
-        the ``(n_train, n_test)`` matrix is never formed. Checkpoints are combined
-        exactly (representations concatenated, so inner products add up).
+        Scores blocks of training examples (about 16M scores a block), combined over
+        checkpoints, and merges each into a running top-k (:func:`kernels.merge_topk`);
+        the ``(n_train, n_test)`` matrix is never formed. Ties go to the smaller index.
 
         Returns:
             ``TopK(values, indices)``, each ``(n_test, k)``, best first.
+
+        Raises:
+            ValueError: ``k`` not in ``[1, n_train]``.
         """
         loader = self._training_loader(train_dataloader)
         check_loader(test_dataloader, "test_dataloader")
         weights = self.checkpoint_weights()
-        train = torch.cat([self._dense(self.train_reps(c, loader)) for c in range(len(weights))], dim=1)
+        train = [self.train_reps(c, loader) for c in range(len(weights))]
+        test = [self._concat(list(self._grouped(test_dataloader, c, train=False))) for c in range(len(weights))]
+        n, m = self._rows(train[0]), self._rows(test[0])
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+            raise ValueError(f"k: expected an integer in [1, {n}] (the training examples), got {k!r}")
         scale = self._row_scale(loader)
-        if scale is not None:
-            train = train * scale.unsqueeze(1).to(train.dtype)
-        test = torch.cat([
-            self._dense(self._concat(list(self._grouped(test_dataloader, c, train=False)))) * w
-            for c, w in enumerate(weights)
-        ], dim=1)
-        return kernels.topk_inner(train, test, k, largest=proponents)
+        block = max(k, (1 << 24) // max(m, 1))
+        running = None
+        for start in range(0, n, block):
+            stop = min(n, start + block)
+            scores = sum(w * self._inner(self._slice(tr, start, stop), te) for tr, te, w in zip(train, test, weights))
+            if scale is not None:
+                scores = scores * scale[start:stop, None].to(scores.dtype)
+            if running is None:
+                running = kernels.empty_topk(m, scores.dtype, scores.device)
+            running = kernels.merge_topk(running, scores.T, start, k, largest=proponents)
+        return running

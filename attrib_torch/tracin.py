@@ -166,8 +166,12 @@ class TracInAttributor(BaseInnerProductAttributor):
     def _diag(self, train: Any, test: Any) -> Tensor:
         return factored_rowwise(train, test) if isinstance(train, dict) else super()._diag(train, test)
 
-    def _dense(self, rep: Any) -> Tensor:
-        return factored_dense(rep, self._factored[0], self.names) if isinstance(rep, dict) else rep
+    def _slice(self, rep: Any, start: int, stop: int) -> Any:
+        if isinstance(rep, dict):
+            # positions: every row of the slice (products never read it; masked rows are zeros)
+            return {m: Captured(c.a[start:stop], c.ds[start:stop], (stop - start) * c.a.shape[1])
+                    for m, c in rep.items()}
+        return super()._slice(rep, start, stop)
 
     def _represent(self, rep: Any) -> Any:
         if isinstance(rep, dict):

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset
 
-from .data import check_loader
+from .data import batches, check_loader
 from .task import AttributionTask
 from .tracin import TracInAttributor
 
@@ -156,7 +156,7 @@ class _TracInCPBase:
 
     def _n_training(self) -> int:
         if self._n_train is None:
-            self._n_train = sum(len(batch[-1]) for batch in self.train_dataloader)
+            self._n_train = sum(len(batch[-1]) for batch in batches(self.train_dataloader, torch.device("cpu")))
         return self._n_train
 
     def _test_batch(self, inputs: Any, unpack_inputs: bool) -> List[tuple]:
@@ -323,7 +323,8 @@ class TracInCPFast(_TracInCPBase):
 
     def _make(self, test_loss_fn: Callable) -> TracInAttributor:
         return TracInAttributor(self._task(test_loss_fn), self.learning_rates, False,
-                                layer_name=f"{self.final_fc_layer}.weight", show_progress=False,
+                                layer_name=f"{self.final_fc_layer}.weight" if self.final_fc_layer else "weight",
+                                show_progress=False,
                                 **self._projection())
 
     def _projection(self) -> Dict[str, Any]:

@@ -170,15 +170,35 @@ def topk_inner(
     if not bool(torch.isfinite(b).all()):
         raise ValueError("b: contains NaN or Inf")
     dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-    values = torch.empty(m, 0, dtype=dtype, device=b.device)
-    indices = torch.empty(m, 0, dtype=torch.long, device=b.device)
+    running = empty_topk(m, dtype, b.device)
     for start in range(0, n, block_rows):
         stop = min(n, start + block_rows)
         # The same products as inner(a, b) computes, transposed to (m, block) for topk.
-        scores = inner(a[start:stop], b, normalize=normalize).T.contiguous()
+        scores = inner(a[start:stop], b, normalize=normalize).T
         if not bool(torch.isfinite(scores).all()):
             raise ValueError(f"a: rows {start}..{stop - 1} give NaN or Inf scores")
-        values, indices = reference.merge_topk(values, indices, scores, start, k, largest)
+        running = merge_topk(running, scores, start, k, largest=largest)
+    return running
+
+
+def empty_topk(m: int, dtype: torch.dtype, device: torch.device) -> TopK:
+    """A running top-k with no candidates yet, for :func:`merge_topk`."""
+    return TopK(torch.empty(m, 0, dtype=dtype, device=device), torch.empty(m, 0, dtype=torch.long, device=device))
+
+
+def merge_topk(running: TopK, scores: Tensor, start: int, k: int, *, largest: bool = True) -> TopK:
+    """Merge the scores ``(m, b)`` of candidates ``start .. start + b - 1`` into a running top-k ``(m, k')``.
+
+    The streaming reduction behind :func:`topk_inner`, for scores computed any other
+    way (blocks of training examples, shards): the result is the top-k of all the
+    candidates merged so far, with ties to the smaller index whatever the blocks.
+
+    Raises:
+        ValueError: NaN or Inf among the scores.
+    """
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"scores: candidates {start}..{start + scores.shape[1] - 1} give NaN or Inf scores")
+    values, indices = reference.merge_topk(running.values, running.indices, scores.contiguous(), start, k, largest)
     return TopK(values, indices)
 
 

@@ -112,6 +112,21 @@ def test_fast_variants_equal_their_closed_forms(setting):
     torch.testing.assert_close(projected.influence(test), sum(rows))
 
 
+def test_fast_on_a_model_that_is_its_final_layer(setting):
+    _, train, test, _, _ = setting
+    model = nn.Linear(6, 3).double()
+    path = os.path.join(os.path.dirname(setting[4][0]), "..", "linear.pt")
+    torch.save(model.state_dict(), path)
+    fast = TracInCPFast(model, model, TensorDataset(*train), [path], loss_fn=nn.CrossEntropyLoss(), batch_size=8)
+    g_test = torch.stack([torch.autograd.grad(nn.functional.cross_entropy(model(test[0][i : i + 1]),
+                                                                          test[1][i : i + 1]), model.weight)[0]
+                          for i in range(10)]).reshape(10, -1)
+    g_train = torch.stack([torch.autograd.grad(nn.functional.cross_entropy(model(train[0][i : i + 1]),
+                                                                           train[1][i : i + 1]), model.weight)[0]
+                           for i in range(30)]).reshape(30, -1)
+    torch.testing.assert_close(fast.influence(test), g_test @ g_train.T)  # default load: learning rate 1
+
+
 def brute_force_rows(model, x, y):
     rows = []
     for i in range(len(y)):
