@@ -3,7 +3,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernels import inner, topk_inner
+from kernels import empty_topk, inner, merge_topk, topk_inner
 
 
 def stable_topk(scores, k, largest):
@@ -68,3 +68,25 @@ def test_bad_input():
         topk_inner(bad, b, 2)
     with pytest.raises(ValueError, match="b: contains NaN"):
         topk_inner(a, b * float("nan"), 2)
+
+
+@given(st.integers(1, 40), st.integers(1, 5), st.lists(st.integers(1, 15), min_size=1, max_size=4), st.booleans(),
+       st.integers(0, 1000))
+def test_merge_topk_of_blocks_is_the_topk_of_their_union(n, m, cuts, largest, seed):
+    """Scores computed elsewhere, in uneven blocks (shards), with ties: the merge is exact."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(-3, 4, (n, m), generator=g).double()  # many ties
+    k = 1 + seed % n
+    running = empty_topk(m, torch.float64, torch.device("cpu"))
+    start = 0
+    for cut in cuts * n:
+        if start >= n:
+            break
+        stop = min(n, start + cut)
+        running = merge_topk(running, scores[start:stop].T, start, k, largest=largest)
+        start = stop
+    values, indices = stable_topk(scores, k, largest)
+    torch.testing.assert_close(running.values, values)
+    assert torch.equal(running.indices, indices)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        merge_topk(running, torch.full((m, 2), float("nan"), dtype=torch.float64), n, k)
