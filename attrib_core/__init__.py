@@ -6,6 +6,7 @@ state between calls. See ``DESIGN.md`` for the conventions (parameters as
 ``dict[str, Tensor]``, operators as ``mv(V)`` on ``(k, P)`` blocks, explicit seeds).
 """
 
+from .ablation import Ablation, ablate, layer_ablation, prepare_ablation
 from .arnoldi import ArnoldiResult, ArnoldiState, SpectralProjector, arnoldi, spectral_projector
 from .cg import CGSolution, CGState, cg
 from .curvature import fvp, gnvp, hessian, hvp, make_fvp, make_gnvp, make_hvp
@@ -95,4 +96,8 @@ __all__ = [
     "topk_scores",
     "self_scores",
     "TopK",
+    "Ablation",
+    "prepare_ablation",
+    "ablate",
+    "layer_ablation",
 ]

@@ -23,6 +23,7 @@ from .influence import (
     IFAttributorLiSSA,
 )
 from .influence_legacy import IFAttributor
+from .layer_ablation import LayerFeatureAblation
 from .rps import RPSAttributor
 from .task import AttributionTask
 from .tracin import TracInAttributor
@@ -45,6 +46,7 @@ __all__ = [
     "TracInCPFast",
     "TracInCPFastRandProj",
     "KMostInfluentialResults",
+    "LayerFeatureAblation",
     "TRAKAttributor",
     "RPSAttributor",
     "AbstractModelOutput",
