@@ -116,8 +116,8 @@ class TracInAttributor(BaseInnerProductAttributor):
         head = tuple(pytree.tree_map(lambda x: x[:rows] if isinstance(x, Tensor) and x.dim() else x, list(data)))
         reductions = {}
         for which, func in (("train", self.task.loss_func), ("test", self.task.target_func)):
-            try:
-                summed = capture(model, func, params, data, specs, reduction="sum")
+            try:  # the first rows of the batch, as a batch of their own
+                summed = capture(model, func, params, head, specs, reduction="sum")
             except (ValueError, RuntimeError):  # shared weights, a layer that did not run, ...
                 return
             positions = {m: c.a.shape[1] for m, c in summed.items()}
@@ -127,9 +127,8 @@ class TracInAttributor(BaseInnerProductAttributor):
             expected = self._per_example_grads(self._restricted(func, fixed), chosen, head)
             if self._vmap_failed:  # data-dependent control flow: a batch's forward may differ from its examples'
                 return
-            got = factored_dense({m: Captured(c.a[:rows], c.ds[:rows], 0) for m, c in summed.items()},
-                                 specs, self.names).to(expected.dtype)
-            reductions[which] = _reduction(expected, got, batch_size(data))
+            got = factored_dense(summed, specs, self.names).to(expected.dtype)
+            reductions[which] = _reduction(expected, got, rows)
             if reductions[which] is None:
                 return
         self._factored = (specs, reductions)

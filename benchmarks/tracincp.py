@@ -8,7 +8,7 @@ rates 0.1):
 - ``mlp``: MLP 64-128-10 (9,610 parameters).
 
 For each: influence scores ``(100, 1000)``, self influence over the training set and
-the top-10 proponents, timed from construction; a brute-force loop of
+the top-10 proponents, timed from construction (median of 5 runs); a brute-force loop of
 ``torch.autograd.grad`` over examples gives the reference scores (and its time). With
 captum importable, its ``TracInCP`` runs on the identical model, checkpoints and data
 in its default setting (per-example loss, ``sample_wise_grads_per_batch=False``) and
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import statistics
 import tempfile
 import time
 from typing import Callable, Dict, List, Optional
@@ -79,10 +80,17 @@ def brute_force(model: nn.Module, paths: List[str], train, test) -> torch.Tensor
     return total
 
 
+REPEAT = 5
+
+
 def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
+    """Median seconds of ``REPEAT`` runs (each from construction), and the last result."""
+    seconds = []
+    for _ in range(REPEAT):
+        start = time.perf_counter()
+        out = fn()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds), out
 
 
 def ours(model, directory, train, test) -> Dict[str, tuple]:
@@ -149,7 +157,9 @@ def main(argv: Optional[list] = None) -> None:
             mine = ours(model, directory, train, test)
             print(f"\n### {name} ({sum(p.numel() for p in model.parameters()):,} parameters)\n")
             if args.loop:
-                seconds, reference = timed(lambda: brute_force(model, paths, train, test))
+                start = time.perf_counter()
+                reference = brute_force(model, paths, train, test)
+                seconds = time.perf_counter() - start
                 print(f"brute-force loop: {seconds:.2f} s; ours vs loop: {agreement(mine['scores'][1], reference)}, "
                       f"{seconds / mine['scores'][0]:.0f}x faster\n")
             other = theirs(model, directory, train, test) if captum else {}
