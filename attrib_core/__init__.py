@@ -25,6 +25,16 @@ from .gradients import per_sample_grad, per_sample_grad_loop
 from .kfac import EKFAC, EKFACLayer, KFACFactors, LayerFactors, ekfac, kfac_factors
 from .layer_capture import Captured, LayerSpec, capture, layer_specs
 from .lissa import LissaSolution, LissaState, lissa
+from .metrics import (
+    BrittlenessResult,
+    LDSResult,
+    LOOResult,
+    MislabelResult,
+    brittleness,
+    lds,
+    loo_correlation,
+    mislabel_auc,
+)
 from .nystrom import NystromApprox, nystrom
 from .projector import Projector, projector
 from .scores import TopK, cosine, inner_products, self_scores, topk_scores
@@ -96,6 +106,14 @@ __all__ = [
     "topk_scores",
     "self_scores",
     "TopK",
+    "lds",
+    "LDSResult",
+    "loo_correlation",
+    "LOOResult",
+    "mislabel_auc",
+    "MislabelResult",
+    "brittleness",
+    "BrittlenessResult",
     "Ablation",
     "prepare_ablation",
     "ablate",
