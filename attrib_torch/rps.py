@@ -100,7 +100,7 @@ class RPSAttributor(BaseAttributor):
         self.full_train_dataloader = full_train_dataloader
         features, labels = self._features(full_train_dataloader)
         layer_params = self.task.params(0)
-        prefix = f"{self.layer_name}."
+        prefix = f"{self.layer_name}." if self.layer_name else ""  # "" : the model is the layer
         weight = layer_params[prefix + "weight"].to(self.device).double()
         if self.has_bias:
             bias = layer_params[prefix + "bias"].to(self.device).double()

@@ -26,8 +26,15 @@ class TopLevel(nn.Sequential):
         super().__init__(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10, bias=False))
 
 
+class Alone(nn.Linear):
+    """A model that is its own final layer (module name "")."""
+
+    def __init__(self):
+        super().__init__(64, 10)
+
+
 @pytest.mark.parametrize("make,name,normalize", [(Nested, "encoder.head", False), (Nested, "encoder.head", True),
-                                                 (TopLevel, "2", False)])
+                                                 (TopLevel, "2", False), (Alone, "", False)])
 def test_representer_decomposition_is_exact_after_fine_tuning(problem, make, name, normalize):
     torch.manual_seed(0)
     model = make().double()

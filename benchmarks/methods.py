@@ -1,0 +1,145 @@
+"""Every attribution method of the benchmark, with its shipped defaults and the grid it is tuned over.
+
+Each method builds an ``attrib_torch`` attributor for a :class:`~benchmarks.settings.Setting`
+and gives training-by-test scores (a positive score: the training image helps the test
+prediction) and self-influence scores. Defaults are the grid points with the best LDS
+on the validation models (``python -m benchmarks.run --tune``); they never see the
+models the reported LDS uses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader, TensorDataset
+
+import attrib_torch as at
+
+from .digits import cross_entropy
+from .settings import Setting, states
+
+BATCH = 250
+
+
+class Method(NamedTuple):
+    build: Callable[[Setting, Dict[str, Any]], Any]  # -> a cached attributor
+    defaults: Dict[str, Any]
+    grid: Dict[str, List[Any]]
+
+
+def loaders(setting: Setting):
+    d = setting.data
+    train = DataLoader(TensorDataset(d.x_train, d.y_train), batch_size=BATCH, shuffle=False)
+    test = DataLoader(TensorDataset(d.x_test, d.y_test), batch_size=BATCH, shuffle=False)
+    return train, test
+
+
+def _task(setting: Setting, checkpoints=None, loss=None) -> at.AttributionTask:
+    chosen = states(setting, checkpoints or [setting.params])
+    return at.AttributionTask(loss or cross_entropy(setting.model), setting.model, chosen)
+
+
+def _influence(cls, **fixed):
+    def build(setting: Setting, hyper: Dict[str, Any]):
+        attributor = cls(_task(setting), show_progress=False, **fixed, **hyper)
+        attributor.cache(loaders(setting)[0])
+        return attributor
+
+    return build
+
+
+def _tracin(which: str):
+    def build(setting: Setting, hyper: Dict[str, Any]):
+        checkpoints = setting.checkpoints if which == "tracin" else [setting.params]
+        attributor = at.TracInAttributor(_task(setting, checkpoints), [1.0] * len(checkpoints),
+                                         normalized_grad=which == "grad-cos", show_progress=False)
+        attributor.cache(loaders(setting)[0])
+        return attributor
+
+    return build
+
+
+def margin_of(model: nn.Module):
+    """TRAK's margin ``logit_y - logsumexp_{c≠y} logit_c``, summed over a batch."""
+
+    def margin(params, data):
+        x, y = data
+        logits = functional_call(model, params, (x,))
+        correct = logits.gather(1, y[:, None]).squeeze(1)
+        return (correct - torch.logsumexp(logits.scatter(1, y[:, None], float("-inf")), dim=1)).sum()
+
+    return margin
+
+
+def probability_of(model: nn.Module):
+    def probability(params, data):
+        x, y = data
+        return torch.softmax(functional_call(model, params, (x,)), dim=1).gather(1, y[:, None]).squeeze(1)
+
+    return probability
+
+
+def _trak(models: int):
+    def build(setting: Setting, hyper: Dict[str, Any]):
+        members = setting.ensemble[:models]
+        if len(members) < models:
+            raise ValueError(f"trak-{models}: the setting has {len(setting.ensemble)} trained models; "
+                             f"make it with ensemble >= {models}")
+        task = _task(setting, members, loss=margin_of(setting.model))
+        hyper = dict(hyper)
+        proj_dim = hyper.pop("proj_dim")
+        attributor = at.TRAKAttributor(task, probability_of(setting.model), projector_kwargs={"proj_dim": proj_dim},
+                                       show_progress=False, **hyper)
+        attributor.cache(loaders(setting)[0])
+        return attributor
+
+    return build
+
+
+def _rps(setting: Setting, hyper: Dict[str, Any]):
+    task = at.AttributionTask(cross_entropy(setting.model), setting.model, states(setting, [setting.params]),
+                              target_func=nn.functional.cross_entropy)
+    attributor = at.RPSAttributor(task, setting.final_layer, **hyper)
+    attributor.cache(loaders(setting)[0])
+    return attributor
+
+
+DAMPINGS = [1e-4, 1e-3, 1e-2, 1e-1]
+METHODS: Dict[str, Method] = {
+    "explicit": Method(_influence(at.IFAttributorExplicit), {"regularization": 1e-3}, {"regularization": DAMPINGS}),
+    "cg": Method(_influence(at.IFAttributorCG, max_iter=20), {"regularization": 1e-3}, {"regularization": DAMPINGS}),
+    "lissa": Method(_influence(at.IFAttributorLiSSA, batch_size=50, recursion_depth=100),
+                    {"damping": 1e-3, "scaling": 5.0}, {"damping": DAMPINGS, "scaling": [5.0, 20.0]}),
+    "arnoldi": Method(_influence(at.IFAttributorArnoldi, proj_dim=100, max_iter=100), {"regularization": 1e-3},
+                      {"regularization": DAMPINGS}),
+    "datainf": Method(_influence(at.IFAttributorDataInf), {"regularization": 0.0},
+                      {"regularization": [0.0] + DAMPINGS}),
+    "ekfac": Method(_influence(at.IFAttributorEKFAC), {"damping": 1e-3, "fisher": "empirical"},
+                    {"damping": DAMPINGS, "fisher": ["empirical", "sampled"]}),
+    "tracin": Method(_tracin("tracin"), {}, {}),
+    "grad-dot": Method(_tracin("grad-dot"), {}, {}),
+    "grad-cos": Method(_tracin("grad-cos"), {}, {}),
+    "trak-1": Method(_trak(1), {"proj_dim": 512, "regularization": 0.0},
+                     {"proj_dim": [256, 512, 2048], "regularization": [0.0, 1e-2, 1.0]}),
+    "trak-5": Method(_trak(5), {"proj_dim": 512, "regularization": 0.0},
+                     {"proj_dim": [256, 512, 2048], "regularization": [0.0, 1e-2, 1.0]}),
+    "rps": Method(_rps, {"l2_strength": 1e-3, "epoch": 300}, {"l2_strength": [1e-4, 1e-3, 1e-2]}),
+}
+
+
+def attribute(setting: Setting, name: str, hyper: Dict[str, Any]) -> Tensor:
+    """Scores ``(n_train, n_test)`` of method ``name`` with ``hyper`` on the setting."""
+    attributor = METHODS[name].build(setting, hyper)
+    train, test = loaders(setting)
+    if isinstance(attributor, at.TRAKAttributor):
+        return attributor.attribute(test).detach()
+    return attributor.attribute(train, test).detach()
+
+
+def self_influence(setting: Setting, name: str, hyper: Dict[str, Any]) -> Tensor:
+    """``(n_train,)`` self influence of method ``name`` with ``hyper`` on the setting's training set."""
+    attributor = METHODS[name].build(setting, hyper)
+    return attributor.self_attribute(loaders(setting)[0]).detach()

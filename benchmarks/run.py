@@ -1,0 +1,244 @@
+"""The attribution benchmark: every method's LDS, noisy-label AUC, time and memory on scikit-learn digits.
+
+For each setting (digits + logistic regression, + MLP, + a small CNN; 1,000 training
+and 100 test images) and each method, one table row: the linear datamodeling score
+against models retrained on random halves of the training set (mean over test images
+with a 95% interval), the AUC of finding the 10% flipped labels of the noisy variant
+by self influence, the wall time of construction + cache + attribute, and the peak
+resident memory it added. The tables go to the terminal and to
+``benchmarks/results/<setting>.md``, with a plot of LDS against time
+(``benchmarks/results/<setting>.png``). The retrained models are cached on disk.
+
+Hyperparameters are never chosen on the models the reported LDS uses: the first
+``--n-val`` retrained models are a validation split, ``--tune`` searches each method's
+grid on them, and the defaults that ship (``benchmarks/methods.py``) are its winners.
+
+    python -m benchmarks.run [--setting logreg|mlp|cnn|all] [--methods explicit,cg,...] [--quick] [--tune]
+
+``--quick`` is the main job: digits + logistic regression, every method, fewer
+retrained models (about 2 minutes on 2 cores the first time, seconds once cached),
+then the strongest proponents and opponents of a few test images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, NamedTuple, Optional
+
+import torch
+
+from attrib_core import lds, mislabel_auc
+
+from .digits_influence import first_of_each_label, render
+from .methods import METHODS, attribute, self_influence
+from .retrain import LDSTruth, retrain_lds
+from .settings import SETTINGS, Setting, make_setting, minus_test_loss
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class Row(NamedTuple):
+    method: str
+    hyper: Dict[str, Any]
+    lds: float
+    lds_half_width: float
+    auc: float
+    seconds: float
+    peak_mib: float
+
+
+class PeakMemory:
+    """The largest resident-set growth while the block runs, sampled every 2 ms from ``/proc/self/statm``."""
+
+    def __init__(self) -> None:
+        self.peak_mib = float("nan")
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _rss(self) -> Optional[int]:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self._page
+        except OSError:
+            return None
+
+    def __enter__(self) -> "PeakMemory":
+        self._base = self._rss()
+        self._top = self._base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.002):
+            rss = self._rss()
+            if rss is not None:
+                self._top = max(self._top, rss)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self._base is not None:
+            self.peak_mib = (max(self._top, self._rss() or 0) - self._base) / 2**20
+
+
+def split_truth(truth: LDSTruth, n_val: int) -> tuple[LDSTruth, LDSTruth]:
+    """(validation, report): the first ``n_val`` retrained models and the rest."""
+    return (LDSTruth(truth.subsets[:n_val], truth.values[:n_val]),
+            LDSTruth(truth.subsets[n_val:], truth.values[n_val:]))
+
+
+def lds_with_interval(scores: torch.Tensor, truth: LDSTruth) -> tuple[float, float]:
+    """Mean LDS over test images and the half-width of its 95% normal interval."""
+    per_test = lds(scores, truth.values, truth.subsets).per_test
+    defined = per_test[~torch.isnan(per_test)]
+    if defined.numel() < 2:
+        return float(defined.mean()) if defined.numel() else float("nan"), float("nan")
+    return float(defined.mean()), 1.96 * float(defined.std()) / math.sqrt(defined.numel())
+
+
+def tune(setting: Setting, name: str, validation: LDSTruth) -> Dict[str, Any]:
+    """The grid point with the best validation LDS (the defaults fill keys the grid leaves out)."""
+    method = METHODS[name]
+    if not method.grid:
+        return dict(method.defaults)
+    best, best_lds = dict(method.defaults), -math.inf
+    keys = list(method.grid)
+    for values in itertools.product(*(method.grid[k] for k in keys)):
+        hyper = {**method.defaults, **dict(zip(keys, values))}
+        try:
+            score = lds_with_interval(attribute(setting, name, hyper), validation)[0]
+        except (ValueError, RuntimeError) as error:  # a grid point the method rejects is no candidate
+            print(f"    {name} {hyper}: {type(error).__name__}: {str(error)[:80]}")
+            continue
+        print(f"    {name} {hyper}: validation LDS {score:.3f}", flush=True)
+        if score > best_lds:
+            best, best_lds = hyper, score
+    return best
+
+
+def evaluate(setting: Setting, noisy: Setting, name: str, hyper: Dict[str, Any], report: LDSTruth) -> Row:
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        scores = attribute(setting, name, hyper)
+        seconds = time.perf_counter() - start
+    mean, half = lds_with_interval(scores, report)
+    auc = mislabel_auc(self_influence(noisy, name, hyper), noisy.is_noisy).auc
+    return Row(name, hyper, mean, half, auc, seconds, memory.peak_mib)
+
+
+def table(setting: str, rows: List[Row], n_report: int, n_val: int) -> str:
+    lines = [f"### digits + {setting}: {n_report} retrained models for LDS ({n_val} more for validation)", "",
+             "| method | LDS (95% interval) | noisy-label AUC | time (s) | peak memory (MiB) | settings |",
+             "|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r.method} | {r.lds:.3f} ± {r.lds_half_width:.3f} | {r.auc:.3f} | {r.seconds:.2f} | "
+                     f"{r.peak_mib:.0f} | {', '.join(f'{k}={v}' for k, v in r.hyper.items()) or '-'} |")
+    return "\n".join(lines)
+
+
+def plot(setting: str, rows: List[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.errorbar(r.seconds, r.lds, yerr=r.lds_half_width, fmt="o", capsize=3)
+        ax.annotate(r.method, (r.seconds, r.lds), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("wall time, construction + cache + attribute (s, log scale)")
+    ax.set_ylabel("LDS (Spearman, mean over test images)")
+    ax.set_title(f"digits + {setting}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def explain(setting: Setting, name: str, hyper: Dict[str, Any], show: int = 3, top: int = 3) -> None:
+    """Print the strongest proponents and opponents of a few test images, with the images."""
+    scores = attribute(setting, name, hyper)
+    d = setting.data
+    for j in first_of_each_label(d.y_test, show):
+        column = scores[:, j]
+        pro = torch.topk(column, top).indices.tolist()
+        con = torch.topk(column, top, largest=False).indices.tolist()
+        print(f"\ntest image {j} (label {int(d.y_test[j])}), by {name}:")
+        for kind, picks in (("proponents", pro), ("opponents", con)):
+            print(f"  strongest {kind}: " + ", ".join(
+                f"#{i} (label {int(d.y_train[i])}, {float(column[i]):+.3g})" for i in picks))
+        print(render([d.x_test[j], d.x_train[pro[0]], d.x_train[con[0]]],
+                     [f"test {int(d.y_test[j])}", f"pro {int(d.y_train[pro[0]])}", f"con {int(d.y_train[con[0]])}"]))
+
+
+def run_setting(name: str, methods: List[str], *, n_models: int, n_val: int, do_tune: bool, seed: int) -> List[Row]:
+    start = time.perf_counter()
+    ensemble = max([int(m.split("-")[1]) for m in methods if m.startswith("trak-")] + [1])
+    setting = make_setting(name, seed=seed, ensemble=ensemble)
+    noisy = make_setting(name, seed=seed, noisy=True, ensemble=ensemble)
+    truth = retrain_lds(setting.train_fn, minus_test_loss(setting.model), setting.data, n_subsets=n_val + n_models,
+                        seed=seed, key=setting.key, progress=True)
+    validation, report = split_truth(truth, n_val)
+    print(f"\ndigits + {name}: models fitted and {n_val + n_models} retrained in {time.perf_counter() - start:.1f} s",
+          flush=True)
+    rows = []
+    for method in methods:
+        hyper = tune(setting, method, validation) if do_tune else dict(METHODS[method].defaults)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # LiSSA/Arnoldi diagnostics are in the numbers
+            rows.append(evaluate(setting, noisy, method, hyper, report))
+        r = rows[-1]
+        print(f"  {method}: LDS {r.lds:.3f} ± {r.lds_half_width:.3f}, AUC {r.auc:.3f}, {r.seconds:.2f} s", flush=True)
+    text = table(name, rows, n_models, n_val)
+    print("\n" + text)
+    RESULTS.mkdir(exist_ok=True)
+    suffix = "-quick" if n_models < 64 else ""
+    (RESULTS / f"{name}{suffix}.md").write_text(text + "\n")
+    plot(name, rows, RESULTS / f"{name}{suffix}.png")
+    print(f"\nwritten: benchmarks/results/{name}{suffix}.md and .png")
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--setting", default="all", help=f"one of {SETTINGS} or 'all'")
+    parser.add_argument("--methods", default=None, help=f"comma-separated, from {list(METHODS)}")
+    parser.add_argument("--quick", action="store_true", help="logistic regression, 24 + 8 retrained models")
+    parser.add_argument("--tune", action="store_true", help="choose hyperparameters on the validation models")
+    parser.add_argument("--n-models", type=int, default=64, help="retrained models for the reported LDS")
+    parser.add_argument("--n-val", type=int, default=16, help="retrained models for validation")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    settings = list(SETTINGS) if args.setting == "all" else args.setting.split(",")
+    unknown = set(settings) - set(SETTINGS)
+    if unknown:
+        parser.error(f"--setting: unknown {sorted(unknown)}; choose from {SETTINGS} or 'all'")
+    methods = list(METHODS) if args.methods is None else [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        parser.error(f"--methods: unknown {sorted(unknown)}; choose from {list(METHODS)}")
+    n_models, n_val = args.n_models, args.n_val
+    if args.quick:
+        settings, n_models, n_val = ["logreg"], 24, 8
+        methods = [m for m in methods if m != "trak-5"]  # one convex model: five fits would be the same model
+    torch.manual_seed(args.seed)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name in settings:
+        rows = run_setting(name, methods, n_models=n_models, n_val=n_val, do_tune=args.tune, seed=args.seed)
+        if args.quick:
+            best = max(rows, key=lambda r: r.lds)
+            setting = make_setting(name, seed=args.seed)
+            explain(setting, best.method, best.hyper)
+
+
+if __name__ == "__main__":
+    main()
