@@ -180,11 +180,12 @@ def explain(setting: Setting, name: str, hyper: Dict[str, Any], show: int = 3, t
                      [f"test {int(d.y_test[j])}", f"pro {int(d.y_train[pro[0]])}", f"con {int(d.y_train[con[0]])}"]))
 
 
-def run_setting(name: str, methods: List[str], *, n_models: int, n_val: int, do_tune: bool, seed: int) -> List[Row]:
+def run_setting(name: str, methods: List[str], *, n_models: int, n_val: int, do_tune: bool, seed: int,
+                n_train: int = 1000, results: Optional[Path] = None) -> List[Row]:
     start = time.perf_counter()
     ensemble = max([int(m.split("-")[1]) for m in methods if m.startswith("trak-")] + [1])
-    setting = make_setting(name, seed=seed, ensemble=ensemble)
-    noisy = make_setting(name, seed=seed, noisy=True, ensemble=ensemble)
+    setting = make_setting(name, seed=seed, ensemble=ensemble, n_train=n_train)
+    noisy = make_setting(name, seed=seed, noisy=True, ensemble=ensemble, n_train=n_train)
     truth = retrain_lds(setting.train_fn, minus_test_loss(setting.model), setting.data, n_subsets=n_val + n_models,
                         seed=seed, key=setting.key, progress=True)
     validation, report = split_truth(truth, n_val)
@@ -200,11 +201,12 @@ def run_setting(name: str, methods: List[str], *, n_models: int, n_val: int, do_
         print(f"  {method}: LDS {r.lds:.3f} ± {r.lds_half_width:.3f}, AUC {r.auc:.3f}, {r.seconds:.2f} s", flush=True)
     text = table(name, rows, n_models, n_val)
     print("\n" + text)
-    RESULTS.mkdir(exist_ok=True)
+    folder = results or RESULTS
+    folder.mkdir(exist_ok=True)
     suffix = "-quick" if n_models < 64 else ""
-    (RESULTS / f"{name}{suffix}.md").write_text(text + "\n")
-    plot(name, rows, RESULTS / f"{name}{suffix}.png")
-    print(f"\nwritten: benchmarks/results/{name}{suffix}.md and .png")
+    (folder / f"{name}{suffix}.md").write_text(text + "\n")
+    plot(name, rows, folder / f"{name}{suffix}.png")
+    print(f"\nwritten: {folder / f'{name}{suffix}'}.md and .png")
     return rows
 
 
@@ -216,6 +218,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--tune", action="store_true", help="choose hyperparameters on the validation models")
     parser.add_argument("--n-models", type=int, default=64, help="retrained models for the reported LDS")
     parser.add_argument("--n-val", type=int, default=16, help="retrained models for validation")
+    parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     settings = list(SETTINGS) if args.setting == "all" else args.setting.split(",")
@@ -233,10 +236,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     torch.manual_seed(args.seed)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name in settings:
-        rows = run_setting(name, methods, n_models=n_models, n_val=n_val, do_tune=args.tune, seed=args.seed)
+        rows = run_setting(name, methods, n_models=n_models, n_val=n_val, do_tune=args.tune, seed=args.seed,
+                           n_train=args.n_train)
         if args.quick:
             best = max(rows, key=lambda r: r.lds)
-            setting = make_setting(name, seed=args.seed)
+            setting = make_setting(name, seed=args.seed, n_train=args.n_train)
             explain(setting, best.method, best.hyper)
 
 
