@@ -45,11 +45,12 @@ from .solve_explicit import (
     solve_explicit,
     solve_factored,
 )
-from .trees import ravel, select
+from .trees import ravel, select, split_by_module
 
 __all__ = [
     "ravel",
     "select",
+    "split_by_module",
     "per_sample_grad",
     "per_sample_grad_loop",
     "hvp",

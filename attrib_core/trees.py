@@ -90,6 +90,26 @@ def select(params: Params, names: Names) -> dict[str, Tensor]:
     return {p: t for p, t in params.items() if p in chosen}
 
 
+def split_by_module(flat: Tensor, params: Params) -> dict[str, Tensor]:
+    """Columns of per-example gradients ``(B, P)`` (laid out as :func:`ravel`) grouped by module, ``{module: (B, P_m)}``.
+
+    A module's block holds its parameters' columns in ``params`` order (``"fc.weight"``
+    then ``"fc.bias"`` for module ``"fc"``; a top-level parameter belongs to module
+    ``""``): the layer blocks that DataInf and other layer-wise methods take.
+
+    Raises:
+        ValueError: ``flat`` does not have ``P = Σ numel`` columns.
+    """
+    _check_params(params)
+    sizes = [t.numel() for t in params.values()]
+    if flat.dim() != 2 or flat.shape[1] != sum(sizes):
+        raise ValueError(f"flat: expected (B, {sum(sizes)}) gradients laid out like params, got {tuple(flat.shape)}")
+    columns: dict[str, list[Tensor]] = {}
+    for (name, _), part in zip(params.items(), flat.split(sizes, dim=1)):
+        columns.setdefault(name.rpartition(".")[0], []).append(part)
+    return {module: parts[0] if len(parts) == 1 else torch.cat(parts, dim=1) for module, parts in columns.items()}
+
+
 def valid_prefixes(params: Params) -> list[str]:
     """Every module prefix of the parameter names (``"a.b.weight"`` gives ``"a"``, ``"a.b"``)."""
     seen: dict[str, None] = {}

@@ -87,3 +87,17 @@ def test_select_rejects_bad_types():
         select(PARAMS, ["fc", 3])
     with pytest.raises(ValueError, match="empty"):
         select(PARAMS, [])
+
+
+def test_split_by_module_groups_columns_by_layer():
+    from attrib_core import split_by_module
+
+    params = {"a.weight": torch.zeros(2, 3), "a.bias": torch.zeros(2), "scale": torch.zeros(1),
+              "b.c.weight": torch.zeros(4)}
+    flat = torch.arange(2 * 13, dtype=torch.float64).reshape(2, 13)
+    blocks = split_by_module(flat, params)
+    assert list(blocks) == ["a", "", "b.c"]
+    assert torch.equal(blocks["a"], flat[:, :8]) and torch.equal(blocks[""], flat[:, 8:9])
+    assert torch.equal(blocks["b.c"], flat[:, 9:])
+    with pytest.raises(ValueError, match="flat"):
+        split_by_module(flat[:, :5], params)
