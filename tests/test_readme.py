@@ -23,4 +23,4 @@ def test_readme_test_command_is_the_one_ci_runs():
     install = 'pip install --quiet torch==2.13.0 -e ".[test]"'
     assert install.replace("--quiet ", "") in commands[1] and install in ci
     assert commands[1].endswith("python -m pytest") and "\npython -m pytest\n" in ci
-    assert commands[0].endswith("python -m benchmarks.digits_influence")
+    assert commands[0].endswith("python -m benchmarks.run --quick")
