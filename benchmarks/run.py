@@ -7,7 +7,9 @@ with a 95% interval), the AUC of finding the 10% flipped labels of the noisy var
 by self influence, the wall time of construction + cache + attribute, and the peak
 resident memory it added. The tables go to the terminal and to
 ``benchmarks/results/<setting>.md``, with a plot of LDS against time
-(``benchmarks/results/<setting>.png``). The retrained models are cached on disk.
+(``benchmarks/results/<setting>.png``). The retrained models are cached on disk. With
+dattri installed, its attributors run on the identical inputs and hyperparameters and
+their LDS is printed beside ours.
 
 Hyperparameters are never chosen on the models the reported LDS uses: the first
 ``--n-val`` retrained models are a validation split, ``--tune`` searches each method's
@@ -36,6 +38,7 @@ import torch
 
 from attrib_core import lds, mislabel_auc
 
+from . import dattri_methods
 from .digits_influence import first_of_each_label, render
 from .methods import METHODS, attribute, self_influence
 from .retrain import LDSTruth, retrain_lds
@@ -52,6 +55,7 @@ class Row(NamedTuple):
     auc: float
     seconds: float
     peak_mib: float
+    dattri: str = ""  # dattri's LDS and time on the same inputs, or why it has none
 
 
 class PeakMemory:
@@ -124,23 +128,41 @@ def tune(setting: Setting, name: str, validation: LDSTruth) -> Dict[str, Any]:
     return best
 
 
-def evaluate(setting: Setting, noisy: Setting, name: str, hyper: Dict[str, Any], report: LDSTruth) -> Row:
+def evaluate(setting: Setting, noisy: Setting, name: str, hyper: Dict[str, Any], report: LDSTruth,
+             with_dattri: bool) -> Row:
     with PeakMemory() as memory:
         start = time.perf_counter()
         scores = attribute(setting, name, hyper)
         seconds = time.perf_counter() - start
     mean, half = lds_with_interval(scores, report)
     auc = mislabel_auc(self_influence(noisy, name, hyper), noisy.is_noisy).auc
-    return Row(name, hyper, mean, half, auc, seconds, memory.peak_mib)
+    theirs = versus_dattri(setting, name, hyper, report) if with_dattri and name in dattri_methods.NAMES else ""
+    return Row(name, hyper, mean, half, auc, seconds, memory.peak_mib, theirs)
+
+
+def versus_dattri(setting: Setting, name: str, hyper: Dict[str, Any], report: LDSTruth) -> str:
+    """dattri's LDS and time with the same hyperparameters on the same inputs, or how it failed."""
+    start = time.perf_counter()
+    try:
+        scores = dattri_methods.attribute(setting, name, hyper)
+    except Exception as error:  # noqa: BLE001 - dattri failing is a result to report
+        return f"failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:60]}"
+    seconds = time.perf_counter() - start
+    if not bool(torch.isfinite(scores).all()):
+        return f"NaN/Inf scores ({seconds:.2f} s)"
+    mean, half = lds_with_interval(scores.double(), report)
+    return f"{mean:.3f} ± {half:.3f} ({seconds:.2f} s)"
 
 
 def table(setting: str, rows: List[Row], n_report: int, n_val: int) -> str:
     lines = [f"### digits + {setting}: {n_report} retrained models for LDS ({n_val} more for validation)", "",
-             "| method | LDS (95% interval) | noisy-label AUC | time (s) | peak memory (MiB) | settings |",
-             "|---|---|---:|---:|---:|---|"]
+             "| method | LDS (95% interval) | noisy-label AUC | time (s) | peak memory (MiB) | settings | "
+             "dattri LDS (time), same inputs |",
+             "|---|---|---:|---:|---:|---|---|"]
     for r in rows:
         lines.append(f"| {r.method} | {r.lds:.3f} ± {r.lds_half_width:.3f} | {r.auc:.3f} | {r.seconds:.2f} | "
-                     f"{r.peak_mib:.0f} | {', '.join(f'{k}={v}' for k, v in r.hyper.items()) or '-'} |")
+                     f"{r.peak_mib:.0f} | {', '.join(f'{k}={v}' for k, v in r.hyper.items()) or '-'} | "
+                     f"{r.dattri or '-'} |")
     return "\n".join(lines)
 
 
@@ -181,7 +203,7 @@ def explain(setting: Setting, name: str, hyper: Dict[str, Any], show: int = 3, t
 
 
 def run_setting(name: str, methods: List[str], *, n_models: int, n_val: int, do_tune: bool, seed: int,
-                n_train: int = 1000, results: Optional[Path] = None) -> List[Row]:
+                n_train: int = 1000, results: Optional[Path] = None, with_dattri: bool = False) -> List[Row]:
     start = time.perf_counter()
     ensemble = max([int(m.split("-")[1]) for m in methods if m.startswith("trak-")] + [1])
     setting = make_setting(name, seed=seed, ensemble=ensemble, n_train=n_train)
@@ -196,9 +218,10 @@ def run_setting(name: str, methods: List[str], *, n_models: int, n_val: int, do_
         hyper = tune(setting, method, validation) if do_tune else dict(METHODS[method].defaults)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # LiSSA/Arnoldi diagnostics are in the numbers
-            rows.append(evaluate(setting, noisy, method, hyper, report))
+            rows.append(evaluate(setting, noisy, method, hyper, report, with_dattri))
         r = rows[-1]
-        print(f"  {method}: LDS {r.lds:.3f} ± {r.lds_half_width:.3f}, AUC {r.auc:.3f}, {r.seconds:.2f} s", flush=True)
+        print(f"  {method}: LDS {r.lds:.3f} ± {r.lds_half_width:.3f}, AUC {r.auc:.3f}, {r.seconds:.2f} s"
+              + (f"; dattri {r.dattri}" if r.dattri else ""), flush=True)
     text = table(name, rows, n_models, n_val)
     print("\n" + text)
     folder = results or RESULTS
@@ -219,6 +242,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--n-models", type=int, default=64, help="retrained models for the reported LDS")
     parser.add_argument("--n-val", type=int, default=16, help="retrained models for validation")
     parser.add_argument("--n-train", type=int, default=1000)
+    parser.add_argument("--dattri", action=argparse.BooleanOptionalAction, default=None,
+                        help="run dattri on the same inputs (default: when it is installed, except with --quick)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     settings = list(SETTINGS) if args.setting == "all" else args.setting.split(",")
@@ -236,8 +261,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     torch.manual_seed(args.seed)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name in settings:
+        with_dattri = dattri_methods.available() and (args.dattri or (args.dattri is None and not args.quick))
         rows = run_setting(name, methods, n_models=n_models, n_val=n_val, do_tune=args.tune, seed=args.seed,
-                           n_train=args.n_train)
+                           n_train=args.n_train, with_dattri=with_dattri)
         if args.quick:
             best = max(rows, key=lambda r: r.lds)
             setting = make_setting(name, seed=args.seed, n_train=args.n_train)
