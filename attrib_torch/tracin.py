@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -133,25 +133,25 @@ class TracInAttributor(BaseInnerProductAttributor):
                 return
         self._factored = (specs, reductions)
 
-    def _factors(self, ckpt_idx: int, func: Callable, reduction: str, data: tuple) -> Dict[str, Captured]:
+    def _generate(self, ckpt_idx: int, data: tuple, which: str) -> Any:
+        if self._factored is None:
+            self._decide_factored(ckpt_idx, data)
+        if not self._factored:
+            return None
+        func = self.task.loss_func if which == "train" else self.task.target_func
         chosen, fixed = self._split_params(ckpt_idx)
-        return capture(self.task.get_model(), func, {**fixed, **chosen}, data, self._factored[0], reduction=reduction)
+        specs, reductions = self._factored
+        return capture(self.task.get_model(), func, {**fixed, **chosen}, data, specs, reduction=reductions[which])
 
     def generate_train_rep(self, ckpt_idx: int, data: tuple) -> Any:
         """Per-example loss gradients ``(B, P)``, or their factors on the factored path."""
-        if self._factored is None:
-            self._decide_factored(ckpt_idx, data)
-        if self._factored:
-            return self._factors(ckpt_idx, self.task.loss_func, self._factored[1]["train"], data)
-        return super().generate_train_rep(ckpt_idx, data)
+        rep = self._generate(ckpt_idx, data, "train")
+        return super().generate_train_rep(ckpt_idx, data) if rep is None else rep
 
     def generate_test_rep(self, ckpt_idx: int, data: tuple) -> Any:
         """Per-example target gradients ``(B, P)``, or their factors on the factored path."""
-        if self._factored is None:
-            self._decide_factored(ckpt_idx, data)
-        if self._factored:
-            return self._factors(ckpt_idx, self.task.target_func, self._factored[1]["test"], data)
-        return super().generate_test_rep(ckpt_idx, data)
+        rep = self._generate(ckpt_idx, data, "test")
+        return super().generate_test_rep(ckpt_idx, data) if rep is None else rep
 
     def _concat(self, parts: List[Any]) -> Any:
         return concat_captured(parts) if isinstance(parts[0], dict) else super()._concat(parts)
