@@ -28,6 +28,11 @@ class Method(NamedTuple):
     build: Callable[[Setting, Dict[str, Any]], Any]  # -> a cached attributor
     defaults: Dict[str, Any]
     grid: Dict[str, List[Any]]
+    tuned: Dict[str, Dict[str, Any]] = {}  # per setting: the validation winners of ``--tune`` (see RESULTS.md)
+
+    def settings_for(self, setting: str) -> Dict[str, Any]:
+        """The hyperparameters that ship for ``setting``: its tuned values over the generic defaults."""
+        return {**self.defaults, **self.tuned.get(setting, {})}
 
 
 def loaders(setting: Setting):
@@ -108,25 +113,32 @@ def _rps(setting: Setting, hyper: Dict[str, Any]):
 
 
 DAMPINGS = [1e-4, 1e-3, 1e-2, 1e-1]
+TRAK_GRID = {"proj_dim": [256, 512, 2048], "regularization": [0.0, 1e-2, 1.0, 10.0, 100.0]}
 METHODS: Dict[str, Method] = {
-    "explicit": Method(_influence(at.IFAttributorExplicit), {"regularization": 1e-3}, {"regularization": DAMPINGS}),
-    "cg": Method(_influence(at.IFAttributorCG, max_iter=20), {"regularization": 1e-3}, {"regularization": DAMPINGS}),
-    "lissa": Method(_influence(at.IFAttributorLiSSA, batch_size=50, recursion_depth=100),
-                    {"damping": 1e-3, "scaling": 5.0}, {"damping": DAMPINGS, "scaling": [5.0, 20.0]}),
-    "arnoldi": Method(_influence(at.IFAttributorArnoldi, proj_dim=100, max_iter=100), {"regularization": 1e-3},
-                      {"regularization": DAMPINGS}),
+    "explicit": Method(_influence(at.IFAttributorExplicit), {"regularization": 1e-3}, {"regularization": DAMPINGS},
+                       {"logreg": {"regularization": 1e-3}}),
+    "cg": Method(_influence(at.IFAttributorCG, max_iter=20), {"regularization": 1e-3}, {"regularization": DAMPINGS},
+                 {"logreg": {"regularization": 1e-3}}),
+    "lissa": Method(_influence(at.IFAttributorLiSSA, batch_size=50), {"damping": 1e-3, "scaling": 5.0,
+                                                                     "recursion_depth": 100},
+                    {"damping": [1e-4, 1e-3, 1e-2], "scaling": [5.0, 20.0], "recursion_depth": [100, 1000]},
+                    {"logreg": {"damping": 1e-4, "scaling": 5.0}}),
+    "arnoldi": Method(_influence(at.IFAttributorArnoldi), {"regularization": 1e-3, "proj_dim": 100, "max_iter": 100},
+                      {"regularization": DAMPINGS, "proj_dim": [100, 200, 400]},
+                      {"logreg": {"regularization": 1e-3}}),
     "datainf": Method(_influence(at.IFAttributorDataInf), {"regularization": 0.0},
-                      {"regularization": [0.0] + DAMPINGS}),
-    "ekfac": Method(_influence(at.IFAttributorEKFAC), {"damping": 1e-3, "fisher": "empirical"},
-                    {"damping": DAMPINGS, "fisher": ["empirical", "sampled"]}),
+                      {"regularization": [0.0] + DAMPINGS}, {"logreg": {"regularization": 0.0}}),
+    "ekfac": Method(_influence(at.IFAttributorEKFAC), {"damping": 1e-3, "fisher": "sampled"},
+                    {"damping": [1e-6, 1e-5] + DAMPINGS, "fisher": ["empirical", "sampled"]},
+                    {"logreg": {"damping": 1e-4, "fisher": "sampled"}}),
     "tracin": Method(_tracin("tracin"), {}, {}),
     "grad-dot": Method(_tracin("grad-dot"), {}, {}),
     "grad-cos": Method(_tracin("grad-cos"), {}, {}),
-    "trak-1": Method(_trak(1), {"proj_dim": 512, "regularization": 0.0},
-                     {"proj_dim": [256, 512, 2048], "regularization": [0.0, 1e-2, 1.0]}),
-    "trak-5": Method(_trak(5), {"proj_dim": 512, "regularization": 0.0},
-                     {"proj_dim": [256, 512, 2048], "regularization": [0.0, 1e-2, 1.0]}),
-    "rps": Method(_rps, {"l2_strength": 1e-3, "epoch": 300}, {"l2_strength": [1e-4, 1e-3, 1e-2]}),
+    "trak-1": Method(_trak(1), {"proj_dim": 512, "regularization": 1.0}, TRAK_GRID,
+                     {"logreg": {"proj_dim": 512, "regularization": 1.0}}),
+    "trak-5": Method(_trak(5), {"proj_dim": 512, "regularization": 1.0}, TRAK_GRID),
+    "rps": Method(_rps, {"l2_strength": 1e-3, "epoch": 300}, {"l2_strength": [1e-4, 1e-3, 1e-2]},
+                  {"logreg": {"l2_strength": 1e-3}}),
 }
 
 

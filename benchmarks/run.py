@@ -42,7 +42,7 @@ from . import dattri_methods
 from .digits_influence import first_of_each_label, render
 from .methods import METHODS, attribute, self_influence
 from .retrain import LDSTruth, retrain_lds
-from .settings import SETTINGS, Setting, make_setting, minus_test_loss
+from .settings import CONVEX, SETTINGS, Setting, make_setting, minus_test_loss
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -112,11 +112,11 @@ def tune(setting: Setting, name: str, validation: LDSTruth) -> Dict[str, Any]:
     """The grid point with the best validation LDS (the defaults fill keys the grid leaves out)."""
     method = METHODS[name]
     if not method.grid:
-        return dict(method.defaults)
-    best, best_lds = dict(method.defaults), -math.inf
+        return method.settings_for(setting.name)
+    best, best_lds = method.settings_for(setting.name), -math.inf
     keys = list(method.grid)
     for values in itertools.product(*(method.grid[k] for k in keys)):
-        hyper = {**method.defaults, **dict(zip(keys, values))}
+        hyper = {**method.settings_for(setting.name), **dict(zip(keys, values))}
         try:
             score = lds_with_interval(attribute(setting, name, hyper), validation)[0]
         except (ValueError, RuntimeError) as error:  # a grid point the method rejects is no candidate
@@ -205,6 +205,9 @@ def explain(setting: Setting, name: str, hyper: Dict[str, Any], show: int = 3, t
 def run_setting(name: str, methods: List[str], *, n_models: int, n_val: int, do_tune: bool, seed: int,
                 n_train: int = 1000, results: Optional[Path] = None, with_dattri: bool = False) -> List[Row]:
     start = time.perf_counter()
+    if name in CONVEX and any(m.startswith("trak-") and m != "trak-1" for m in methods):
+        print(f"{name} is convex: independently initialised fits are one model, so TRAK ensembles are skipped")
+        methods = [m for m in methods if not m.startswith("trak-") or m == "trak-1"]
     ensemble = max([int(m.split("-")[1]) for m in methods if m.startswith("trak-")] + [1])
     setting = make_setting(name, seed=seed, ensemble=ensemble, n_train=n_train)
     noisy = make_setting(name, seed=seed, noisy=True, ensemble=ensemble, n_train=n_train)
@@ -215,7 +218,7 @@ def run_setting(name: str, methods: List[str], *, n_models: int, n_val: int, do_
           flush=True)
     rows = []
     for method in methods:
-        hyper = tune(setting, method, validation) if do_tune else dict(METHODS[method].defaults)
+        hyper = tune(setting, method, validation) if do_tune else METHODS[method].settings_for(name)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # LiSSA/Arnoldi diagnostics are in the numbers
             rows.append(evaluate(setting, noisy, method, hyper, report, with_dattri))
@@ -257,7 +260,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     n_models, n_val = args.n_models, args.n_val
     if args.quick:
         settings, n_models, n_val = ["logreg"], 24, 8
-        methods = [m for m in methods if m != "trak-5"]  # one convex model: five fits would be the same model
     torch.manual_seed(args.seed)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name in settings:

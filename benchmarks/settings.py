@@ -30,6 +30,7 @@ _RECIPES = {
     "mlp": (lambda seed, dtype: mlp(128, seed=seed, dtype=dtype), torch.float32, 1e-3, 300, "2", False),
     "cnn": (lambda seed, dtype: cnn(16, seed=seed, dtype=dtype), torch.float32, 1e-3, 300, "head", False),
 }
+CONVEX = {name for name, recipe in _RECIPES.items() if recipe[-1]}
 CHECKPOINT_ITERATIONS = (5, 10, 25, 50)  # L-BFGS iterations of the TracIn checkpoints before the final fit
 
 
