@@ -137,6 +137,7 @@ METHODS: Dict[str, Method] = {
     "trak-1": Method(_trak(1), {"proj_dim": 512, "regularization": 1.0}, TRAK_GRID,
                      {"logreg": {"proj_dim": 512, "regularization": 1.0}}),
     "trak-5": Method(_trak(5), {"proj_dim": 512, "regularization": 1.0}, TRAK_GRID),
+    "trak-10": Method(_trak(10), {"proj_dim": 512, "regularization": 1.0}, TRAK_GRID),
     "rps": Method(_rps, {"l2_strength": 1e-3, "epoch": 300}, {"l2_strength": [1e-4, 1e-3, 1e-2]},
                   {"logreg": {"l2_strength": 1e-3}}),
 }
