@@ -56,6 +56,11 @@ def _influence(cls, **fixed):
     return build
 
 
+def _arnoldi(setting: Setting, hyper: Dict[str, Any]):
+    """Arnoldi with as many Krylov iterations as eigenpairs kept, unless ``max_iter`` says otherwise."""
+    return _influence(at.IFAttributorArnoldi)(setting, {"max_iter": hyper["proj_dim"], **hyper})
+
+
 def _tracin(which: str):
     def build(setting: Setting, hyper: Dict[str, Any]):
         checkpoints = setting.checkpoints if which == "tracin" else [setting.params]
@@ -122,8 +127,8 @@ METHODS: Dict[str, Method] = {
     "lissa": Method(_influence(at.IFAttributorLiSSA, batch_size=50), {"damping": 1e-3, "scaling": 5.0,
                                                                      "recursion_depth": 100},
                     {"damping": [1e-4, 1e-3, 1e-2], "scaling": [5.0, 20.0], "recursion_depth": [100, 1000]},
-                    {"logreg": {"damping": 1e-4, "scaling": 5.0}}),
-    "arnoldi": Method(_influence(at.IFAttributorArnoldi), {"regularization": 1e-3, "proj_dim": 100, "max_iter": 100},
+                    {"logreg": {"damping": 1e-4, "scaling": 5.0, "recursion_depth": 1000}}),
+    "arnoldi": Method(_arnoldi, {"regularization": 1e-3, "proj_dim": 100},
                       {"regularization": DAMPINGS, "proj_dim": [100, 200, 400]},
                       {"logreg": {"regularization": 1e-3}}),
     "datainf": Method(_influence(at.IFAttributorDataInf), {"regularization": 0.0},
@@ -135,7 +140,7 @@ METHODS: Dict[str, Method] = {
     "grad-dot": Method(_tracin("grad-dot"), {}, {}),
     "grad-cos": Method(_tracin("grad-cos"), {}, {}),
     "trak-1": Method(_trak(1), {"proj_dim": 512, "regularization": 1.0}, TRAK_GRID,
-                     {"logreg": {"proj_dim": 512, "regularization": 1.0}}),
+                     {"logreg": {"proj_dim": 2048, "regularization": 10.0}}),
     "trak-5": Method(_trak(5), {"proj_dim": 512, "regularization": 1.0}, TRAK_GRID),
     "trak-10": Method(_trak(10), {"proj_dim": 512, "regularization": 1.0}, TRAK_GRID),
     "rps": Method(_rps, {"l2_strength": 1e-3, "epoch": 300}, {"l2_strength": [1e-4, 1e-3, 1e-2]},
