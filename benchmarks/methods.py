@@ -130,7 +130,7 @@ METHODS: Dict[str, Method] = {
                     {"logreg": {"damping": 1e-4, "scaling": 5.0, "recursion_depth": 1000}}),
     "arnoldi": Method(_arnoldi, {"regularization": 1e-3, "proj_dim": 100},
                       {"regularization": DAMPINGS, "proj_dim": [100, 200, 400]},
-                      {"logreg": {"regularization": 1e-3}}),
+                      {"logreg": {"regularization": 1e-3, "proj_dim": 400}}),
     "datainf": Method(_influence(at.IFAttributorDataInf), {"regularization": 0.0},
                       {"regularization": [0.0] + DAMPINGS}, {"logreg": {"regularization": 0.0}}),
     "ekfac": Method(_influence(at.IFAttributorEKFAC), {"damping": 1e-3, "fisher": "sampled"},
