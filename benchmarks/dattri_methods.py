@@ -42,8 +42,9 @@ def _margin(model: nn.Module):
     def margin(params, data):
         x, y = data
         logits = functional_call(model, params, (x.unsqueeze(0),))[0]
-        others = logits.scatter(0, y.reshape(1), float("-inf"))
-        return logits[y] - torch.logsumexp(others, dim=0)
+        index = y.reshape(1)
+        others = logits.scatter(0, index, float("-inf"))
+        return logits.gather(0, index)[0] - torch.logsumexp(others, dim=0)
 
     return margin
 
@@ -51,7 +52,7 @@ def _margin(model: nn.Module):
 def _probability(model: nn.Module):
     def probability(params, data):
         x, y = data
-        return torch.softmax(functional_call(model, params, (x.unsqueeze(0),)), dim=1)[0, y]
+        return torch.softmax(functional_call(model, params, (x.unsqueeze(0),)), dim=1)[0].gather(0, y.reshape(1))[0]
 
     return probability
 
