@@ -229,7 +229,9 @@ def run_setting(name: str, methods: List[str], *, n_models: int, n_val: int, do_
     print("\n" + text)
     folder = results or RESULTS
     folder.mkdir(exist_ok=True)
-    suffix = "-quick" if n_models < 64 else ""
+    # A run of some methods only must not overwrite the table of a run of all of them.
+    suffix = ("-quick" if n_models < 64 else "") + ("" if set(methods) >= set(METHODS) - {"trak-5", "trak-10"}
+                                                    else "-partial")
     (folder / f"{name}{suffix}.md").write_text(text + "\n")
     plot(name, rows, folder / f"{name}{suffix}.png")
     print(f"\nwritten: {folder / f'{name}{suffix}'}.md and .png")
