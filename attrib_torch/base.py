@@ -266,14 +266,17 @@ class BaseInnerProductAttributor(BaseAttributor):
         Raises:
             ValueError: ``k`` not in ``[1, n_train]``.
         """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k: expected an integer >= 1, got {k!r}")
         loader = self._training_loader(train_dataloader)
         check_loader(test_dataloader, "test_dataloader")
         weights = self.checkpoint_weights()
         train = [self.train_reps(c, loader) for c in range(len(weights))]
+        n = self._rows(train[0])
+        if k > n:  # known once the training representations (kept for later calls) exist, before the test's
+            raise ValueError(f"k: expected an integer in [1, {n}] (the training examples), got {k}")
         test = [self._concat(list(self._grouped(test_dataloader, c, train=False))) for c in range(len(weights))]
-        n, m = self._rows(train[0]), self._rows(test[0])
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-            raise ValueError(f"k: expected an integer in [1, {n}] (the training examples), got {k!r}")
+        m = self._rows(test[0])
         scale = self._row_scale(loader)
         block = max(k, (1 << 24) // max(m, 1))
         running = None

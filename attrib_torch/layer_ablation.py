@@ -9,7 +9,7 @@ forward that overrides the layer through a temporary hook.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn

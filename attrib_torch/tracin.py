@@ -42,10 +42,9 @@ class TracInAttributor(BaseInnerProductAttributor):
     ``nn.Conv2d`` layer and the factored products are cheaper, gradients are kept as
     their factors (layer inputs and output gradients of one batched backward pass,
     :mod:`attrib_core.factored`) and inner products are exact without forming
-    per-example gradients. This path is taken
-    only after the factors reproduce ``vmap``'s per-example gradients on the first batch
-    (for both ``loss_func`` and ``target_func``), which also tells whether each loss is a
-    mean or a sum; a loss with parameter terms (an L2 penalty), dropout or batch
+    per-example gradients. This path is taken only after the factors reproduce ``vmap``'s
+    per-example gradients on the first rows (up to 8) of the first batch, for both
+    ``loss_func`` and ``target_func``, which also tells whether each loss is a mean or a sum; a loss with parameter terms (an L2 penalty), dropout or batch
     statistics fails that check, and a model that ``vmap`` cannot trace (data-dependent
     control flow) is never factored: both keep the ordinary path.
 

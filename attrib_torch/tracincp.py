@@ -15,14 +15,14 @@ import glob
 import os
 import re
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset
 
-from .data import batches, check_loader
+from .data import batch_size as examples_in, batches, check_loader
 from .task import AttributionTask
 from .tracin import TracInAttributor
 
@@ -89,7 +89,7 @@ def _read_checkpoints(model: nn.Module, checkpoints: Any, load: Callable) -> Tup
     return states, rates
 
 
-def _reduction(loss_fn: Callable, sample_wise_grads_per_batch: bool, name: str) -> None:
+def _check_reduction(loss_fn: Callable, sample_wise_grads_per_batch: bool, name: str) -> None:
     """Captum's rule: a per-example loss (``reduction="none"``) unless ``sample_wise_grads_per_batch``."""
     reduction = getattr(loss_fn, "reduction", None)
     if reduction is None:
@@ -156,7 +156,7 @@ class _TracInCPBase:
 
     def _n_training(self) -> int:
         if self._n_train is None:
-            self._n_train = sum(len(batch[-1]) for batch in batches(self.train_dataloader, torch.device("cpu")))
+            self._n_train = sum(examples_in(b) for b in batches(self.train_dataloader, torch.device("cpu")))
         return self._n_train
 
     def _test_batch(self, inputs: Any, unpack_inputs: bool) -> List[tuple]:
@@ -247,9 +247,9 @@ class TracInCP(_TracInCPBase):
                  checkpoints_load_func: Callable = load_flexible_state_dict, layers: Optional[List[str]] = None,
                  loss_fn: Optional[Callable] = None, batch_size: Optional[int] = 1,
                  sample_wise_grads_per_batch: bool = False, test_loss_fn: Optional[Callable] = None) -> None:
-        _reduction(loss_fn, sample_wise_grads_per_batch, "loss_fn")
+        _check_reduction(loss_fn, sample_wise_grads_per_batch, "loss_fn")
         if test_loss_fn is not None:
-            _reduction(test_loss_fn, sample_wise_grads_per_batch, "test_loss_fn")
+            _check_reduction(test_loss_fn, sample_wise_grads_per_batch, "test_loss_fn")
         if layers is not None:
             if isinstance(layers, str) or not all(isinstance(n, str) for n in layers) or not layers:
                 raise ValueError(f"layers: expected a non-empty list of module names, got {layers!r}")

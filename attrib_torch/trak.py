@@ -97,8 +97,7 @@ class TRAKAttributor(BaseInnerProductAttributor):
 
     def _features(self, ckpt_idx: int, loader: Any) -> Tensor:
         """Projected training gradients ``Φ`` of a loader (of ``loss_func``: the margin), ``(n, k)``."""
-        return torch.cat(list(self._grouped(loader, ckpt_idx, train=True,
-                                            transform=lambda c, rep: self.transform_test_rep(c, rep))))
+        return torch.cat(list(self._grouped(loader, ckpt_idx, train=True, transform=self.transform_test_rep)))
 
     def _project(self, rep: Tensor) -> Tensor:
         return rep if self.projector is None else self.projector(rep)

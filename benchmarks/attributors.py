@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import attrib_torch
 
-from .digits import fit, load_digits_split, mlp
+from .digits import fit, load_digits_split, margin_and_probability, mlp
 
 L2 = 1e-3
 DAMPING = 1e-3
@@ -88,28 +88,6 @@ def run(module, method: str, model, loss, state, train, test) -> tuple[float, to
 def checkpoints_of(state, count: int):
     """``count`` checkpoints along a line toward the fitted weights (a stand-in for a training run)."""
     return [{k: v * (0.6 + 0.4 * (c + 1) / count) for k, v in state.items()} for c in range(count)]
-
-
-def margin_and_probability(model, per_example: bool = False):
-    """TRAK's margin and the correct-class probability; ``per_example`` for dattri (one example, no batch dimension)."""
-
-    def logits_of(params, x):
-        return functional_call(model, params, (x.unsqueeze(0) if per_example else x,))
-
-    def margin(params, data):
-        x, y = data
-        y = y.reshape(-1)
-        logits = logits_of(params, x)
-        correct = logits.gather(1, y[:, None]).squeeze(1)
-        return (correct - torch.logsumexp(logits.scatter(1, y[:, None], float("-inf")), dim=1)).sum()
-
-    def probability(params, data):
-        x, y = data
-        y = y.reshape(-1)
-        p = torch.softmax(logits_of(params, x), dim=1).gather(1, y[:, None]).squeeze(1)
-        return p.squeeze(0) if per_example else p
-
-    return margin, probability
 
 
 def run_data_methods(module, model, loss, state, train, test) -> list[tuple[str, float, torch.Tensor]]:

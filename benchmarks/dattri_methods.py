@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .digits import margin_and_probability
 from .methods import loaders
 from .settings import Setting, states
 
@@ -36,25 +37,6 @@ def _loss(model: nn.Module):
         return nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
 
     return loss
-
-
-def _margin(model: nn.Module):
-    def margin(params, data):
-        x, y = data
-        logits = functional_call(model, params, (x.unsqueeze(0),))[0]
-        index = y.reshape(1)
-        others = logits.scatter(0, index, float("-inf"))
-        return logits.gather(0, index)[0] - torch.logsumexp(others, dim=0)
-
-    return margin
-
-
-def _probability(model: nn.Module):
-    def probability(params, data):
-        x, y = data
-        return torch.softmax(functional_call(model, params, (x.unsqueeze(0),)), dim=1)[0].gather(0, y.reshape(1))[0]
-
-    return probability
 
 
 def attribute(setting: Setting, name: str, hyper: Dict[str, Any]) -> Tensor:
@@ -86,8 +68,9 @@ def attribute(setting: Setting, name: str, hyper: Dict[str, Any]) -> Tensor:
         attributor = TracInAttributor(task, torch.ones(len(checkpoints)), normalized_grad=name == "grad-cos")
         return attributor.attribute(train, test).detach()
     if name == "trak-1":
-        task = AttributionTask(loss_func=_margin(model), model=model, checkpoints=one)
-        attributor = TRAKAttributor(task, _probability(model), projector_kwargs={"proj_dim": hyper["proj_dim"]},
+        margin, probability = margin_and_probability(model, per_example=True)
+        task = AttributionTask(loss_func=margin, model=model, checkpoints=one)
+        attributor = TRAKAttributor(task, probability, projector_kwargs={"proj_dim": hyper["proj_dim"]},
                                     regularization=hyper.get("regularization", 0.0))
         attributor.cache(train)
         return attributor.attribute(test).detach()

@@ -79,6 +79,28 @@ def cross_entropy(model: nn.Module) -> Callable[[Mapping[str, Tensor], tuple], T
     return f
 
 
+def margin_and_probability(model, per_example: bool = False):
+    """TRAK's margin and the correct-class probability; ``per_example`` for dattri (one example, no batch dimension)."""
+
+    def logits_of(params, x):
+        return functional_call(model, params, (x.unsqueeze(0) if per_example else x,))
+
+    def margin(params, data):
+        x, y = data
+        y = y.reshape(-1)
+        logits = logits_of(params, x)
+        correct = logits.gather(1, y[:, None]).squeeze(1)
+        return (correct - torch.logsumexp(logits.scatter(1, y[:, None], float("-inf")), dim=1)).sum()
+
+    def probability(params, data):
+        x, y = data
+        y = y.reshape(-1)
+        p = torch.softmax(logits_of(params, x), dim=1).gather(1, y[:, None]).squeeze(1)
+        return p.squeeze(0) if per_example else p
+
+    return margin, probability
+
+
 def l2_objective(model: nn.Module, l2: float) -> Callable[[Mapping[str, Tensor], tuple], Tensor]:
     """``f(params, batch)``: mean cross-entropy plus ``l2 / 2 * |params|²``, the training objective."""
     loss = cross_entropy(model)

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, NamedTuple
 
-import torch
 from torch import Tensor, nn
-from torch.func import functional_call
-from torch.utils.data import DataLoader, TensorDataset
 
 import attrib_torch as at
 
-from .digits import cross_entropy
+from .digits import cross_entropy, margin_and_probability
+from .digits_influence import loaders as split_loaders
 from .settings import Setting, states
 
 BATCH = 250
@@ -36,10 +34,8 @@ class Method(NamedTuple):
 
 
 def loaders(setting: Setting):
-    d = setting.data
-    train = DataLoader(TensorDataset(d.x_train, d.y_train), batch_size=BATCH, shuffle=False)
-    test = DataLoader(TensorDataset(d.x_test, d.y_test), batch_size=BATCH, shuffle=False)
-    return train, test
+    """Sequential (train, test) loaders of the setting's data, batches of 250."""
+    return split_loaders(setting.data, BATCH)
 
 
 def _task(setting: Setting, checkpoints=None, loss=None) -> at.AttributionTask:
@@ -72,36 +68,17 @@ def _tracin(which: str):
     return build
 
 
-def margin_of(model: nn.Module):
-    """TRAK's margin ``logit_y - logsumexp_{c≠y} logit_c``, summed over a batch."""
-
-    def margin(params, data):
-        x, y = data
-        logits = functional_call(model, params, (x,))
-        correct = logits.gather(1, y[:, None]).squeeze(1)
-        return (correct - torch.logsumexp(logits.scatter(1, y[:, None], float("-inf")), dim=1)).sum()
-
-    return margin
-
-
-def probability_of(model: nn.Module):
-    def probability(params, data):
-        x, y = data
-        return torch.softmax(functional_call(model, params, (x,)), dim=1).gather(1, y[:, None]).squeeze(1)
-
-    return probability
-
-
 def _trak(models: int):
     def build(setting: Setting, hyper: Dict[str, Any]):
         members = setting.ensemble[:models]
         if len(members) < models:
             raise ValueError(f"trak-{models}: the setting has {len(setting.ensemble)} trained models; "
                              f"make it with ensemble >= {models}")
-        task = _task(setting, members, loss=margin_of(setting.model))
+        margin, probability = margin_and_probability(setting.model)
+        task = _task(setting, members, loss=margin)
         hyper = dict(hyper)
         proj_dim = hyper.pop("proj_dim")
-        attributor = at.TRAKAttributor(task, probability_of(setting.model), projector_kwargs={"proj_dim": proj_dim},
+        attributor = at.TRAKAttributor(task, probability, projector_kwargs={"proj_dim": proj_dim},
                                        show_progress=False, **hyper)
         attributor.cache(loaders(setting)[0])
         return attributor

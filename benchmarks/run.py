@@ -56,6 +56,7 @@ class Row(NamedTuple):
     seconds: float
     peak_mib: float
     dattri: str = ""  # dattri's LDS and time on the same inputs, or why it has none
+    scores: Optional[torch.Tensor] = None  # (n_train, n_test), for explaining test images afterwards
 
 
 class PeakMemory:
@@ -137,7 +138,7 @@ def evaluate(setting: Setting, noisy: Setting, name: str, hyper: Dict[str, Any],
     mean, half = lds_with_interval(scores, report)
     auc = mislabel_auc(self_influence(noisy, name, hyper), noisy.is_noisy).auc
     theirs = versus_dattri(setting, name, hyper, report) if with_dattri and name in dattri_methods.NAMES else ""
-    return Row(name, hyper, mean, half, auc, seconds, memory.peak_mib, theirs)
+    return Row(name, hyper, mean, half, auc, seconds, memory.peak_mib, theirs, scores)
 
 
 def versus_dattri(setting: Setting, name: str, hyper: Dict[str, Any], report: LDSTruth) -> str:
@@ -186,9 +187,9 @@ def plot(setting: str, rows: List[Row], path: Path) -> None:
     plt.close(fig)
 
 
-def explain(setting: Setting, name: str, hyper: Dict[str, Any], show: int = 3, top: int = 3) -> None:
-    """Print the strongest proponents and opponents of a few test images, with the images."""
-    scores = attribute(setting, name, hyper)
+def explain(setting: Setting, row: Row, show: int = 3, top: int = 3) -> None:
+    """Print the strongest proponents and opponents of a few test images by ``row``'s scores, with the images."""
+    scores, name = row.scores, row.method
     d = setting.data
     for j in first_of_each_label(d.y_test, show):
         column = scores[:, j]
@@ -203,7 +204,8 @@ def explain(setting: Setting, name: str, hyper: Dict[str, Any], show: int = 3, t
 
 
 def run_setting(name: str, methods: List[str], *, n_models: int, n_val: int, do_tune: bool, seed: int,
-                n_train: int = 1000, results: Optional[Path] = None, with_dattri: bool = False) -> List[Row]:
+                n_train: int = 1000, results: Optional[Path] = None,
+                with_dattri: bool = False) -> tuple[Setting, List[Row]]:
     start = time.perf_counter()
     if name in CONVEX and any(m.startswith("trak-") and m != "trak-1" for m in methods):
         print(f"{name} is convex: independently initialised fits are one model, so TRAK ensembles are skipped")
@@ -235,7 +237,7 @@ def run_setting(name: str, methods: List[str], *, n_models: int, n_val: int, do_
     (folder / f"{name}{suffix}.md").write_text(text + "\n")
     plot(name, rows, folder / f"{name}{suffix}.png")
     print(f"\nwritten: {folder / f'{name}{suffix}'}.md and .png")
-    return rows
+    return setting, rows
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -266,12 +268,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name in settings:
         with_dattri = dattri_methods.available() and (args.dattri or (args.dattri is None and not args.quick))
-        rows = run_setting(name, methods, n_models=n_models, n_val=n_val, do_tune=args.tune, seed=args.seed,
-                           n_train=args.n_train, with_dattri=with_dattri)
+        setting, rows = run_setting(name, methods, n_models=n_models, n_val=n_val, do_tune=args.tune,
+                                    seed=args.seed, n_train=args.n_train, with_dattri=with_dattri)
         if args.quick:
-            best = max(rows, key=lambda r: r.lds)
-            setting = make_setting(name, seed=args.seed, n_train=args.n_train)
-            explain(setting, best.method, best.hyper)
+            explain(setting, max(rows, key=lambda r: r.lds))
 
 
 if __name__ == "__main__":

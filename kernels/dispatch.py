@@ -177,7 +177,7 @@ def topk_inner(
         scores = inner(a[start:stop], b, normalize=normalize).T
         if not bool(torch.isfinite(scores).all()):
             raise ValueError(f"a: rows {start}..{stop - 1} give NaN or Inf scores")
-        running = merge_topk(running, scores, start, k, largest=largest)
+        running = _merge(running, scores, start, k, largest)
     return running
 
 
@@ -198,6 +198,10 @@ def merge_topk(running: TopK, scores: Tensor, start: int, k: int, *, largest: bo
     """
     if not bool(torch.isfinite(scores).all()):
         raise ValueError(f"scores: candidates {start}..{start + scores.shape[1] - 1} give NaN or Inf scores")
+    return _merge(running, scores, start, k, largest)
+
+
+def _merge(running: TopK, scores: Tensor, start: int, k: int, largest: bool) -> TopK:
     values, indices = reference.merge_topk(running.values, running.indices, scores.contiguous(), start, k, largest)
     return TopK(values, indices)
 

@@ -4,7 +4,7 @@ from benchmarks.run import run_setting
 
 def test_benchmark_runner_on_a_small_setting(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(retrain, "CACHE", tmp_path / "cache")
-    rows = run_setting("logreg", ["explicit", "grad-dot", "trak-5"], n_models=6, n_val=2, do_tune=True, seed=0,
+    _, rows = run_setting("logreg", ["explicit", "grad-dot", "trak-5"], n_models=6, n_val=2, do_tune=True, seed=0,
                        n_train=150, results=tmp_path)
     assert [r.method for r in rows] == ["explicit", "grad-dot"]  # convex: no TRAK ensemble
     explicit = rows[0]
