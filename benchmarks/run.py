@@ -45,6 +45,10 @@ from .retrain import LDSTruth, retrain_lds
 from .settings import CONVEX, SETTINGS, Setting, make_setting, minus_test_loss
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Training images whose self influence the AUC uses, per setting (default: all). On the CNN an iterative solver
+# needs one solve of conv Hessian-vector products per image, so there it is every flipped image and random clean
+# ones up to this many: an unbiased estimate of the full AUC, the same images for every method.
+AUC_ROWS = {"cnn": 300}
 
 
 class Row(NamedTuple):
@@ -109,14 +113,32 @@ def lds_with_interval(scores: torch.Tensor, truth: LDSTruth) -> tuple[float, flo
     return float(defined.mean()), 1.96 * float(defined.std()) / math.sqrt(defined.numel())
 
 
+def auc_rows(is_noisy: torch.Tensor, limit: Optional[int], seed: int) -> Optional[torch.Tensor]:
+    """Positions for the noisy-label AUC: all flipped images and uniformly drawn clean ones, ``limit`` in all.
+
+    The AUC is the fraction of (flipped, clean) pairs ordered correctly, so keeping every
+    flipped image and a uniform sample of clean ones leaves its expectation unchanged.
+    None (every training image) when ``limit`` is None or covers the training set.
+    """
+    n, flipped = len(is_noisy), torch.nonzero(is_noisy).flatten()
+    if limit is None or limit >= n:
+        return None
+    if limit <= len(flipped):
+        raise ValueError(f"--auc-rows: expected more than the {len(flipped)} flipped images, got {limit}")
+    clean = torch.nonzero(~is_noisy).flatten()
+    drawn = clean[torch.randperm(len(clean), generator=torch.Generator().manual_seed(seed))[: limit - len(flipped)]]
+    return torch.sort(torch.cat([flipped, drawn])).values
+
+
 def tune(setting: Setting, name: str, validation: LDSTruth) -> Dict[str, Any]:
     """The grid point with the best validation LDS (the defaults fill keys the grid leaves out)."""
     method = METHODS[name]
-    if not method.grid:
+    grid = method.grid_for(setting.name)
+    if not grid:
         return method.settings_for(setting.name)
     best, best_lds = method.settings_for(setting.name), -math.inf
-    keys = list(method.grid)
-    for values in itertools.product(*(method.grid[k] for k in keys)):
+    keys = list(grid)
+    for values in itertools.product(*(grid[k] for k in keys)):
         hyper = {**method.settings_for(setting.name), **dict(zip(keys, values))}
         try:
             score = lds_with_interval(attribute(setting, name, hyper), validation)[0]
@@ -130,13 +152,15 @@ def tune(setting: Setting, name: str, validation: LDSTruth) -> Dict[str, Any]:
 
 
 def evaluate(setting: Setting, noisy: Setting, name: str, hyper: Dict[str, Any], report: LDSTruth,
-             with_dattri: bool) -> Row:
+             with_dattri: bool, rows: Optional[torch.Tensor] = None) -> Row:
+    """One table row; the AUC over the training positions ``rows`` (all when None)."""
     with PeakMemory() as memory:
         start = time.perf_counter()
         scores = attribute(setting, name, hyper)
         seconds = time.perf_counter() - start
     mean, half = lds_with_interval(scores, report)
-    auc = mislabel_auc(self_influence(noisy, name, hyper), noisy.is_noisy).auc
+    flipped = noisy.is_noisy if rows is None else noisy.is_noisy[rows]
+    auc = mislabel_auc(self_influence(noisy, name, hyper, rows), flipped).auc
     theirs = versus_dattri(setting, name, hyper, report) if with_dattri and name in dattri_methods.NAMES else ""
     return Row(name, hyper, mean, half, auc, seconds, memory.peak_mib, theirs, scores)
 
@@ -155,8 +179,9 @@ def versus_dattri(setting: Setting, name: str, hyper: Dict[str, Any], report: LD
     return f"{mean:.3f} ± {half:.3f} ({seconds:.2f} s)"
 
 
-def table(setting: str, rows: List[Row], n_report: int, n_val: int) -> str:
-    lines = [f"### digits + {setting}: {n_report} retrained models for LDS ({n_val} more for validation)", "",
+def table(setting: str, rows: List[Row], n_report: int, n_val: int, auc_note: str = "") -> str:
+    lines = [f"### digits + {setting}: {n_report} retrained models for LDS ({n_val} more for validation)"
+             + (f"; {auc_note}" if auc_note else ""), "",
              "| method | LDS (95% interval) | noisy-label AUC | time (s) | peak memory (MiB) | settings | "
              "dattri LDS (time), same inputs |",
              "|---|---|---:|---:|---:|---|---|"]
@@ -204,8 +229,8 @@ def explain(setting: Setting, row: Row, show: int = 3, top: int = 3) -> None:
 
 
 def run_setting(name: str, methods: List[str], *, n_models: int, n_val: int, do_tune: bool, seed: int,
-                n_train: int = 1000, results: Optional[Path] = None,
-                with_dattri: bool = False) -> tuple[Setting, List[Row]]:
+                n_train: int = 1000, results: Optional[Path] = None, with_dattri: bool = False,
+                auc_limit: Optional[int] = None) -> tuple[Setting, List[Row]]:
     start = time.perf_counter()
     if name in CONVEX and any(m.startswith("trak-") and m != "trak-1" for m in methods):
         print(f"{name} is convex: independently initialised fits are one model, so TRAK ensembles are skipped")
@@ -213,9 +238,13 @@ def run_setting(name: str, methods: List[str], *, n_models: int, n_val: int, do_
     ensemble = max([int(m.split("-")[1]) for m in methods if m.startswith("trak-")] + [1])
     setting = make_setting(name, seed=seed, ensemble=ensemble, n_train=n_train)
     noisy = make_setting(name, seed=seed, noisy=True, ensemble=ensemble, n_train=n_train)
+    rows_for_auc = auc_rows(noisy.is_noisy, auc_limit, seed)  # a bad limit fails before any retraining
     truth = retrain_lds(setting.train_fn, minus_test_loss(setting.model), setting.data, n_subsets=n_val + n_models,
                         seed=seed, key=setting.key, progress=True)
     validation, report = split_truth(truth, n_val)
+    auc_note = "" if rows_for_auc is None else (
+        f"AUC over all {int(noisy.is_noisy.sum())} flipped and {len(rows_for_auc) - int(noisy.is_noisy.sum())} "
+        f"random clean training images")
     print(f"\ndigits + {name}: models fitted and {n_val + n_models} retrained in {time.perf_counter() - start:.1f} s",
           flush=True)
     rows = []
@@ -223,11 +252,11 @@ def run_setting(name: str, methods: List[str], *, n_models: int, n_val: int, do_
         hyper = tune(setting, method, validation) if do_tune else METHODS[method].settings_for(name)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # LiSSA/Arnoldi diagnostics are in the numbers
-            rows.append(evaluate(setting, noisy, method, hyper, report, with_dattri))
+            rows.append(evaluate(setting, noisy, method, hyper, report, with_dattri, rows_for_auc))
         r = rows[-1]
         print(f"  {method}: LDS {r.lds:.3f} ± {r.lds_half_width:.3f}, AUC {r.auc:.3f}, {r.seconds:.2f} s"
               + (f"; dattri {r.dattri}" if r.dattri else ""), flush=True)
-    text = table(name, rows, n_models, n_val)
+    text = table(name, rows, n_models, n_val, auc_note)
     print("\n" + text)
     folder = results or RESULTS
     folder.mkdir(exist_ok=True)
@@ -251,6 +280,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--dattri", action=argparse.BooleanOptionalAction, default=None,
                         help="run dattri on the same inputs (default: when it is installed, except with --quick)")
+    parser.add_argument("--auc-rows", type=int, default=None,
+                        help=f"training images for the noisy-label AUC (default: all, except {AUC_ROWS})")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     settings = list(SETTINGS) if args.setting == "all" else args.setting.split(",")
@@ -269,7 +300,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     for name in settings:
         with_dattri = dattri_methods.available() and (args.dattri or (args.dattri is None and not args.quick))
         setting, rows = run_setting(name, methods, n_models=n_models, n_val=n_val, do_tune=args.tune,
-                                    seed=args.seed, n_train=args.n_train, with_dattri=with_dattri)
+                                    seed=args.seed, n_train=args.n_train, with_dattri=with_dattri,
+                                    auc_limit=args.auc_rows if args.auc_rows is not None else AUC_ROWS.get(name))
         if args.quick:
             explain(setting, max(rows, key=lambda r: r.lds))
 
