@@ -153,6 +153,41 @@ def fit(
     return {k: v.detach() for k, v in params.items()}
 
 
+def fit_sgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    init: Mapping[str, Tensor],
+    epochs: int,
+    lr: float,
+    batch_size: int = 32,
+    l2: float = 0.0,
+    seed: int = 1,
+) -> list[dict[str, Tensor]]:
+    """Mini-batch SGD on the (L2-regularised) cross-entropy from ``init``; the parameters after each epoch.
+
+    Batches are drawn by a generator seeded with ``seed``, so a refit on the same
+    data is the same run: retraining differs only by the data it is given.
+    """
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in init.items()}
+    optimizer = torch.optim.SGD(list(params.values()), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    after_epochs = []
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=generator)
+        for start in range(0, len(y), batch_size):
+            rows = order[start : start + batch_size]
+            loss = nn.functional.cross_entropy(functional_call(model, params, (x[rows],)), y[rows])
+            if l2:
+                loss = loss + l2 / 2 * sum(p.pow(2).sum() for p in params.values())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        after_epochs.append({k: v.detach().clone() for k, v in params.items()})
+    return after_epochs
+
+
 def accuracy(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> float:
     with torch.no_grad():
         return float((functional_call(model, dict(params), (x,)).argmax(1) == y).double().mean())

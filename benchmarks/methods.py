@@ -101,7 +101,7 @@ def _rps(setting: Setting, hyper: Dict[str, Any]):
 
 
 DAMPINGS = [1e-4, 1e-3, 1e-2, 1e-1]
-TRAK_GRID = {"proj_dim": [256, 512, 2048], "regularization": [0.0, 1e-2, 1.0, 10.0, 100.0]}
+TRAK_GRID = {"proj_dim": [256, 512, 2048], "regularization": [0.0, 1e-2, 1.0, 10.0, 100.0, 1000.0]}
 METHODS: Dict[str, Method] = {
     "explicit": Method(_influence(at.IFAttributorExplicit), {"regularization": 1e-3}, {"regularization": DAMPINGS},
                        {"logreg": {"regularization": 1e-3}, "mlp": {"regularization": 1e-4}}),
@@ -134,6 +134,7 @@ METHODS: Dict[str, Method] = {
                      {"mlp": {"proj_dim": 2048, "regularization": 100.0}}),
     "trak-10": Method(_trak(10), {"proj_dim": 512, "regularization": 1.0}, TRAK_GRID,
                       {"mlp": {"proj_dim": 2048, "regularization": 100.0}}),
+    "trak-50": Method(_trak(50), {"proj_dim": 512, "regularization": 1.0}, TRAK_GRID),
     "rps": Method(_rps, {"l2_strength": 1e-3, "epoch": 300}, {"l2_strength": [1e-4, 1e-3, 1e-2]},
                   {"logreg": {"l2_strength": 1e-3}, "mlp": {"l2_strength": 1e-3}}),
 }

@@ -261,8 +261,8 @@ def run_setting(name: str, methods: List[str], *, n_models: int, n_val: int, do_
     folder = results or RESULTS
     folder.mkdir(exist_ok=True)
     # A run of some methods only must not overwrite the table of a run of all of them.
-    suffix = ("-quick" if n_models < 64 else "") + ("" if set(methods) >= set(METHODS) - {"trak-5", "trak-10"}
-                                                    else "-partial")
+    single = {m for m in METHODS if not m.startswith("trak-") or m == "trak-1"}  # all but the TRAK ensembles
+    suffix = ("-quick" if n_models < 64 else "") + ("" if set(methods) >= single else "-partial")
     (folder / f"{name}{suffix}.md").write_text(text + "\n")
     plot(name, rows, folder / f"{name}{suffix}.png")
     print(f"\nwritten: {folder / f'{name}{suffix}'}.md and .png")

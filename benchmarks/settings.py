@@ -1,14 +1,20 @@
 """The benchmark settings: scikit-learn digits with logistic regression, an MLP and a small CNN.
 
 A setting holds the data (1,000 training / 100 test images by default, seeded), the
-model fitted on the full training set by full-batch L-BFGS on the L2-regularised
-cross-entropy from a fixed initialisation, checkpoints along that fit (for TracIn),
-independently initialised fits (for TRAK's ensembles), and the training recipe the
-ground truth retrains with (the same initialisation, so retraining noise is small).
-Logistic regression is convex, so its retraining starts from the fitted model (the
-same optimum, sooner). The noisy variant flips 10% of the training labels (seeded)
-for noisy-label detection.
-"""
+model fitted on the full training set from a fixed initialisation, checkpoints along
+that fit (for TracIn), independently initialised fits (for TRAK's ensembles), and the
+training recipe the ground truth retrains with (the same initialisation and, for SGD,
+the same batch-order seed, so retraining noise is small). Two regimes:
+
+- ``logreg``, ``mlp``, ``cnn``: full-batch L-BFGS on the L2-regularised cross-entropy
+  to a tight optimum; checkpoints at L-BFGS iterations 5, 10, 25, 50 and the end.
+  Logistic regression is convex, so its retraining starts from the fitted model (the
+  same optimum, sooner).
+- ``logreg-sgd``, ``mlp-sgd``: mini-batch SGD without an L2 term for a few epochs,
+  stopped well before convergence, as most published attribution benchmarks train;
+  checkpoints after every epoch.
+
+The noisy variant flips 10% of the training labels (seeded) for noisy-label detection."""
 
 from __future__ import annotations
 
@@ -18,19 +24,40 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .digits import cnn, fit, load_digits_split, mlp, softmax_regression
+from .digits import cnn, fit, fit_sgd, load_digits_split, mlp, softmax_regression
 from .retrain import Data, Params
 
-SETTINGS = ("logreg", "mlp", "cnn")
-# Per setting: model constructor, dtype, L2 strength, L-BFGS iterations, the final Linear layer's name, and
-# whether retraining starts from the fitted model (the convex case: the optimum is the same from anywhere, only
-# sooner) or from the fixed initialisation.
+class Recipe(NamedTuple):
+    """How a setting's model is built and trained."""
+
+    build: Callable[[int, torch.dtype], nn.Module]  # (seed, dtype) -> model
+    dtype: torch.dtype
+    l2: float
+    final_layer: str  # the final Linear layer's name (RPS)
+    optimizer: str  # "lbfgs": full batch to a tight optimum; "sgd": mini-batches of 32 for a few epochs
+    steps: int  # L-BFGS iterations, or SGD epochs
+    lr: float = 0.0  # SGD's learning rate
+    warm: bool = False  # retraining starts from the fitted model: the convex case, the same optimum only sooner
+
+    def tag(self) -> str:
+        """The optimiser part of the ground truth's cache key."""
+        return f"it{self.steps}" if self.optimizer == "lbfgs" else f"sgd-e{self.steps}-lr{self.lr}-b32"
+
+
 _RECIPES = {
-    "logreg": (lambda seed, dtype: softmax_regression(seed=seed, dtype=dtype), torch.float64, 1e-3, 500, "", True),
-    "mlp": (lambda seed, dtype: mlp(128, seed=seed, dtype=dtype), torch.float32, 1e-3, 300, "2", False),
-    "cnn": (lambda seed, dtype: cnn(16, seed=seed, dtype=dtype), torch.float32, 1e-3, 300, "head", False),
+    "logreg": Recipe(lambda seed, dtype: softmax_regression(seed=seed, dtype=dtype), torch.float64, 1e-3, "",
+                     "lbfgs", 500, warm=True),
+    "mlp": Recipe(lambda seed, dtype: mlp(128, seed=seed, dtype=dtype), torch.float32, 1e-3, "2", "lbfgs", 300),
+    "cnn": Recipe(lambda seed, dtype: cnn(16, seed=seed, dtype=dtype), torch.float32, 1e-3, "head", "lbfgs", 300),
+    # The same models stopped early, as most published attribution benchmarks train them: SGD without an L2
+    # term, checkpoints after each epoch.
+    "logreg-sgd": Recipe(lambda seed, dtype: softmax_regression(seed=seed, dtype=dtype), torch.float32, 0.0, "",
+                         "sgd", 5, lr=0.1),
+    "mlp-sgd": Recipe(lambda seed, dtype: mlp(128, seed=seed, dtype=dtype), torch.float32, 0.0, "2", "sgd", 10,
+                      lr=0.1),
 }
-CONVEX = {name for name, recipe in _RECIPES.items() if recipe[-1]}
+SETTINGS = tuple(_RECIPES)
+CONVEX = {name for name, recipe in _RECIPES.items() if recipe.warm}
 CHECKPOINT_ITERATIONS = (5, 10, 25, 50)  # L-BFGS iterations of the TracIn checkpoints before the final fit
 
 
@@ -73,27 +100,35 @@ def make_setting(name: str, *, n_train: int = 1000, n_test: int = 100, seed: int
     """Fit the setting's model; ``ensemble`` independently initialised fits for TRAK (the first is the model's)."""
     if name not in _RECIPES:
         raise ValueError(f"setting: expected one of {SETTINGS}, got {name!r}")
-    build, dtype, l2, iterations, final, warm = _RECIPES[name]
-    split = load_digits_split(n_train, seed=seed, dtype=dtype)
+    recipe = _RECIPES[name]
+    split = load_digits_split(n_train, seed=seed, dtype=recipe.dtype)
     y_train, is_noisy = (flip_labels(split.y_train, 0.1, seed + 100) if noisy else (split.y_train, None))
     data = Data(split.x_train, y_train, split.x_test[:n_test], split.y_test[:n_test])
-    model = build(seed, dtype)
+    model = recipe.build(seed, recipe.dtype)
     init = {k: v.detach().clone() for k, v in model.named_parameters()}
 
-    def train_fn(x: Tensor, y: Tensor, start: Optional[Params] = None, max_iter: int = iterations) -> Params:
-        return fit(model, x, y, l2=l2, init=init if start is None else start, max_iter=max_iter)
+    def trajectory(x: Tensor, y: Tensor, start: Optional[Params] = None, final_only: bool = False) -> List[Params]:
+        """The checkpoints of one fit, its final parameters last (only those with ``final_only``)."""
+        start = init if start is None else start
+        if recipe.optimizer == "sgd":
+            return fit_sgd(model, x, y, init=start, epochs=recipe.steps, lr=recipe.lr, l2=recipe.l2)
+        iterations = (recipe.steps,) if final_only else (*CHECKPOINT_ITERATIONS, recipe.steps)
+        return [fit(model, x, y, l2=recipe.l2, init=start, max_iter=k) for k in iterations]
 
-    params = train_fn(data.x_train, data.y_train)
-    checkpoints = [train_fn(data.x_train, data.y_train, max_iter=k) for k in CHECKPOINT_ITERATIONS] + [params]
+    def train_fn(x: Tensor, y: Tensor, start: Optional[Params] = None) -> Params:
+        return trajectory(x, y, start, final_only=True)[-1]
+
+    checkpoints = trajectory(data.x_train, data.y_train)
+    params = checkpoints[-1]
     others = []
     for member in range(1, ensemble):
-        start = {k: v.detach().clone() for k, v in build(seed + 1000 * member, dtype).named_parameters()}
+        start = {k: v.detach().clone() for k, v in recipe.build(seed + 1000 * member, recipe.dtype).named_parameters()}
         others.append(train_fn(data.x_train, data.y_train, start=start))
     model.load_state_dict(params)
-    key = f"{name}-n{n_train}-t{n_test}-seed{seed}-l2{l2}-it{iterations}{'-noisy' if noisy else ''}"
-    retrain_start = params if warm else init
+    key = f"{name.split('-')[0]}-n{n_train}-t{n_test}-seed{seed}-l2{recipe.l2}-{recipe.tag()}{'-noisy' if noisy else ''}"
+    retrain_start = params if recipe.warm else init
     return Setting(name, model, data, params, checkpoints, [params] + others,
-                   lambda x, y: train_fn(x, y, start=retrain_start), l2, final, key, is_noisy)
+                   lambda x, y: train_fn(x, y, start=retrain_start), recipe.l2, recipe.final_layer, key, is_noisy)
 
 
 def states(setting: Setting, params_list: List[Params]) -> List[Dict[str, Tensor]]:
