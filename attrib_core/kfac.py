@@ -31,6 +31,7 @@ from .layer_capture import LayerSpec, capture, layer_specs
 __all__ = ["LayerFactors", "KFACFactors", "kfac_factors", "EKFACLayer", "EKFAC", "ekfac"]
 
 MaskFn = Optional[Callable[[Any], Tensor]]
+Damping = Union[float, Sequence[float]]  # one value for every layer, or one per layer
 
 
 class LayerFactors(NamedTuple):
@@ -126,21 +127,38 @@ class EKFAC(NamedTuple):
     def dim(self) -> int:
         return sum(self.sizes)
 
-    def matvec(self, V: Tensor, *, damping: float = 0.0) -> Tensor:
+    def matvec(self, V: Tensor, *, damping: Damping = 0.0) -> Tensor:
         """``(F̂ + damping I)`` applied to the rows of ``V`` ``(k, dim)``."""
-        damping = check_nonnegative(damping, "damping")
-        return self._apply(V, lambda lam: lam + damping)
+        return self._apply(V, lambda lam, d: lam + d, self._per_layer(damping))
 
-    def solve(self, V: Tensor, *, damping: float) -> Tensor:
-        """``(F̂ + damping I)⁻¹`` applied to the rows of ``V`` ``(k, dim)``: rotate, divide, rotate back."""
-        damping = check_nonnegative(damping, "damping")
-        if damping == 0 and any(bool((layer.eigenvalues <= 0).any()) for layer in self.layers):
-            raise ValueError("damping: some eigenvalues are 0, so F̂ is singular; pass damping > 0")
-        return self._apply(V, lambda lam: 1.0 / (lam + damping))
+    def solve(self, V: Tensor, *, damping: Damping) -> Tensor:
+        """``(F̂ + damping I)⁻¹`` applied to the rows of ``V`` ``(k, dim)``: rotate, divide, rotate back.
 
-    def preconditioner(self, *, damping: float) -> Callable[[Tensor], Tensor]:
+        ``damping`` is one number for every layer, or one per layer (in ``layers``
+        order), e.g. :meth:`heuristic_damping`.
+        """
+        dampings = self._per_layer(damping)
+        singular = [layer.spec.module for layer, d in zip(self.layers, dampings)
+                    if d == 0 and bool((layer.eigenvalues <= 0).any())]
+        if singular:
+            raise ValueError(f"damping: layers {singular} have eigenvalues 0, so F̂ is singular; pass damping > 0")
+        return self._apply(V, lambda lam, d: 1.0 / (lam + d), dampings)
+
+    def heuristic_damping(self, factor: float = 0.1) -> tuple[float, ...]:
+        """Per layer, ``factor`` times the mean of its eigenvalues (Grosse et al., 2023; kronfluence's heuristic)."""
+        factor = check_nonnegative(factor, "factor")
+        return tuple(factor * float(layer.eigenvalues.mean()) for layer in self.layers)
+
+    def _per_layer(self, damping: Damping) -> list[float]:
+        if isinstance(damping, (list, tuple)):
+            if len(damping) != len(self.layers):
+                raise ValueError(f"damping: expected one value per layer ({len(self.layers)}), got {len(damping)}")
+            return [check_nonnegative(d, f"damping[{i}]") for i, d in enumerate(damping)]
+        return [check_nonnegative(damping, "damping")] * len(self.layers)
+
+    def preconditioner(self, *, damping: Damping) -> Callable[[Tensor], Tensor]:
         """``(F̂ + damping I)⁻¹`` as an operator, for :func:`cg`'s ``preconditioner``."""
-        check_nonnegative(damping, "damping")
+        self._per_layer(damping)
 
         def apply(R: Tensor) -> Tensor:
             if R.shape[-1] != self.dim:
@@ -152,16 +170,16 @@ class EKFAC(NamedTuple):
 
         return apply
 
-    def _apply(self, V: Tensor, scale: Callable[[Tensor], Tensor]) -> Tensor:
+    def _apply(self, V: Tensor, scale: Callable[[Tensor, float], Tensor], dampings: Sequence[float]) -> Tensor:
         block, single = as_block(V, self.dim)
         out_dtype = torch.promote_types(block.dtype, torch.float32)
         offsets = dict(zip(self.names, _offsets(self.sizes)))
         out = torch.empty_like(block, dtype=out_dtype)
-        for layer in self.layers:
+        for layer, damping in zip(self.layers, dampings):
             spec = layer.spec
             M = _gather(block, spec, offsets).to(layer.QA.dtype)  # (k, d_out, d_a)
             rotated = contract("so,kst,ta->koa", layer.QS, M, layer.QA)
-            rotated = rotated * scale(layer.eigenvalues)
+            rotated = rotated * scale(layer.eigenvalues, damping)
             back = contract("so,koa,ta->kst", layer.QS, rotated, layer.QA)
             _scatter(out, back.to(out_dtype), spec, offsets)
         return out[0] if single else out

@@ -310,7 +310,9 @@ class IFAttributorEKFAC(BaseInnerProductAttributor):
 
     Args:
         module_name: ``nn.Linear``/``nn.Conv2d`` module names, or None for all of them.
-        damping: ``λ >= 0`` added to the approximate Fisher (needed when it is singular).
+        damping: ``λ >= 0`` added to the approximate Fisher (needed when it is singular),
+            or ``"heuristic"``: per layer, 0.1 times the mean of its eigenvalues
+            (Grosse et al., 2023; kronfluence's choice), fitted with the factors.
         fisher: ``"empirical"`` (the batches' own labels) or ``"sampled"`` (labels drawn
             from the model's predictive distribution, the true Fisher, as kronfluence
             does; this assumes classification batches ``(inputs, ..., labels)`` whose
@@ -319,13 +321,16 @@ class IFAttributorEKFAC(BaseInnerProductAttributor):
     """
 
     def __init__(self, task: AttributionTask, module_name: LayerName = None, device: Optional[str] = "cpu",
-                 damping: float = 0.0, fisher: str = "empirical", seed: int = 0, show_progress: bool = True) -> None:
+                 damping: Union[float, str] = 0.0, fisher: str = "empirical", seed: int = 0,
+                 show_progress: bool = True) -> None:
         specs = layer_specs(task.get_model(), task.params(0), module_name)  # raises on bad names
         covered = {s.weight for s in specs} | {s.bias for s in specs if s.bias is not None}
         names = [n for n in task.params(0) if n in covered]
         super().__init__(task, names, device, show_progress)
         self.module_name = module_name
-        self.damping = _nonnegative(damping, "damping")
+        if isinstance(damping, str) and damping != "heuristic":
+            raise ValueError(f"damping: expected a number >= 0 or 'heuristic', got {damping!r}")
+        self.damping = damping if damping == "heuristic" else _nonnegative(damping, "damping")
         if fisher not in ("empirical", "sampled"):
             raise ValueError(f"fisher: expected 'empirical' or 'sampled', got {fisher!r}")
         self.fisher = fisher
@@ -348,4 +353,6 @@ class IFAttributorEKFAC(BaseInnerProductAttributor):
         return (*batch[:-1], labels.reshape(-1).to(batch[-1].device, batch[-1].dtype))
 
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
-        return self._fits[ckpt_idx].solve(test_rep, damping=self.damping)
+        fit = self._fits[ckpt_idx]
+        damping = fit.heuristic_damping() if self.damping == "heuristic" else self.damping
+        return fit.solve(test_rep, damping=damping)

@@ -101,29 +101,36 @@ def _rps(setting: Setting, hyper: Dict[str, Any]):
 
 
 DAMPINGS = [1e-4, 1e-3, 1e-2, 1e-1]
-TRAK_GRID = {"proj_dim": [256, 512, 2048], "regularization": [0.0, 1e-2, 1.0, 10.0, 100.0, 1000.0]}
+TRAK_GRID = {"proj_dim": [256, 512, 2048], "regularization": [0.0, 1e-2, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5]}
 METHODS: Dict[str, Method] = {
     "explicit": Method(_influence(at.IFAttributorExplicit), {"regularization": 1e-3}, {"regularization": DAMPINGS},
-                       {"logreg": {"regularization": 1e-3}, "mlp": {"regularization": 1e-4}}),
+                       {"logreg": {"regularization": 1e-3}, "mlp": {"regularization": 1e-4}, "cnn": {"regularization": 1e-2},
+                        "logreg-sgd": {"regularization": 1e-1}}),
     "cg": Method(_influence(at.IFAttributorCG, max_iter=20), {"regularization": 1e-3}, {"regularization": DAMPINGS},
-                 {"logreg": {"regularization": 1e-3}, "mlp": {"regularization": 1e-3}}),
+                 {"logreg": {"regularization": 1e-3}, "mlp": {"regularization": 1e-3}, "cnn": {"regularization": 1e-3},
+                  "logreg-sgd": {"regularization": 1e-1}}),
     "lissa": Method(_influence(at.IFAttributorLiSSA, batch_size=50), {"damping": 1e-3, "scaling": 5.0,
                                                                      "recursion_depth": 100},
                     {"damping": [1e-4, 1e-3, 1e-2], "scaling": [5.0, 20.0], "recursion_depth": [100, 1000]},
                     {"logreg": {"damping": 1e-4, "scaling": 5.0, "recursion_depth": 1000},
-                     "mlp": {"damping": 1e-4, "scaling": 5.0, "recursion_depth": 1000}},
-                    # On the CNN one point costs minutes; the values that won on both other settings stay fixed.
-                    {"cnn": {"scaling": [5.0], "recursion_depth": [1000]}}),
+                     "mlp": {"damping": 1e-4, "scaling": 5.0, "recursion_depth": 1000},
+                     "logreg-sgd": {"damping": 1e-2, "scaling": 5.0, "recursion_depth": 100}},
+                    # On the CNN one point costs minutes, and scaling 5 diverges there (mini-batch Hessians
+                    # have larger eigenvalues); depth 1000 won on both other settings.
+                    {"cnn": {"damping": [1e-3, 1e-2], "scaling": [20.0, 50.0], "recursion_depth": [1000]}}),
     "arnoldi": Method(_arnoldi, {"regularization": 1e-3, "proj_dim": 100},
                       {"regularization": DAMPINGS, "proj_dim": [100, 200, 400]},
                       {"logreg": {"regularization": 1e-3, "proj_dim": 400},
-                       "mlp": {"regularization": 1e-3, "proj_dim": 400}}),
+                       "mlp": {"regularization": 1e-3, "proj_dim": 400},
+                       "cnn": {"regularization": 1e-4, "proj_dim": 400},
+                       "logreg-sgd": {"regularization": 1e-1, "proj_dim": 400}}),
     "datainf": Method(_influence(at.IFAttributorDataInf), {"regularization": 0.0},
                       {"regularization": [0.0] + DAMPINGS},
                       {"logreg": {"regularization": 0.0}, "mlp": {"regularization": 0.0}}),
     "ekfac": Method(_influence(at.IFAttributorEKFAC), {"damping": 1e-3, "fisher": "sampled"},
-                    {"damping": [1e-6, 1e-5] + DAMPINGS, "fisher": ["empirical", "sampled"]},
-                    {"logreg": {"damping": 1e-4, "fisher": "sampled"}, "mlp": {"damping": 1e-5, "fisher": "empirical"}}),
+                    {"damping": [1e-6, 1e-5] + DAMPINGS + ["heuristic"], "fisher": ["empirical", "sampled"]},
+                    {"logreg": {"damping": 1e-4, "fisher": "sampled"}, "mlp": {"damping": 1e-5, "fisher": "empirical"},
+                     "cnn": {"damping": 1e-6, "fisher": "sampled"}, "logreg-sgd": {"damping": 1e-2, "fisher": "empirical"}}),
     "tracin": Method(_tracin("tracin"), {}, {}),
     "grad-dot": Method(_tracin("grad-dot"), {}, {}),
     "grad-cos": Method(_tracin("grad-cos"), {}, {}),
@@ -134,9 +141,12 @@ METHODS: Dict[str, Method] = {
                      {"mlp": {"proj_dim": 2048, "regularization": 100.0}}),
     "trak-10": Method(_trak(10), {"proj_dim": 512, "regularization": 1.0}, TRAK_GRID,
                       {"mlp": {"proj_dim": 2048, "regularization": 100.0}}),
-    "trak-50": Method(_trak(50), {"proj_dim": 512, "regularization": 1.0}, TRAK_GRID),
+    # 2,048 dimensions won for every smaller ensemble on every setting; a point costs 50 models' gradients.
+    "trak-50": Method(_trak(50), {"proj_dim": 2048, "regularization": 1.0},
+                      {"proj_dim": [2048], "regularization": TRAK_GRID["regularization"]}),
     "rps": Method(_rps, {"l2_strength": 1e-3, "epoch": 300}, {"l2_strength": [1e-4, 1e-3, 1e-2]},
-                  {"logreg": {"l2_strength": 1e-3}, "mlp": {"l2_strength": 1e-3}}),
+                  {"logreg": {"l2_strength": 1e-3}, "mlp": {"l2_strength": 1e-3}, "cnn": {"l2_strength": 1e-2},
+                   "logreg-sgd": {"l2_strength": 1e-2}}),
 }
 
 

@@ -61,6 +61,13 @@ class Row(NamedTuple):
     peak_mib: float
     dattri: str = ""  # dattri's LDS and time on the same inputs, or why it has none
     scores: Optional[torch.Tensor] = None  # (n_train, n_test), for explaining test images afterwards
+    failure: str = ""  # why the method has no numbers on this setting
+
+
+def failed(method: str, error: Exception) -> Row:
+    """A row without numbers, saying why: a method that fails is a result, not a reason to stop the run."""
+    nan = float("nan")
+    return Row(method, {}, nan, nan, nan, nan, nan, failure=f"{type(error).__name__}: {str(error)[:100]}")
 
 
 class PeakMemory:
@@ -148,6 +155,8 @@ def tune(setting: Setting, name: str, validation: LDSTruth) -> Dict[str, Any]:
         print(f"    {name} {hyper}: validation LDS {score:.3f}", flush=True)
         if score > best_lds:
             best, best_lds = hyper, score
+    if best_lds == -math.inf:
+        raise ValueError(f"no point of {name}'s grid ran on {setting.name}: {grid}")
     return best
 
 
@@ -186,6 +195,9 @@ def table(setting: str, rows: List[Row], n_report: int, n_val: int, auc_note: st
              "dattri LDS (time), same inputs |",
              "|---|---|---:|---:|---:|---|---|"]
     for r in rows:
+        if r.failure:
+            lines.append(f"| {r.method} | failed: {r.failure} | | | | | |")
+            continue
         lines.append(f"| {r.method} | {r.lds:.3f} ± {r.lds_half_width:.3f} | {r.auc:.3f} | {r.seconds:.2f} | "
                      f"{r.peak_mib:.0f} | {', '.join(f'{k}={v}' for k, v in r.hyper.items()) or '-'} | "
                      f"{r.dattri or '-'} |")
@@ -199,7 +211,7 @@ def plot(setting: str, rows: List[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
+    for r in (r for r in rows if not r.failure):
         ax.errorbar(r.seconds, r.lds, yerr=r.lds_half_width, fmt="o", capsize=3)
         ax.annotate(r.method, (r.seconds, r.lds), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
@@ -249,10 +261,15 @@ def run_setting(name: str, methods: List[str], *, n_models: int, n_val: int, do_
           flush=True)
     rows = []
     for method in methods:
-        hyper = tune(setting, method, validation) if do_tune else METHODS[method].settings_for(name)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # LiSSA/Arnoldi diagnostics are in the numbers
-            rows.append(evaluate(setting, noisy, method, hyper, report, with_dattri, rows_for_auc))
+        try:
+            hyper = tune(setting, method, validation) if do_tune else METHODS[method].settings_for(name)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # LiSSA/Arnoldi diagnostics are in the numbers
+                rows.append(evaluate(setting, noisy, method, hyper, report, with_dattri, rows_for_auc))
+        except (ValueError, RuntimeError) as error:
+            rows.append(failed(method, error))
+            print(f"  {method}: failed: {rows[-1].failure}", flush=True)
+            continue
         r = rows[-1]
         print(f"  {method}: LDS {r.lds:.3f} ± {r.lds_half_width:.3f}, AUC {r.auc:.3f}, {r.seconds:.2f} s"
               + (f"; dattri {r.dattri}" if r.dattri else ""), flush=True)
@@ -303,7 +320,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                                     seed=args.seed, n_train=args.n_train, with_dattri=with_dattri,
                                     auc_limit=args.auc_rows if args.auc_rows is not None else AUC_ROWS.get(name))
         if args.quick:
-            explain(setting, max(rows, key=lambda r: r.lds))
+            explain(setting, max((r for r in rows if not r.failure), key=lambda r: r.lds))
 
 
 if __name__ == "__main__":

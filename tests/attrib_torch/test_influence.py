@@ -108,6 +108,19 @@ def test_ekfac_tracks_explicit_on_the_digits(problem, fisher, threshold):
     assert corr > threshold, corr
 
 
+def test_ekfac_heuristic_damping_is_a_tenth_of_each_layers_mean_eigenvalue(problem):
+    task = AttributionTask(data_loss(problem), problem.model, problem.state)
+    heuristic = IFAttributorEKFAC(task, damping="heuristic", show_progress=False)
+    scores = heuristic.attribute(problem.loader(), problem.loader("test"))
+    fit = heuristic._fits[0]
+    (layer,) = fit.layers
+    damping = 0.1 * float(layer.eigenvalues.mean())
+    fixed = IFAttributorEKFAC(task, damping=damping, show_progress=False)
+    torch.testing.assert_close(scores, fixed.attribute(problem.loader(), problem.loader("test")))
+    with pytest.raises(ValueError, match="'heuristic'"):
+        IFAttributorEKFAC(task, damping="kronfluence")
+
+
 def test_self_attribute_is_the_diagonal_and_topk_is_the_sorted_matrix(problem):
     attributor = IFAttributorExplicit(task_of(problem), show_progress=False)
     attributor.cache(problem.loader())
