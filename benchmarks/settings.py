@@ -122,10 +122,12 @@ def make_setting(name: str, *, n_train: int = 1000, n_test: int = 100, seed: int
     params = checkpoints[-1]
     others = []
     for member in range(1, ensemble):
-        start = {k: v.detach().clone() for k, v in recipe.build(seed + 1000 * member, recipe.dtype).named_parameters()}
+        member_model = recipe.build(seed + 1000 * member, recipe.dtype)
+        start = {k: v.detach().clone() for k, v in member_model.named_parameters()}
         others.append(train_fn(data.x_train, data.y_train, start=start))
     model.load_state_dict(params)
-    key = f"{name.split('-')[0]}-n{n_train}-t{n_test}-seed{seed}-l2{recipe.l2}-{recipe.tag()}{'-noisy' if noisy else ''}"
+    model_name = name.split("-")[0]  # the recipe's tag tells the training apart
+    key = f"{model_name}-n{n_train}-t{n_test}-seed{seed}-l2{recipe.l2}-{recipe.tag()}{'-noisy' if noisy else ''}"
     retrain_start = params if recipe.warm else init
     return Setting(name, model, data, params, checkpoints, [params] + others,
                    lambda x, y: train_fn(x, y, start=retrain_start), recipe.l2, recipe.final_layer, key, is_noisy)

@@ -5,7 +5,6 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
-from torch.func import functional_call
 
 from attrib_core import (
     Captured,

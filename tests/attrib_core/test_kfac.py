@@ -104,7 +104,8 @@ def test_ekfac_exact_on_eigenbasis_diagonal_for_an_mlp_over_several_batches():
     dampings = (0.3, 0.05)
     dense = torch.stack([fit.matvec(e, damping=0.0) for e in torch.eye(fit.dim, dtype=DT)], dim=1)
     split = fit.sizes[0] + fit.sizes[1]  # hidden.weight, hidden.bias | head.weight
-    shift = torch.cat([torch.full((split,), dampings[0], dtype=DT), torch.full((fit.dim - split,), dampings[1], dtype=DT)])
+    shift = torch.cat([torch.full((split,), dampings[0], dtype=DT),
+                       torch.full((fit.dim - split,), dampings[1], dtype=DT)])
     expected = torch.linalg.solve(dense + torch.diag(shift), V.T).T
     torch.testing.assert_close(fit.solve(V, damping=dampings), expected)
     means = [float(layer.eigenvalues.mean()) for layer in fit.layers]
