@@ -13,6 +13,11 @@ the same batch-order seed, so retraining noise is small). Two regimes:
 - ``logreg-sgd``, ``mlp-sgd``: mini-batch SGD without an L2 term for a few epochs,
   stopped well before convergence, as most published attribution benchmarks train;
   checkpoints after every epoch.
+- ``mlp-sgd-reinit``: ``mlp-sgd`` whose ground truth retrains each subset from its own
+  random initialisation and batch order (seeded by the subset's content), so the
+  retrained models carry training noise, as in the LDS of Park et al. (2023); with a
+  fixed initialisation the ground truth is that one run's, which favours methods
+  that look at that run's model alone.
 
 The noisy variant flips 10% of the training labels (seeded) for noisy-label detection."""
 
@@ -25,7 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .digits import cnn, fit, fit_sgd, load_digits_split, mlp, softmax_regression
-from .retrain import Data, Params
+from .retrain import Data, Params, digest
 
 class Recipe(NamedTuple):
     """How a setting's model is built and trained."""
@@ -38,10 +43,12 @@ class Recipe(NamedTuple):
     steps: int  # L-BFGS iterations, or SGD epochs
     lr: float = 0.0  # SGD's learning rate
     warm: bool = False  # retraining starts from the fitted model: the convex case, the same optimum only sooner
+    reinit: bool = False  # retraining draws its initialisation and batch order from the subset (training noise)
 
     def tag(self) -> str:
         """The optimiser part of the ground truth's cache key."""
-        return f"it{self.steps}" if self.optimizer == "lbfgs" else f"sgd-e{self.steps}-lr{self.lr}-b32"
+        tag = f"it{self.steps}" if self.optimizer == "lbfgs" else f"sgd-e{self.steps}-lr{self.lr}-b32"
+        return tag + ("-reinit" if self.reinit else "")
 
 
 _RECIPES = {
@@ -55,6 +62,8 @@ _RECIPES = {
                          "sgd", 5, lr=0.1),
     "mlp-sgd": Recipe(lambda seed, dtype: mlp(128, seed=seed, dtype=dtype), torch.float32, 0.0, "2", "sgd", 10,
                       lr=0.1),
+    "mlp-sgd-reinit": Recipe(lambda seed, dtype: mlp(128, seed=seed, dtype=dtype), torch.float32, 0.0, "2", "sgd",
+                             10, lr=0.1, reinit=True),
 }
 SETTINGS = tuple(_RECIPES)
 CONVEX = {name for name, recipe in _RECIPES.items() if recipe.warm}
@@ -107,16 +116,30 @@ def make_setting(name: str, *, n_train: int = 1000, n_test: int = 100, seed: int
     model = recipe.build(seed, recipe.dtype)
     init = {k: v.detach().clone() for k, v in model.named_parameters()}
 
-    def trajectory(x: Tensor, y: Tensor, start: Optional[Params] = None, final_only: bool = False) -> List[Params]:
-        """The checkpoints of one fit, its final parameters last (only those with ``final_only``)."""
+    def trajectory(x: Tensor, y: Tensor, start: Optional[Params] = None, final_only: bool = False,
+                   order: int = 1) -> List[Params]:
+        """The checkpoints of one fit, its final parameters last (only those with ``final_only``).
+
+        ``order`` seeds SGD's batch order."""
         start = init if start is None else start
         if recipe.optimizer == "sgd":
-            return fit_sgd(model, x, y, init=start, epochs=recipe.steps, lr=recipe.lr, l2=recipe.l2)
+            return fit_sgd(model, x, y, init=start, epochs=recipe.steps, lr=recipe.lr, l2=recipe.l2, seed=order)
         iterations = (recipe.steps,) if final_only else (*CHECKPOINT_ITERATIONS, recipe.steps)
         return [fit(model, x, y, l2=recipe.l2, init=start, max_iter=k) for k in iterations]
 
     def train_fn(x: Tensor, y: Tensor, start: Optional[Params] = None) -> Params:
         return trajectory(x, y, start, final_only=True)[-1]
+
+    def retrain_fn(x: Tensor, y: Tensor) -> Params:
+        """The ground truth's refit: from the fitted model (convex), a fresh draw per subset (reinit), or ``init``."""
+        if recipe.warm:
+            return train_fn(x, y, start=params)
+        if recipe.reinit:
+            draw = int(digest(x, y)[:8], 16)  # a function of the subset: deterministic, so the cache stays valid
+            with torch.random.fork_rng(devices=[]):  # building seeds torch's global generator; leave it as it was
+                fresh = {k: v.detach().clone() for k, v in recipe.build(draw, recipe.dtype).named_parameters()}
+            return trajectory(x, y, fresh, final_only=True, order=draw)[-1]
+        return train_fn(x, y)
 
     checkpoints = trajectory(data.x_train, data.y_train)
     params = checkpoints[-1]
@@ -128,9 +151,8 @@ def make_setting(name: str, *, n_train: int = 1000, n_test: int = 100, seed: int
     model.load_state_dict(params)
     model_name = name.split("-")[0]  # the recipe's tag tells the training apart
     key = f"{model_name}-n{n_train}-t{n_test}-seed{seed}-l2{recipe.l2}-{recipe.tag()}{'-noisy' if noisy else ''}"
-    retrain_start = params if recipe.warm else init
-    return Setting(name, model, data, params, checkpoints, [params] + others,
-                   lambda x, y: train_fn(x, y, start=retrain_start), recipe.l2, recipe.final_layer, key, is_noisy)
+    return Setting(name, model, data, params, checkpoints, [params] + others, retrain_fn, recipe.l2,
+                   recipe.final_layer, key, is_noisy)
 
 
 def states(setting: Setting, params_list: List[Params]) -> List[Dict[str, Tensor]]:

@@ -27,3 +27,23 @@ def test_lbfgs_checkpoints_end_at_the_fitted_model_and_keys_name_the_optimiser()
     assert set(SETTINGS) >= {"logreg", "mlp", "cnn", "logreg-sgd", "mlp-sgd"}
     with pytest.raises(ValueError, match="setting"):
         make_setting("resnet")
+
+
+def test_reinit_ground_truth_draws_its_initialisation_from_the_subset():
+    fixed = make_setting("mlp-sgd", n_train=120, n_test=10)
+    noisy = make_setting("mlp-sgd-reinit", n_train=120, n_test=10)
+    assert noisy.key == fixed.key + "-reinit" and "mlp-sgd-reinit" not in CONVEX
+    for name, value in fixed.params.items():  # the model attributed is the same; only the ground truth differs
+        torch.testing.assert_close(noisy.params[name], value, rtol=0, atol=0)
+    d = noisy.data
+    state = torch.random.get_rng_state()
+    first = noisy.train_fn(d.x_train[:60], d.y_train[:60])
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global generator is left alone
+    again = noisy.train_fn(d.x_train[:60], d.y_train[:60])
+    other = noisy.train_fn(d.x_train[60:], d.y_train[60:])
+    same_init = fixed.train_fn(d.x_train[:60], d.y_train[:60])
+    assert torch.equal(first["0.weight"], again["0.weight"])  # deterministic: the cached truth stays valid
+    assert not torch.equal(first["0.weight"], same_init["0.weight"])  # not the fixed initialisation's run
+    # Each subset starts elsewhere: far more apart than the data alone would move a fixed start.
+    spread = (first["0.weight"] - other["0.weight"]).norm()
+    assert spread > 2 * (same_init["0.weight"] - fixed.train_fn(d.x_train[60:], d.y_train[60:])["0.weight"]).norm()
