@@ -160,7 +160,8 @@ METHODS: Dict[str, Method] = {
     # 2,048 dimensions won for every smaller ensemble on every setting; a point costs 50 models' gradients.
     "trak-50": Method(_trak(50), {"proj_dim": 2048, "regularization": 1.0},
                       {"proj_dim": [2048], "regularization": TRAK_GRID["regularization"]},
-                      {"logreg-sgd": {"proj_dim": 2048, "regularization": 1e3},
+                      {"mlp": {"proj_dim": 2048, "regularization": 100.0},
+                       "logreg-sgd": {"proj_dim": 2048, "regularization": 1e3},
                        "mlp-sgd": {"proj_dim": 2048, "regularization": 1e3}}),
     "rps": Method(_rps, {"l2_strength": 1e-3, "epoch": 300}, {"l2_strength": [1e-4, 1e-3, 1e-2]},
                   {"logreg": {"l2_strength": 1e-3}, "mlp": {"l2_strength": 1e-3}, "cnn": {"l2_strength": 1e-2},
