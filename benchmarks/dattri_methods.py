@@ -2,11 +2,23 @@
 
 Same model, fitted parameters, checkpoints, loaders and hyperparameters as ours;
 dattri's functions see one example without its batch dimension, so the losses here
-add it back. dattri is never a dependency: :func:`available` says whether it imports.
+add it back. Where dattri needs a user's workaround to run at all, the harness applies
+it, as a user would: inputs are cast back to the model's dtype and labels to integers
+(dattri's LiSSA hands the loss float32 inputs and float labels), torch's default dtype is the model's while dattri runs (its LiSSA,
+Arnoldi and DataInf create float32 buffers and fail on a float64 model), Arnoldi runs
+1.5 times as many iterations as eigenpairs kept (with as many as it keeps, its own
+default of 100 and 100 included, its scores are NaN; on logreg-sgd with 400 eigenpairs
+also at 450 iterations, not at 600), and where our DataInf uses the
+paper's per-layer damping (``regularization=0.0``) dattri gets its own fallback damping,
+0.1 (its literal 0.0 divides by zero), where our EK-FAC uses the damping heuristic dattri
+gets its value for the empirical Fisher (one layer only: dattri takes one damping), and a model that is one bare ``nn.Linear`` is
+wrapped in ``nn.Sequential`` (dattri's EK-FAC and RPS find no layer in it otherwise). dattri is never a dependency: :func:`available`
+says whether it imports.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 from typing import Any, Dict
@@ -15,7 +27,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .digits import margin_and_probability
+from attrib_core import ekfac
+
+from .digits import cross_entropy, margin_and_probability
 from .methods import loaders
 from .settings import Setting, states
 
@@ -34,13 +48,49 @@ def _one(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 def _loss(model: nn.Module):
     def loss(params, data):
         x, y = _one(*data)
-        return nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
+        x = x.to(next(iter(params.values())).dtype)  # dattri's LiSSA casts the inputs to float32
+        return nn.functional.cross_entropy(functional_call(model, params, (x,)), y.long())
 
     return loss
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 def attribute(setting: Setting, name: str, hyper: Dict[str, Any]) -> Tensor:
     """dattri's scores ``(n_train, n_test)`` for method ``name`` with our hyperparameters."""
+    with _default_dtype(next(setting.model.parameters()).dtype):
+        return _attribute(setting, name, hyper)
+
+
+def _dattri_hyper(name: str, hyper: Dict[str, Any]) -> Dict[str, Any]:
+    """Our hyperparameters in dattri's terms (see the module's docstring)."""
+    hyper = {k: v for k, v in hyper.items() if k != "fisher"}  # dattri's EK-FAC has the empirical Fisher only
+    if name == "arnoldi":
+        hyper.setdefault("max_iter", hyper["proj_dim"] * 3 // 2)
+    if name == "datainf" and hyper.get("regularization") == 0.0:
+        hyper["regularization"] = None  # dattri's own fallback, 0.1
+    return hyper
+
+
+def _heuristic_damping(setting: Setting) -> float:
+    """Our ``damping="heuristic"`` as the one number dattri's EK-FAC takes (its empirical Fisher's)."""
+    batches = [(x, y) for x, y in loaders(setting)[0]]
+    per_layer = ekfac(setting.model, cross_entropy(setting.model), setting.params, batches).heuristic_damping()
+    if len(per_layer) != 1:
+        raise ValueError(f"damping: the heuristic gives one value per layer ({len(per_layer)} layers); "
+                         "dattri's EK-FAC takes one for all")
+    return per_layer[0]
+
+
+def _attribute(setting: Setting, name: str, hyper: Dict[str, Any]) -> Tensor:
     from dattri.algorithm import influence_function as inf
     from dattri.algorithm.rps import RPSAttributor
     from dattri.algorithm.tracin import TracInAttributor
@@ -48,22 +98,31 @@ def attribute(setting: Setting, name: str, hyper: Dict[str, Any]) -> Tensor:
     from dattri.task import AttributionTask
 
     model = copy.deepcopy(setting.model)  # dattri's EK-FAC leaves forward hooks on the model it is given
+    prefix, final_layer = "", setting.final_layer
+    if isinstance(model, nn.Linear):  # dattri's EK-FAC and RPS find only named submodules; a bare layer has none
+        model, prefix, final_layer = nn.Sequential(model), "0.", "0"
+
+    def named(params_list):
+        return [{prefix + k: v for k, v in p.items()} for p in states(setting, params_list)]
+
     train, test = loaders(setting)
-    one = states(setting, [setting.params])[0]
+    one = named([setting.params])[0]
     task = AttributionTask(loss_func=_loss(model), model=model, checkpoints=one)
     influence = {"explicit": (inf.IFAttributorExplicit, {}), "cg": (inf.IFAttributorCG, {"max_iter": 20}),
                  "lissa": (inf.IFAttributorLiSSA, {"batch_size": 50, "recursion_depth": 100}),
                  "datainf": (inf.IFAttributorDataInf, {}),
-                 "arnoldi": (inf.IFAttributorArnoldi, {"proj_dim": 100, "max_iter": 100}),
+                 "arnoldi": (inf.IFAttributorArnoldi, {}),
                  "ekfac": (inf.IFAttributorEKFAC, {})}
     if name in influence:
         cls, fixed = influence[name]
-        kwargs = {**fixed, **{k: v for k, v in hyper.items() if k != "fisher"}}
+        kwargs = {**fixed, **_dattri_hyper(name, hyper)}
+        if kwargs.get("damping") == "heuristic":
+            kwargs["damping"] = _heuristic_damping(setting)
         attributor = cls(task, **kwargs)
         attributor.cache(train)
         return attributor.attribute(train, test).detach()
     if name in ("tracin", "grad-dot", "grad-cos"):
-        checkpoints = states(setting, setting.checkpoints if name == "tracin" else [setting.params])
+        checkpoints = named(setting.checkpoints if name == "tracin" else [setting.params])
         task = AttributionTask(loss_func=_loss(model), model=model, checkpoints=checkpoints)
         attributor = TracInAttributor(task, torch.ones(len(checkpoints)), normalized_grad=name == "grad-cos")
         return attributor.attribute(train, test).detach()
@@ -77,7 +136,7 @@ def attribute(setting: Setting, name: str, hyper: Dict[str, Any]) -> Tensor:
     if name == "rps":
         task = AttributionTask(loss_func=_loss(model), model=model, checkpoints=one,
                                target_func=nn.functional.cross_entropy)
-        attributor = RPSAttributor(task, setting.final_layer, **hyper)
+        attributor = RPSAttributor(task, final_layer, **hyper)
         attributor.cache(train)
         return attributor.attribute(train, test).detach()
     raise ValueError(f"name: dattri has no counterpart of {name!r}")
