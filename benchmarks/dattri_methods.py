@@ -6,9 +6,9 @@ add it back. Where dattri needs a user's workaround to run at all, the harness a
 it, as a user would: inputs are cast back to the model's dtype and labels to integers
 (dattri's LiSSA hands the loss float32 inputs and float labels), torch's default dtype is the model's while dattri runs (its LiSSA,
 Arnoldi and DataInf create float32 buffers and fail on a float64 model), Arnoldi runs
-1.5 times as many iterations as eigenpairs kept (with as many as it keeps, its own
-default of 100 and 100 included, its scores are NaN; on logreg-sgd with 400 eigenpairs
-also at 450 iterations, not at 600), and where our DataInf uses the
+as many iterations as ours, 1.5 times the eigenpairs kept (with as many as it keeps,
+its own default of 100 and 100 included, its scores are NaN; on logreg-sgd with 400
+eigenpairs also at 450 iterations, not at 600), and where our DataInf uses the
 paper's per-layer damping (``regularization=0.0``) dattri gets its own fallback damping,
 0.1 (its literal 0.0 divides by zero), where our EK-FAC uses the damping heuristic dattri
 gets its value for the empirical Fisher (one layer only: dattri takes one damping), and a model that is one bare ``nn.Linear`` is
@@ -30,7 +30,7 @@ from torch.func import functional_call
 from attrib_core import ekfac
 
 from .digits import cross_entropy, margin_and_probability
-from .methods import loaders
+from .methods import arnoldi_iterations, loaders
 from .settings import Setting, states
 
 NAMES = ("explicit", "cg", "lissa", "datainf", "arnoldi", "ekfac", "tracin", "grad-dot", "grad-cos", "trak-1", "rps")
@@ -74,7 +74,7 @@ def _dattri_hyper(name: str, hyper: Dict[str, Any]) -> Dict[str, Any]:
     """Our hyperparameters in dattri's terms (see the module's docstring)."""
     hyper = {k: v for k, v in hyper.items() if k != "fisher"}  # dattri's EK-FAC has the empirical Fisher only
     if name == "arnoldi":
-        hyper.setdefault("max_iter", hyper["proj_dim"] * 3 // 2)
+        hyper.setdefault("max_iter", arnoldi_iterations(hyper["proj_dim"]))  # the budget ours has
     if name == "datainf" and hyper.get("regularization") == 0.0:
         hyper["regularization"] = None  # dattri's own fallback, 0.1
     return hyper
