@@ -3,17 +3,23 @@
 Same model, fitted parameters, checkpoints, loaders and hyperparameters as ours;
 dattri's functions see one example without its batch dimension, so the losses here
 add it back. Where dattri needs a user's workaround to run at all, the harness applies
-it, as a user would: inputs are cast back to the model's dtype and labels to integers
-(dattri's LiSSA hands the loss float32 inputs and float labels), torch's default dtype is the model's while dattri runs (its LiSSA,
-Arnoldi and DataInf create float32 buffers and fail on a float64 model), Arnoldi runs
-as many iterations as ours, 1.5 times the eigenpairs kept (with as many as it keeps,
-its own default of 100 and 100 included, its scores are NaN; on logreg-sgd with 400
-eigenpairs also at 450 iterations, not at 600), and where our DataInf uses the
-paper's per-layer damping (``regularization=0.0``) dattri gets its own fallback damping,
-0.1 (its literal 0.0 divides by zero), where our EK-FAC uses the damping heuristic dattri
-gets its value for the empirical Fisher (one layer only: dattri takes one damping), and a model that is one bare ``nn.Linear`` is
-wrapped in ``nn.Sequential`` (dattri's EK-FAC and RPS find no layer in it otherwise). dattri is never a dependency: :func:`available`
-says whether it imports.
+it, as a user would:
+
+- inputs are cast back to the model's dtype and labels to integers (dattri's LiSSA
+  hands the loss float32 inputs and float labels);
+- torch's default dtype is the model's while dattri runs (its LiSSA, Arnoldi and
+  DataInf create float32 buffers and fail on a float64 model);
+- Arnoldi gets as many iterations as ours, 1.5 per eigenpair kept (with as many as it
+  keeps, its own default of 100 and 100 included, its scores are NaN; on logreg-sgd
+  with 400 eigenpairs also at 450 iterations, not at 600);
+- where our DataInf uses the paper's per-layer damping (``regularization=0.0``),
+  dattri gets its own fallback, 0.1 (its literal 0.0 divides by zero);
+- where our EK-FAC uses the damping heuristic, dattri gets its value for the empirical
+  Fisher (one layer only: dattri takes one damping for all);
+- a model that is one bare ``nn.Linear`` is wrapped in ``nn.Sequential`` (dattri's
+  EK-FAC and RPS find no layer in it otherwise).
+
+dattri is never a dependency: :func:`available` says whether it imports.
 """
 
 from __future__ import annotations

@@ -16,8 +16,7 @@ the same batch-order seed, so retraining noise is small). Two regimes:
 - ``mlp-sgd-reinit``: ``mlp-sgd`` whose ground truth retrains each subset from its own
   random initialisation and batch order (seeded by the subset's content), so the
   retrained models carry training noise, as in the LDS of Park et al. (2023); with a
-  fixed initialisation the ground truth is that one run's, which favours methods
-  that look at that run's model alone.
+  fixed initialisation the ground truth is that one run's.
 
 The noisy variant flips 10% of the training labels (seeded) for noisy-label detection."""
 
