@@ -9,9 +9,9 @@ it, as a user would:
   hands the loss float32 inputs and float labels);
 - torch's default dtype is the model's while dattri runs (its LiSSA, Arnoldi and
   DataInf create float32 buffers and fail on a float64 model);
-- Arnoldi gets as many iterations as ours, 1.5 per eigenpair kept (with as many as it
-  keeps, its own default of 100 and 100 included, its scores are NaN; on logreg-sgd
-  with 400 eigenpairs also at 450 iterations, not at 600);
+- Arnoldi gets as many iterations as ours, 1.5 per eigenpair kept (with as many
+  iterations as eigenpairs, its own default of 100 and 100 included, its scores came
+  out NaN on logreg-sgd);
 - where our DataInf uses the paper's per-layer damping (``regularization=0.0``),
   dattri gets its own fallback, 0.1 (its literal 0.0 divides by zero);
 - where our EK-FAC uses the damping heuristic, dattri gets its value for the empirical
@@ -76,13 +76,15 @@ def attribute(setting: Setting, name: str, hyper: Dict[str, Any]) -> Tensor:
         return _attribute(setting, name, hyper)
 
 
-def _dattri_hyper(name: str, hyper: Dict[str, Any]) -> Dict[str, Any]:
+def _dattri_hyper(setting: Setting, name: str, hyper: Dict[str, Any]) -> Dict[str, Any]:
     """Our hyperparameters in dattri's terms (see the module's docstring)."""
     hyper = {k: v for k, v in hyper.items() if k != "fisher"}  # dattri's EK-FAC has the empirical Fisher only
     if name == "arnoldi":
         hyper.setdefault("max_iter", arnoldi_iterations(hyper["proj_dim"]))  # the budget ours has
     if name == "datainf" and hyper.get("regularization") == 0.0:
         hyper["regularization"] = None  # dattri's own fallback, 0.1
+    if name == "ekfac" and hyper.get("damping") == "heuristic":
+        hyper["damping"] = _heuristic_damping(setting)
     return hyper
 
 
@@ -121,9 +123,7 @@ def _attribute(setting: Setting, name: str, hyper: Dict[str, Any]) -> Tensor:
                  "ekfac": (inf.IFAttributorEKFAC, {})}
     if name in influence:
         cls, fixed = influence[name]
-        kwargs = {**fixed, **_dattri_hyper(name, hyper)}
-        if kwargs.get("damping") == "heuristic":
-            kwargs["damping"] = _heuristic_damping(setting)
+        kwargs = {**fixed, **_dattri_hyper(setting, name, hyper)}
         attributor = cls(task, **kwargs)
         attributor.cache(train)
         return attributor.attribute(train, test).detach()

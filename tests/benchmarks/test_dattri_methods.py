@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from benchmarks.methods import METHODS, attribute
-from benchmarks.settings import make_setting
-
-dattri_methods = pytest.importorskip("benchmarks.dattri_methods")
 pytest.importorskip("dattri")
+
+from benchmarks import dattri_methods  # noqa: E402 - after the skip
+from benchmarks.methods import METHODS, attribute  # noqa: E402
+from benchmarks.settings import make_setting  # noqa: E402
 
 CHEAP = {"lissa": {"damping": 1e-2, "scaling": 5.0, "recursion_depth": 20},
          "arnoldi": {"regularization": 1e-1, "proj_dim": 40}}
