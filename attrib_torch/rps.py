@@ -17,13 +17,17 @@ from .task import AttributionTask
 
 __all__ = ["RPSAttributor"]
 
+_FIT_TO = ("labels", "predictions")
+
 
 class RPSAttributor(BaseAttributor):
     """Scores ``α_i[y_t] · ⟨f_i, f_t⟩``: the representer decomposition of the final layer.
 
     The final linear layer (``W``, and its bias as the weight of an appended 1) is
     fine-tuned on the training features ``f_i`` (the layer's inputs) to a stationary
-    point of ``mean_i L(W f_i, y_i) + l2_strength · ‖W‖²``. There
+    point of ``mean_i L(W f_i, t_i) + l2_strength · ‖W‖²``, where the targets ``t_i`` are
+    the labels ``y_i`` or (``fit_to="predictions"``, as in the RPS paper's code) the
+    model's own predicted distribution. There
     ``W = Σ_i α_i f_iᵀ`` with ``α_i = -∂L_i/∂(W f_i) / (2 · l2_strength · n)``, so every
     test logit splits exactly over the training examples; ``score[i, t]`` is training
     example ``i``'s share of test example ``t``'s logit for its label ``y_t``.
@@ -37,13 +41,19 @@ class RPSAttributor(BaseAttributor):
         l2_strength: ``> 0``.
         epoch: L-BFGS iterations of the fine-tuning (at most).
         device: where to compute.
+        fit_to: ``"labels"`` (the default) or ``"predictions"``: the softmax of the
+            layer's original outputs (a sigmoid for a single output), so the surrogate
+            explains the model rather than the data; ``target_func`` must then take
+            probabilities as targets (``nn.functional.cross_entropy`` does).
 
     Raises:
-        ValueError: the named module is missing or is not an ``nn.Linear``; ``l2_strength <= 0``.
+        ValueError: the named module is missing or is not an ``nn.Linear``; ``l2_strength <= 0``;
+            ``fit_to`` is neither choice.
     """
 
     def __init__(self, task: AttributionTask, final_linear_layer_name: str, normalize_preactivate: bool = False,
-                 l2_strength: float = 0.003, epoch: int = 3000, device: str = "cpu") -> None:
+                 l2_strength: float = 0.003, epoch: int = 3000, device: str = "cpu",
+                 fit_to: str = "labels") -> None:
         modules = dict(task.get_model().named_modules())
         if final_linear_layer_name not in modules:
             raise ValueError(
@@ -59,12 +69,15 @@ class RPSAttributor(BaseAttributor):
             raise ValueError(f"l2_strength: expected a number > 0, got {l2_strength!r}")
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
             raise ValueError(f"epoch: expected an integer >= 1, got {epoch!r}")
+        if fit_to not in _FIT_TO:
+            raise ValueError(f"fit_to: expected one of {_FIT_TO}, got {fit_to!r}")
         self.task = task
         self.layer_name = final_linear_layer_name
         self.has_bias = layer.bias is not None
         self.normalize_preactivate = normalize_preactivate
         self.l2_strength = float(l2_strength)
         self.epoch = epoch
+        self.fit_to = fit_to
         self.device = torch.device(device)
         self.full_train_dataloader: Any = None
         self.weight: Tensor | None = None  # fine-tuned [W | b], (C, d + 1); W alone without a bias
@@ -73,13 +86,22 @@ class RPSAttributor(BaseAttributor):
 
     def _features(self, loader: Any) -> Tuple[Tensor, Tensor]:
         """The final layer's inputs (with an appended 1 when it has a bias) and the labels, over a loader."""
+        features, labels, _ = self._layer_io(loader)
+        return features, labels
+
+    def _layer_io(self, loader: Any) -> Tuple[Tensor, Tensor, Tensor]:
+        """:meth:`_features` and the fine-tuning's targets (:meth:`_targets`) over a loader."""
         model = self.task.get_model().to(self.device)
         params = {k: v.to(self.device) for k, v in self.task.params(0).items()}
         layer = model.get_submodule(self.layer_name)
-        feats, labels = [], []
+        feats, labels, outputs = [], [], []
         for batch in batches(loader, self.device):
             seen = {}
-            handle = layer.register_forward_hook(lambda m, args, out: seen.__setitem__("x", args[0].detach()))
+
+            def keep(module, args, out):
+                seen["x"], seen["out"] = args[0].detach(), out.detach()
+
+            handle = layer.register_forward_hook(keep)
             try:
                 with torch.no_grad():
                     functional_call(model, params, (batch[0],))
@@ -92,13 +114,15 @@ class RPSAttributor(BaseAttributor):
                 f = torch.cat([f, torch.ones(f.shape[0], 1, dtype=f.dtype, device=f.device)], dim=1)
             feats.append(f)
             labels.append(batch[-1])
-        return torch.cat(feats), torch.cat(labels)
+            outputs.append(seen["out"].reshape(f.shape[0], -1).double())
+        labels = torch.cat(labels)
+        return torch.cat(feats), labels, self._targets(labels, torch.cat(outputs))
 
     def cache(self, full_train_dataloader: Any) -> None:
         """Fine-tune the final layer on the training features and compute the representer weights ``α``."""
         check_loader(full_train_dataloader, "full_train_dataloader")
         self.full_train_dataloader = full_train_dataloader
-        features, labels = self._features(full_train_dataloader)
+        features, labels, targets = self._layer_io(full_train_dataloader)
         layer_params = self.task.params(0)
         prefix = f"{self.layer_name}." if self.layer_name else ""  # "" : the model is the layer
         weight = layer_params[prefix + "weight"].to(self.device).double()
@@ -109,7 +133,7 @@ class RPSAttributor(BaseAttributor):
         lam = self.l2_strength
 
         def objective() -> Tensor:
-            return self.task.target_func(features @ weight.T, labels) + lam * weight.pow(2).sum()
+            return self.task.target_func(features @ weight.T, targets) + lam * weight.pow(2).sum()
 
         optimizer = torch.optim.LBFGS([weight], lr=1.0, max_iter=self.epoch, tolerance_grad=1e-12,
                                       tolerance_change=1e-15, history_size=50, line_search_fn="strong_wolfe")
@@ -121,13 +145,9 @@ class RPSAttributor(BaseAttributor):
             return value
 
         optimizer.step(closure)
-        weight = weight.detach()
-        logits = (features @ weight.T).requires_grad_(True)
-        # Per-example loss gradients: the mean over n makes each row's gradient 1/n of its own.
-        (grad,) = torch.autograd.grad(self.task.target_func(logits, labels), logits)
-        self.alpha = -grad / (2 * lam)  # grad is ∂L_i/∂logit_i / n for a mean loss
-        self.weight = weight
+        self.weight = weight.detach()
         self._train_features = features
+        self.alpha = self._alpha_for(features, targets)
 
     def _ensure_cached(self, train_dataloader: Any) -> None:
         if self.alpha is None:
@@ -146,13 +166,22 @@ class RPSAttributor(BaseAttributor):
         """Features and representer weights of a training loader (kept for the cached one)."""
         if loader is self.full_train_dataloader:
             return self._train_features, self.alpha
-        features, labels = self._features(loader)
-        return features, self._alpha_for(features, labels)
+        features, _, targets = self._layer_io(loader)
+        return features, self._alpha_for(features, targets)
 
-    def _alpha_for(self, features: Tensor, labels: Tensor) -> Tensor:
+    def _targets(self, labels: Tensor, outputs: Tensor) -> Tensor:
+        """What the fine-tuning fits: the labels, or the distribution the layer's original ``outputs`` predict."""
+        if self.fit_to == "labels":
+            return labels
+        return torch.sigmoid(outputs) if outputs.shape[1] == 1 else torch.softmax(outputs, dim=1)
+
+    def _alpha_for(self, features: Tensor, targets: Tensor) -> Tensor:
+        """``α_i = -∂L_i/∂(W f_i) / (2 · l2_strength · n)`` for each row, ``n`` the cached training set's size."""
         n = self._train_features.shape[0]
         logits = (features @ self.weight.T).requires_grad_(True)
-        (grad,) = torch.autograd.grad(self.task.target_func(logits, labels) * len(labels), logits)
+        # The loss is a mean: times the rows, each row's gradient is its own.
+        loss = self.task.target_func(logits, targets) * len(targets)
+        (grad,) = torch.autograd.grad(loss, logits)
         return -grad / (2 * self.l2_strength * n)
 
     def self_attribute(self, train_dataloader: Any = None) -> Tensor:
@@ -161,8 +190,8 @@ class RPSAttributor(BaseAttributor):
         if loader is None:
             raise ValueError("train_dataloader: none given and cache() has not been called")
         self._ensure_cached(loader)
-        features, labels = self._features(loader)
-        alpha = self._alpha_for(features, labels)
+        features, labels, targets = self._layer_io(loader)
+        alpha = self._alpha_for(features, targets)
         return ((features * features).sum(1) * alpha.gather(1, labels[:, None]).squeeze(1)).to(torch.float32)
 
     def topk(self, test_dataloader: Any, k: int, proponents: bool = True, train_dataloader: Any = None) -> TopK:

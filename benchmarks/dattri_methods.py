@@ -78,7 +78,8 @@ def attribute(setting: Setting, name: str, hyper: Dict[str, Any]) -> Tensor:
 
 def _dattri_hyper(setting: Setting, name: str, hyper: Dict[str, Any]) -> Dict[str, Any]:
     """Our hyperparameters in dattri's terms (see the module's docstring)."""
-    hyper = {k: v for k, v in hyper.items() if k != "fisher"}  # dattri's EK-FAC has the empirical Fisher only
+    # dattri's EK-FAC has the empirical Fisher only; its RPS always fits the model's predictions
+    hyper = {k: v for k, v in hyper.items() if k not in ("fisher", "fit_to")}
     if name == "arnoldi":
         hyper.setdefault("max_iter", arnoldi_iterations(hyper["proj_dim"]))  # the budget ours has
     if name == "datainf" and hyper.get("regularization") == 0.0:
@@ -142,7 +143,7 @@ def _attribute(setting: Setting, name: str, hyper: Dict[str, Any]) -> Tensor:
     if name == "rps":
         task = AttributionTask(loss_func=_loss(model), model=model, checkpoints=one,
                                target_func=nn.functional.cross_entropy)
-        attributor = RPSAttributor(task, final_layer, **hyper)
+        attributor = RPSAttributor(task, final_layer, **_dattri_hyper(setting, name, hyper))
         attributor.cache(train)
         return attributor.attribute(train, test).detach()
     raise ValueError(f"name: dattri has no counterpart of {name!r}")

@@ -242,7 +242,14 @@ def explain(setting: Setting, row: Row, show: int = 3, top: int = 3) -> None:
 
 def run_setting(name: str, methods: List[str], *, n_models: int, n_val: int, do_tune: bool, seed: int,
                 n_train: int = 1000, results: Optional[Path] = None, with_dattri: bool = False,
-                auc_limit: Optional[int] = None) -> tuple[Setting, List[Row]]:
+                auc_limit: Optional[int] = None, tag: str = "partial") -> tuple[Setting, List[Row]]:
+    """Tune (optionally), evaluate and tabulate ``methods`` on setting ``name``.
+
+    A run of some methods only writes ``<name>-<tag>.md`` (and ``.png``), so it does not
+    overwrite the table of a run of all of them, nor, with its own ``tag``, another partial run's.
+    """
+    if not tag or not all(c.isalnum() or c in "-_" for c in tag):
+        raise ValueError(f"tag: expected letters, digits, '-' or '_', got {tag!r}")
     start = time.perf_counter()
     if name in CONVEX and any(m.startswith("trak-") and m != "trak-1" for m in methods):
         print(f"{name} is convex: independently initialised fits are one model, so TRAK ensembles are skipped")
@@ -279,7 +286,7 @@ def run_setting(name: str, methods: List[str], *, n_models: int, n_val: int, do_
     folder.mkdir(exist_ok=True)
     # A run of some methods only must not overwrite the table of a run of all of them.
     single = {m for m in METHODS if not m.startswith("trak-") or m == "trak-1"}  # all but the TRAK ensembles
-    suffix = ("-quick" if n_models < 64 else "") + ("" if set(methods) >= single else "-partial")
+    suffix = ("-quick" if n_models < 64 else "") + ("" if set(methods) >= single else f"-{tag}")
     (folder / f"{name}{suffix}.md").write_text(text + "\n")
     plot(name, rows, folder / f"{name}{suffix}.png")
     print(f"\nwritten: {folder / f'{name}{suffix}'}.md and .png")
@@ -300,6 +307,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--auc-rows", type=int, default=None,
                         help=f"training images for the noisy-label AUC (default: all, except {AUC_ROWS})")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", default="partial",
+                        help="a run of some methods writes results/<setting>-<tag>.md (default: partial)")
     args = parser.parse_args(argv)
     settings = list(SETTINGS) if args.setting == "all" else args.setting.split(",")
     unknown = set(settings) - set(SETTINGS)
@@ -318,7 +327,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         with_dattri = dattri_methods.available() and (args.dattri or (args.dattri is None and not args.quick))
         setting, rows = run_setting(name, methods, n_models=n_models, n_val=n_val, do_tune=args.tune,
                                     seed=args.seed, n_train=args.n_train, with_dattri=with_dattri,
-                                    auc_limit=args.auc_rows if args.auc_rows is not None else AUC_ROWS.get(name))
+                                    auc_limit=args.auc_rows if args.auc_rows is not None else AUC_ROWS.get(name),
+                                    tag=args.tag)
         if args.quick:
             explain(setting, max((r for r in rows if not r.failure), key=lambda r: r.lds))
 

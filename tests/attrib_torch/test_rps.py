@@ -33,14 +33,16 @@ class Alone(nn.Linear):
         super().__init__(64, 10)
 
 
-@pytest.mark.parametrize("make,name,normalize", [(Nested, "encoder.head", False), (Nested, "encoder.head", True),
-                                                 (TopLevel, "2", False), (Alone, "", False)])
-def test_representer_decomposition_is_exact_after_fine_tuning(problem, make, name, normalize):
+@pytest.mark.parametrize("make,name,normalize,fit_to", [
+    (Nested, "encoder.head", False, "labels"), (Nested, "encoder.head", True, "labels"),
+    (TopLevel, "2", False, "labels"), (Alone, "", False, "labels"),
+    (Nested, "encoder.head", False, "predictions"), (Nested, "encoder.head", True, "predictions")])
+def test_representer_decomposition_is_exact_after_fine_tuning(problem, make, name, normalize, fit_to):
     torch.manual_seed(0)
     model = make().double()
     task = AttributionTask(lambda p, d: ce(torch.func.functional_call(model, p, (d[0],)), d[1]), model,
                            {k: v.clone() for k, v in model.state_dict().items()}, target_func=ce)
-    rps = RPSAttributor(task, name, normalize_preactivate=normalize, l2_strength=0.01, epoch=500)
+    rps = RPSAttributor(task, name, normalize_preactivate=normalize, l2_strength=0.01, epoch=500, fit_to=fit_to)
     train = DataLoader(TensorDataset(problem.x_train, problem.y_train), batch_size=40)
     test = DataLoader(TensorDataset(problem.x_test, problem.y_test), batch_size=10)
     rps.cache(train)
@@ -59,6 +61,26 @@ def test_representer_decomposition_is_exact_after_fine_tuning(problem, make, nam
         torch.testing.assert_close(top.values, order.values[:, :5], rtol=1e-5, atol=1e-6)
 
 
+def test_fit_to_predictions_fits_the_models_own_distribution(problem):
+    # At the fine-tuned weight, α_i = -(softmax(W f_i) - p_i) / (2 λ n) with p_i the model's own prediction,
+    # computed here by a plain forward pass of the unchanged model.
+    torch.manual_seed(0)
+    model = Nested().double()
+    task = AttributionTask(lambda p, d: ce(torch.func.functional_call(model, p, (d[0],)), d[1]), model,
+                           {k: v.clone() for k, v in model.state_dict().items()}, target_func=ce)
+    rps = RPSAttributor(task, "encoder.head", normalize_preactivate=True, l2_strength=0.01, epoch=500,
+                        fit_to="predictions")
+    rps.cache(DataLoader(TensorDataset(problem.x_train, problem.y_train), batch_size=40))
+    with torch.no_grad():
+        p = torch.softmax(model(problem.x_train.double()), dim=1)
+    features = rps._features(DataLoader(TensorDataset(problem.x_train, problem.y_train), batch_size=40))[0]
+    expected = -(torch.softmax(features @ rps.weight.T, dim=1) - p) / (2 * 0.01 * len(p))
+    torch.testing.assert_close(rps.alpha, expected, rtol=1e-10, atol=1e-12)
+    labels = RPSAttributor(task, "encoder.head", normalize_preactivate=True, l2_strength=0.01, epoch=500)
+    labels.cache(DataLoader(TensorDataset(problem.x_train, problem.y_train), batch_size=40))
+    assert not torch.allclose(labels.alpha, rps.alpha)  # a different surrogate
+
+
 def test_bad_layer_names(problem):
     model = Nested().double()
     task = AttributionTask(lambda p, d: 0, model, model.state_dict(), target_func=ce)
@@ -68,3 +90,5 @@ def test_bad_layer_names(problem):
         RPSAttributor(task, "decoder")
     with pytest.raises(ValueError, match="l2_strength"):
         RPSAttributor(task, "encoder.head", l2_strength=0.0)
+    with pytest.raises(ValueError, match="fit_to"):
+        RPSAttributor(task, "encoder.head", fit_to="logits")

@@ -9,16 +9,22 @@ from benchmarks.run import auc_rows, run_setting
 def test_benchmark_runner_on_a_small_setting(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(retrain, "CACHE", tmp_path / "cache")
     _, rows = run_setting("logreg", ["explicit", "grad-dot", "trak-5"], n_models=6, n_val=2, do_tune=True, seed=0,
-                       n_train=150, results=tmp_path, auc_limit=100)
+                       n_train=150, results=tmp_path, auc_limit=100, tag="some_methods")
     assert [r.method for r in rows] == ["explicit", "grad-dot"]  # convex: no TRAK ensemble
     explicit = rows[0]
     assert explicit.lds > 0.5 and explicit.auc > 0.8  # influence on a convex model predicts retraining
     assert all(0.0 <= r.auc <= 1.0 for r in rows)
-    text = (tmp_path / "logreg-quick-partial.md").read_text()
+    text = (tmp_path / "logreg-quick-some_methods.md").read_text()
     assert "AUC over all 15 flipped and 85 random clean training images" in text
-    assert "| explicit |" in text and (tmp_path / "logreg-quick-partial.png").stat().st_size > 1000
+    assert "| explicit |" in text and (tmp_path / "logreg-quick-some_methods.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "validation LDS" in out  # tuned on the validation models
+
+
+def test_a_bad_tag_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="tag"):
+        run_setting("logreg", ["explicit"], n_models=6, n_val=2, do_tune=False, seed=0, results=tmp_path,
+                    tag="../elsewhere")
 
 
 def test_auc_rows_keep_every_flipped_image_and_estimate_the_full_auc_without_bias():
