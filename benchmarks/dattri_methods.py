@@ -19,6 +19,10 @@ it, as a user would:
 - a model that is one bare ``nn.Linear`` is wrapped in ``nn.Sequential`` (dattri's
   EK-FAC and RPS find no layer in it otherwise).
 
+Two of our choices have no dattri counterpart and are dropped: EK-FAC's ``fisher``
+(dattri's is the empirical Fisher) and RPS's ``fit_to`` (dattri's always fits the
+model's predictions, so its RPS row compares surrogates where ours fits the labels).
+
 dattri is never a dependency: :func:`available` says whether it imports.
 """
 
@@ -78,7 +82,6 @@ def attribute(setting: Setting, name: str, hyper: Dict[str, Any]) -> Tensor:
 
 def _dattri_hyper(setting: Setting, name: str, hyper: Dict[str, Any]) -> Dict[str, Any]:
     """Our hyperparameters in dattri's terms (see the module's docstring)."""
-    # dattri's EK-FAC has the empirical Fisher only; its RPS always fits the model's predictions
     hyper = {k: v for k, v in hyper.items() if k not in ("fisher", "fit_to")}
     if name == "arnoldi":
         hyper.setdefault("max_iter", arnoldi_iterations(hyper["proj_dim"]))  # the budget ours has

@@ -128,7 +128,7 @@ METHODS: Dict[str, Method] = {
                      "cnn": {"damping": 1e-4, "scaling": 20.0, "recursion_depth": 1000}},
                     # On the CNN one point costs minutes, and scaling 5 diverges there: its batch-50 Hessians
                     # reach λ_max 22 (`python -m benchmarks.minibatch_spectrum --setting cnn`), so scaling must
-                    # exceed 11; depth 1000 won on both other settings.
+                    # exceed 11; depth 1000 won on the other L-BFGS settings.
                     {"cnn": {"damping": [1e-4, 1e-3, 1e-2], "scaling": [20.0], "recursion_depth": [1000]}}),
     "arnoldi": Method(_arnoldi, {"regularization": 1e-3, "proj_dim": 100},
                       {"regularization": DAMPINGS, "proj_dim": [100, 200, 400]},
