@@ -23,7 +23,7 @@ from .factored import (
 from .fold import fold
 from .gradients import per_sample_grad, per_sample_grad_loop
 from .kfac import EKFAC, EKFACLayer, KFACFactors, LayerFactors, ekfac, kfac_factors
-from .layer_capture import Captured, LayerSpec, capture, layer_specs
+from .layer_capture import Captured, DirectParameterUse, LayerSpec, capture, capture_per_example, layer_specs
 from .lissa import LissaSolution, LissaState, lissa
 from .metrics import (
     BrittlenessResult,

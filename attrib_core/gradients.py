@@ -28,6 +28,7 @@ def per_sample_grad(
     in_dims: Sequence[Any] = (None, 0),
     chunk_size: int | None = None,
     flatten: bool = True,
+    randomness: str = "error",
 ) -> Callable[..., Any]:
     """Per-example gradients through ``torch.func.vmap(torch.func.grad(f))``.
 
@@ -40,6 +41,9 @@ def per_sample_grad(
         chunk_size: examples per vectorised chunk; bounds memory at the cost of speed.
         flatten: return ``(B, P)`` (parameters concatenated in dict order, as
             :func:`ravel`) instead of ``{name: (B, *shape)}``.
+        randomness: ``vmap``'s rule for random operations in ``f``: ``"error"``
+            (refuse them), ``"different"`` (an independent draw per example, from
+            torch's global generator) or ``"same"``.
 
     Returns:
         ``g(*args)`` giving ``(B, P)`` or a dict (a tuple of them when ``argnums``
@@ -54,18 +58,21 @@ def per_sample_grad(
     in_dims = _check_in_dims(in_dims)
     if chunk_size is not None:
         check_count(chunk_size, "chunk_size")
-
-    def one_example(*args):
-        return f(*[_add_dim(a, d) for a, d in zip(args, in_dims)])
-
-    per_example = torch.func.vmap(
-        torch.func.grad(one_example, argnums=argnums), in_dims=in_dims, chunk_size=chunk_size
-    )
+    if randomness not in ("error", "different", "same"):
+        raise ValueError(f"randomness: expected 'error', 'different' or 'same', got {randomness!r}")
 
     def g(*args):
-        _check_args(args, in_dims, argnums)
-        grads = per_example(*args)
-        return _finish(grads, flatten)
+        dims = _expand_in_dims(args, in_dims)
+        _check_args(args, dims, argnums)
+
+        def one_example(*example):
+            return f(*[_add_dim(a, d) for a, d in zip(example, dims)])
+
+        per_example = torch.func.vmap(
+            torch.func.grad(one_example, argnums=argnums), in_dims=dims, chunk_size=chunk_size,
+            randomness=randomness,
+        )
+        return _finish(per_example(*args), flatten)
 
     return g
 
@@ -88,14 +95,15 @@ def per_sample_grad_loop(
     in_dims = _check_in_dims(in_dims)
 
     def g(*args):
-        _check_args(args, in_dims, argnums)
-        n = _batch_size(args, in_dims)
+        dims = _expand_in_dims(args, in_dims)
+        _check_args(args, dims, argnums)
+        n = _batch_size(args, dims)
         nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
         specs = {k: pytree.tree_flatten(args[k])[1] for k in nums}
         rows = []
         with torch.enable_grad():
             for i in range(n):
-                example = [_take(a, d, i) for a, d in zip(args, in_dims)]
+                example = [_take(a, d, i) for a, d in zip(args, dims)]
                 wrt, squeeze = [], []
                 for k in nums:
                     leaves, spec = pytree.tree_flatten(example[k])
@@ -103,7 +111,7 @@ def per_sample_grad_loop(
                     example[k] = pytree.tree_unflatten(leaves, spec)
                     wrt += leaves
                     # A batched argument's gradient keeps its size-one example dimension.
-                    squeeze += [d for _, d in _leaves_with_dims(args[k], in_dims[k])]
+                    squeeze += [d for _, d in _leaves_with_dims(args[k], dims[k])]
                 loss = f(*example)
                 grads = torch.autograd.grad(loss, wrt, allow_unused=True)
                 grads = [torch.zeros_like(w) if gr is None else gr for w, gr in zip(wrt, grads)]
@@ -143,6 +151,19 @@ def _finish(grads: Any, flatten: bool) -> Any:
     for x in leaves[1:]:
         dtype = torch.promote_types(dtype, x.dtype)
     return torch.cat([x.reshape(n, -1).to(dtype) for x in leaves], dim=1)
+
+
+def _expand_in_dims(args: tuple, in_dims: tuple) -> tuple:
+    """An integer ``in_dims`` entry as a tree over its argument: fields that are not tensors (strings, ids)
+    or have no such dimension (0-d tensors) are shared by every example, not mapped over."""
+    def expand(arg: Any, dim: Any) -> Any:
+        if not isinstance(dim, int) or isinstance(dim, bool):
+            return dim
+        return pytree.tree_map(lambda x: dim if isinstance(x, Tensor) and x.dim() > dim else None, arg)
+
+    if len(args) != len(in_dims):
+        return in_dims  # reported by _check_args
+    return tuple(expand(a, d) for a, d in zip(args, in_dims))
 
 
 def _check_in_dims(in_dims: Sequence[Any]) -> tuple:

@@ -7,6 +7,14 @@ temporary forward hooks on the named modules (removed before it returns), adds
 a zero "probe" tensor to each layer's output and differentiates the loss with
 respect to the probes. Nothing is registered globally and the model is left
 as it was.
+
+:func:`capture` scales the batch's gradients by a reduction (mean or sum), which
+is right only for losses that are plain means or sums of per-example terms.
+:func:`capture_per_example` presents each example to the loss as a batch of one
+(``vmap`` over the probes, one batched pass), which is exact whatever the loss
+normalises by (class weights, a masked token mean), and proves that the loss
+reaches the factored weights only through their layers: an exact per-example
+gradient ``Σ_t ds_t ⊗ a_t``, or an error.
 """
 
 from __future__ import annotations
@@ -16,11 +24,12 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 import torch
 from einops import rearrange
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from ._checks import check_finite_params
 
-__all__ = ["LayerSpec", "Captured", "layer_specs", "capture"]
+__all__ = ["LayerSpec", "Captured", "layer_specs", "capture", "capture_per_example", "DirectParameterUse"]
 
 _SUPPORTED = {nn.Linear: "linear", nn.Conv2d: "conv2d"}
 
@@ -207,6 +216,161 @@ def capture(
                 raise ValueError(f"captured {what} of layer {spec.module!r} contain NaN or Inf")
         out[spec.module] = Captured(a, ds, positions)
     return out
+
+
+class DirectParameterUse(ValueError):
+    """The loss reads a factored layer's weight or bias outside that layer (an L2 penalty, tied weights)."""
+
+
+class _DirectUseMode(TorchFunctionMode):
+    """Records every torch call that reads a tracked parameter while its own module is not running."""
+
+    def __init__(self, owners: Mapping[int, tuple[str, str]]):
+        super().__init__()
+        self.owners = owners  # id(tensor) -> (module, parameter name)
+        self.running: list[str] = []
+        self.uses: list[tuple[str, str]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for leaf in pytree.tree_leaves((args, kwargs)):
+            owner = self.owners.get(id(leaf)) if isinstance(leaf, Tensor) else None
+            if owner is not None and owner[0] not in self.running:
+                self.uses.append((owner[1], getattr(func, "__name__", str(func))))
+        return func(*args, **kwargs)
+
+
+def capture_per_example(
+    model: nn.Module,
+    f: Callable[[Mapping[str, Tensor], Any], Tensor],
+    params: Mapping[str, Tensor],
+    batch: Any,
+    specs: Sequence[LayerSpec],
+) -> dict[str, Captured]:
+    """Per-layer inputs and output gradients of every example's own loss, in one vectorised pass.
+
+    Row ``i`` holds the factors of ``∇ f(params, example_i)``, example ``i`` presented
+    to ``f`` as a batch of one (the data convention of :func:`per_sample_grad`):
+    ``torch.func.vmap`` maps over the examples and differentiates each example's
+    loss with respect to zero probes added to the layers' outputs, so whatever ``f``
+    normalises by (a mean, class weights, a masked token mean) its gradient is
+    exactly ``Σ_t ds_t ⊗ a_t`` per layer. Tensors of the batch with a leading
+    dimension are mapped over; other fields (strings, 0-d tensors) are passed as they are.
+
+    Args:
+        model, f, params, specs: as in :func:`capture`.
+        batch: a tuple, list or dict of tensors whose first dimension indexes examples.
+
+    Returns:
+        ``{module: Captured(a (B, T, d_a), ds (B, T, d_out), positions)}`` as
+        :func:`capture` returns, ``T`` the positions per example (its rows times its
+        tokens or output pixels).
+
+    Raises:
+        DirectParameterUse: ``f`` reads a factored weight or bias other than through
+            its layer (an L2 penalty, a tied embedding), so the factors would miss
+            part of the gradient.
+        ValueError: a layer ran more than once (shared weights) or not at all, or
+            non-finite factors.
+        RuntimeError: whatever ``vmap`` raises on a model it cannot trace.
+    """
+    check_finite_params(params)
+    modules = dict(model.named_modules())
+    detached = {k: v.detach() for k, v in params.items()}
+    dims = pytree.tree_map(lambda x: 0 if isinstance(x, Tensor) and x.dim() else None, batch)
+    examples = _examples(batch)
+    outputs = _output_shapes(modules, f, detached, _first_example(batch, dims), dims, specs)
+    owners = {id(detached[name]): (s.module, name) for s in specs for name in (s.weight, s.bias) if name}
+    mode = _DirectUseMode(owners)
+
+    def one(probes: dict, example: Any):
+        inputs: dict[str, Tensor] = {}
+
+        def enter(name: str):
+            return lambda module, args: mode.running.append(name)
+
+        def leave(name: str):
+            def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+                mode.running.remove(name)
+                if name in inputs:
+                    raise ValueError(f"layers: {name!r} runs more than once in a forward pass (shared weights)")
+                inputs[name] = args[0]
+                return output + probes[name]
+
+            return hook
+
+        handles = []
+        for s in specs:
+            handles.append(modules[s.module].register_forward_pre_hook(enter(s.module)))
+            handles.append(modules[s.module].register_forward_hook(leave(s.module)))
+        try:
+            loss = f(detached, _with_example_dim(example, dims))
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [s.module for s in specs if s.module not in inputs]
+        if missing:
+            raise ValueError(f"layers: {missing} did not run in the forward pass of f")
+        return loss, inputs
+
+    probes = {name: torch.zeros(examples, *shape, dtype=dtype, device=device)
+              for name, (shape, dtype, device) in outputs.items()}
+    with mode, torch.enable_grad():
+        grads, inputs = torch.func.vmap(torch.func.grad(one, has_aux=True), in_dims=(0, dims))(probes, batch)
+    if mode.uses:
+        name, op = mode.uses[0]
+        raise DirectParameterUse(
+            f"f reads the factored parameter {name!r} outside its layer (in {op}); its gradient has a part "
+            "that the layer's inputs and output gradients do not carry"
+        )
+    out = {}
+    for spec in specs:
+        x, grad = inputs[spec.module], grads[spec.module]
+        rows = x.shape[0] * x.shape[1]  # each example's rows, as a batch of one
+        a, ds = _positions(spec, modules[spec.module], x.reshape(rows, *x.shape[2:]),
+                           grad.reshape(rows, *grad.shape[2:]))
+        a, ds = a.reshape(examples, -1, a.shape[-1]), ds.reshape(examples, -1, ds.shape[-1])
+        if spec.bias is not None:
+            a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+        for value, what in ((a, "inputs"), (ds, "output gradients")):
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"captured {what} of layer {spec.module!r} contain NaN or Inf")
+        out[spec.module] = Captured(a, ds, a.shape[0] * a.shape[1])
+    return out
+
+
+def _first_example(batch: Any, dims: Any) -> Any:
+    """Example 0 of the batch, without its batch dimension (the fields ``dims`` marks)."""
+    return pytree.tree_map(lambda x, d: x[0] if d == 0 else x, batch, dims)
+
+
+def _with_example_dim(example: Any, dims: Any) -> Any:
+    """One example as a batch of one: a leading dimension of size one on the mapped fields."""
+    return pytree.tree_map(lambda x, d: x.unsqueeze(0) if d == 0 else x, example, dims)
+
+
+def _output_shapes(modules: dict, f: Callable, params: Mapping[str, Tensor], example: Any, dims: Any,
+                   specs: Sequence[LayerSpec]) -> dict[str, tuple]:
+    """Each layer's output ``(shape, dtype, device)`` for one example as a batch of one: the probes' layout."""
+    found: dict[str, tuple] = {}
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            found.setdefault(name, (tuple(output.shape), output.dtype, output.device))
+
+        return hook
+
+    handles = [modules[s.module].register_forward_hook(hook_for(s.module)) for s in specs]
+    try:
+        with torch.no_grad():
+            f(params, _with_example_dim(example, dims))
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [s.module for s in specs if s.module not in found]
+    if missing:
+        raise ValueError(f"layers: {missing} did not run in the forward pass of f")
+    return found
 
 
 def _positions(spec: LayerSpec, module: nn.Module, x: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:

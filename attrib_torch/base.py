@@ -23,10 +23,11 @@ import torch
 from torch import Tensor
 
 import kernels
-from attrib_core import per_sample_grad, per_sample_grad_loop, select
+from attrib_core import per_sample_grad, per_sample_grad_loop
 from kernels import TopK
 
-from .data import batches, check_loader
+from .data import batches, check_loader, fingerprint
+from .guard import guard_public_methods
 from .task import AttributionTask
 
 __all__ = ["BaseAttributor", "BaseInnerProductAttributor"]
@@ -36,7 +37,21 @@ _GROUP_BYTES = 256 << 20
 
 
 class BaseAttributor(ABC):
-    """What every attributor answers: ``cache``, ``attribute`` and ``self_attribute``."""
+    """What every attributor answers: ``cache``, ``attribute`` and ``self_attribute``.
+
+    Every subclass's public methods run inside :func:`attrib_torch.guard.untouched`:
+    the model in eval mode, and the user's model and torch's global random state as
+    they were afterwards, also after an exception; a ``cache`` that fails leaves
+    nothing cached.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        guard_public_methods(cls)
+
+    def clear_cache(self) -> None:
+        """Forget everything computed from training data; the next call recomputes it."""
+        self.full_train_dataloader = None
 
     @abstractmethod
     def cache(self, full_train_dataloader: Any) -> None:
@@ -78,12 +93,23 @@ class BaseInnerProductAttributor(BaseAttributor):
         self.device = torch.device(device if device is not None else "cpu")
         self.show_progress = show_progress
         self.layer_name = layer_name
-        self.names = list(select(task.params(0), layer_name))  # raises on unknown names
+        self.names = list(task.selected(task.params(0), layer_name))  # raises on unknown names
         self._width = sum(task.params(0)[n].numel() for n in self.names)
         task.get_model().to(self.device)
         self.full_train_dataloader: Any = None
+        self._cache_key: Any = None  # fingerprint of full_train_dataloader when it was cached
         self._train_reps: Dict[int, Tuple[Any, Tensor]] = {}
-        self._vmap_failed = False  # set once vmap has failed on this model: loop from then on
+        self._vmap_failed = False  # set once vmap could not trace this model: loop from then on
+
+    # Per-checkpoint dicts of what cache() computed, emptied by clear_cache().
+    _cache_fields: Tuple[str, ...] = ("_train_reps",)
+
+    def clear_cache(self) -> None:
+        """Forget the cached training loader, its representations and every curvature fitted on it."""
+        self.full_train_dataloader = None
+        self._cache_key = None
+        for field in self._cache_fields:
+            getattr(self, field).clear()
 
     # -- representations ---------------------------------------------------------------------
 
@@ -107,17 +133,28 @@ class BaseInnerProductAttributor(BaseAttributor):
         return self._per_example_grads(self._restricted(self.task.target_func, fixed), chosen, data)
 
     def _per_example_grads(self, func, chosen: Dict[str, Tensor], data: Tuple[Tensor, ...]) -> Tensor:
-        """``vmap`` per-example gradients, or a loop (with a warning saying why) when ``vmap`` cannot trace."""
+        """``vmap`` per-example gradients, or a loop where ``vmap`` cannot trace the model.
+
+        A ``vmap`` failure switches to the loop for good only if the loop succeeds on
+        the same batch (then the failure was ``vmap``'s: data-dependent control flow,
+        ``.item()``, in-place updates); an error the loop raises too is the user's and
+        is raised, and an out-of-memory error is never taken for a tracing failure.
+        """
         if not self._vmap_failed:
             try:
                 return per_sample_grad(func)(chosen, data)
-            except RuntimeError as error:  # vmap's errors: .item(), data-dependent control flow, in-place ops
+            except RuntimeError as error:
+                if isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error) \
+                        or "can't allocate memory" in str(error):
+                    raise
+                grads = per_sample_grad_loop(func)(chosen, data)  # raises the real cause, if there is one
                 self._vmap_failed = True
                 warnings.warn(
-                    f"torch.func.vmap cannot trace this model ({str(error).splitlines()[0][:200]}); "
+                    f"torch.func.vmap cannot trace this loss ({str(error).splitlines()[0][:200]}); "
                     "computing per-example gradients in a loop instead (slower, same result)",
                     stacklevel=3,
                 )
+                return grads
         return per_sample_grad_loop(func)(chosen, data)
 
     def transform_train_rep(self, ckpt_idx: int, train_rep: Tensor) -> Tensor:
@@ -133,25 +170,52 @@ class BaseInnerProductAttributor(BaseAttributor):
     def cache(self, full_train_dataloader: Any) -> None:
         """Keep the full training loader and precompute, per checkpoint, what the transforms need."""
         check_loader(full_train_dataloader, "full_train_dataloader")
+        self.check_checkpoints()
+        self.clear_cache()
         self.full_train_dataloader = full_train_dataloader
-        self._train_reps.clear()
+        self._cache_key = fingerprint(full_train_dataloader)
         for ckpt_idx in range(len(self.task)):
             self._prepare(ckpt_idx)
+
+    def check_checkpoints(self) -> None:
+        """Every checkpoint holds the attributed parameters, with the shapes of the first (before any gradient).
+
+        Raises:
+            ValueError: naming the checkpoint and the missing or misshapen parameters.
+        """
+        first = self.task.params(0)
+        for ckpt_idx in range(1, len(self.task)):
+            try:
+                params = self.task.params(ckpt_idx)
+            except RuntimeError as error:  # load_state_dict: missing or unexpected keys, size mismatch
+                raise ValueError(f"checkpoints[{ckpt_idx}]: does not load into the model: "
+                                 f"{str(error).splitlines()[0]}") from error
+            missing = [n for n in self.names if n not in params]
+            shapes = [n for n in self.names if n in params and params[n].shape != first[n].shape]
+            if missing or shapes:
+                raise ValueError(f"checkpoints[{ckpt_idx}]: parameters {missing} missing and {shapes} of another "
+                                 "shape than in checkpoint 0")
 
     def _prepare(self, ckpt_idx: int) -> None:
         """Per-checkpoint precomputation from ``self.full_train_dataloader``; nothing by default."""
 
     def _ensure_cached(self, train_dataloader: Any) -> None:
-        if self.full_train_dataloader is None:
-            self.cache(train_dataloader)
+        """Cache ``train_dataloader`` if nothing is cached, and recache when the cached data changed."""
+        if self.full_train_dataloader is None or fingerprint(self.full_train_dataloader) != self._cache_key:
+            self.cache(train_dataloader if self.full_train_dataloader is None else self.full_train_dataloader)
 
     def train_reps(self, ckpt_idx: int, train_dataloader: Any) -> Tensor:
-        """Transformed training representations ``(n_train, P')``, computed once per checkpoint and loader."""
+        """Transformed training representations ``(n_train, P')``, computed once per checkpoint and loader.
+
+        Kept under the loader's :func:`~attrib_torch.data.fingerprint`, so data changed
+        in place (or a loader of another length) is featurised again.
+        """
+        key = fingerprint(train_dataloader)
         kept = self._train_reps.get(ckpt_idx)
-        if kept is not None and kept[0] is train_dataloader:
+        if kept is not None and kept[0] == key:
             return kept[1]
         reps = self._concat(list(self._grouped(train_dataloader, ckpt_idx, train=True)))
-        self._train_reps[ckpt_idx] = (train_dataloader, reps)
+        self._train_reps[ckpt_idx] = (key, reps)
         return reps
 
     def _grouped(self, loader: Any, ckpt_idx: int, *, train: bool, transform: Any = None) -> Iterator[Tensor]:

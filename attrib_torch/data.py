@@ -10,7 +10,7 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, Tensor
 from torch.utils.data._utils.collate import default_collate
 from tqdm.auto import tqdm
 
-__all__ = ["check_loader", "batches", "concatenate", "batch_size"]
+__all__ = ["check_loader", "batches", "concatenate", "batch_size", "fingerprint"]
 
 
 def check_loader(loader: Any, name: str) -> None:
@@ -83,3 +83,31 @@ def batch_size(batch: tuple) -> int:
         if isinstance(item, torch.Tensor) and item.dim():
             return item.shape[0]
     raise ValueError("batch: holds no tensor with a batch dimension")
+
+
+def _tensor_print(t: torch.Tensor) -> tuple:
+    """Identity, layout, in-place version and a sampled sum: changes when the tensor's content is written."""
+    flat = t.detach().reshape(-1)
+    step = max(1, flat.numel() // 4096)
+    sample = flat[::step]
+    total = float(sample.double().sum()) if sample.numel() and sample.dtype != torch.bool else int(sample.sum())
+    return (t.data_ptr(), tuple(t.shape), str(t.dtype), t._version, total)
+
+
+def fingerprint(loader: Any) -> tuple:
+    """A cheap key that changes when a loader's data changes, in place or by length.
+
+    For a ``DataLoader`` over a ``TensorDataset`` and for a list of batches, every
+    tensor's storage, shape, in-place version counter and a sampled sum (at most
+    4096 entries each); for other datasets, the dataset object and its length.
+    """
+    if isinstance(loader, DataLoader):
+        dataset = loader.dataset
+        size = len(dataset) if hasattr(dataset, "__len__") else None
+        content = tuple(_tensor_print(t) for t in dataset.tensors) if isinstance(dataset, TensorDataset) else ()
+        return (id(loader), id(dataset), size, content)
+    if isinstance(loader, (list, tuple)):
+        leaves = pytree.tree_leaves(list(loader))
+        return (id(loader), len(loader), tuple(_tensor_print(t) if isinstance(t, torch.Tensor) else repr(t)[:64]
+                                               for t in leaves))
+    return (id(loader),)

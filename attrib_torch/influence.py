@@ -36,6 +36,7 @@ from attrib_core import (
 )
 
 from .base import BaseInnerProductAttributor
+from .checks import nonnegative, positive, positive_int
 from .data import batches, concatenate
 from .task import AttributionTask
 
@@ -49,18 +50,6 @@ __all__ = [
 ]
 
 LayerName = Union[None, str, Sequence[str]]
-
-
-def _nonnegative(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
-    return value
 
 
 class _FullTrainingLoss(BaseInnerProductAttributor):
@@ -87,8 +76,10 @@ class IFAttributorExplicit(_FullTrainingLoss):
     def __init__(self, task: AttributionTask, layer_name: LayerName = None, device: Optional[str] = "cpu",
                  regularization: float = 0.0, show_progress: bool = True) -> None:
         super().__init__(task, layer_name, device, show_progress)
-        self.regularization = _nonnegative(regularization, "regularization")
+        self.regularization = nonnegative(regularization, "regularization")
         self.factors: Dict[int, ExplicitFactor] = {}
+
+    _cache_fields = BaseInnerProductAttributor._cache_fields + ('factors',)
 
     def _prepare(self, ckpt_idx: int) -> None:
         f, chosen, data = self._training_objective(ckpt_idx)
@@ -120,14 +111,16 @@ class IFAttributorCG(_FullTrainingLoss):
                  max_iter: int = 10, tol: float = 1e-7, mode: str = "rev-rev", regularization: float = 0.0,
                  show_progress: bool = True) -> None:
         super().__init__(task, layer_name, device, show_progress)
-        self.max_iter = _positive_int(max_iter, "max_iter")
-        self.tol = _nonnegative(tol, "tol")
+        self.max_iter = positive_int(max_iter, "max_iter")
+        self.tol = nonnegative(tol, "tol")
         if mode not in ("rev-rev", "rev-fwd"):
             raise ValueError(f"mode: expected 'rev-rev' or 'rev-fwd', got {mode!r}")
         self.mode = mode
-        self.regularization = _nonnegative(regularization, "regularization")
+        self.regularization = nonnegative(regularization, "regularization")
         self._operators: Dict[int, Any] = {}
         self.last_solution = None
+
+    _cache_fields = BaseInnerProductAttributor._cache_fields + ('_operators',)
 
     def _prepare(self, ckpt_idx: int) -> None:
         f, chosen, data = self._training_objective(ckpt_idx)
@@ -137,6 +130,15 @@ class IFAttributorCG(_FullTrainingLoss):
         solution = cg(self._operators[ckpt_idx], test_rep, tol=0.0, atol=self.tol, max_iter=self.max_iter,
                       damping=self.regularization)
         self.last_solution = solution
+        unsolved = ~solution.converged
+        if bool(unsolved.any()):
+            warnings.warn(
+                f"checkpoint {ckpt_idx}: CG did not converge for {int(unsolved.sum())} of {test_rep.shape[0]} "
+                f"test examples in max_iter={self.max_iter} steps (largest residual norm "
+                f"{float(solution.residual_norm[unsolved].max()):.3g}, tol {self.tol:g}); their scores are "
+                "approximate. Raise max_iter or regularization",
+                stacklevel=2,
+            )
         return solution.x
 
 
@@ -162,18 +164,18 @@ class IFAttributorLiSSA(_FullTrainingLoss):
                  batch_size: int = 1, num_repeat: int = 1, recursion_depth: int = 5000, damping: float = 0.0,
                  scaling: float = 50.0, mode: str = "rev-rev", seed: int = 0, show_progress: bool = True) -> None:
         super().__init__(task, layer_name, device, show_progress)
-        self.batch_size = _positive_int(batch_size, "batch_size")
-        self.num_repeat = _positive_int(num_repeat, "num_repeat")
-        self.recursion_depth = _positive_int(recursion_depth, "recursion_depth")
-        self.damping = _nonnegative(damping, "damping")
-        if not 0 < scaling < math.inf:
-            raise ValueError(f"scaling: expected a number > 0, got {scaling!r}")
-        self.scaling = float(scaling)
+        self.batch_size = positive_int(batch_size, "batch_size")
+        self.num_repeat = positive_int(num_repeat, "num_repeat")
+        self.recursion_depth = positive_int(recursion_depth, "recursion_depth")
+        self.damping = nonnegative(damping, "damping")
+        self.scaling = positive(scaling, "scaling")
         if mode not in ("rev-rev", "rev-fwd"):
             raise ValueError(f"mode: expected 'rev-rev' or 'rev-fwd', got {mode!r}")
         self.mode = mode
         self.seed = seed
         self._objectives: Dict[int, Any] = {}
+
+    _cache_fields = BaseInnerProductAttributor._cache_fields + ('_objectives',)
 
     def _prepare(self, ckpt_idx: int) -> None:
         self._objectives[ckpt_idx] = self._training_objective(ckpt_idx)
@@ -213,7 +215,7 @@ class IFAttributorDataInf(BaseInnerProductAttributor):
     def __init__(self, task: AttributionTask, layer_name: LayerName = None, device: Optional[str] = "cpu",
                  regularization: float = 0.0, show_progress: bool = True) -> None:
         super().__init__(task, layer_name, device, show_progress)
-        self.regularization = _nonnegative(regularization, "regularization")
+        self.regularization = nonnegative(regularization, "regularization")
         _, self.layer_map = task.get_param(0, self.names, layer_split=True)
         params = task.params(0)
         sizes: Dict[int, int] = {}
@@ -221,6 +223,8 @@ class IFAttributorDataInf(BaseInnerProductAttributor):
             sizes[layer] = sizes.get(layer, 0) + params[name].numel()
         self.layer_sizes = [sizes[layer] for layer in sorted(sizes)]
         self._train_layers: Dict[int, list] = {}
+
+    _cache_fields = BaseInnerProductAttributor._cache_fields + ('_train_layers',)
 
     def _prepare(self, ckpt_idx: int) -> None:
         grads = self.train_reps(ckpt_idx, self.full_train_dataloader)
@@ -255,23 +259,23 @@ class IFAttributorArnoldi(_FullTrainingLoss):
                  norm_constant: float = 1.0, tol: float = 1e-7, regularization: float = 0.0, seed: int = 0,
                  show_progress: bool = True) -> None:
         super().__init__(task, layer_name, device, show_progress)
-        if not 0 < precompute_data_ratio <= 1:
+        self.precompute_data_ratio = positive(precompute_data_ratio, "precompute_data_ratio")
+        if self.precompute_data_ratio > 1:
             raise ValueError(f"precompute_data_ratio: expected a number in (0, 1], got {precompute_data_ratio!r}")
-        self.precompute_data_ratio = float(precompute_data_ratio)
-        self.proj_dim = _positive_int(proj_dim, "proj_dim")
-        self.max_iter = _positive_int(max_iter, "max_iter")
+        self.proj_dim = positive_int(proj_dim, "proj_dim")
+        self.max_iter = positive_int(max_iter, "max_iter")
         if self.max_iter < self.proj_dim:
             raise ValueError(f"max_iter: must be >= proj_dim={proj_dim} to produce that many eigenpairs, got {max_iter}")
         dim = sum(task.params(0)[n].numel() for n in self.names)
         if self.proj_dim > dim:
             raise ValueError(f"proj_dim: cannot exceed the number of parameters ({dim}), got {proj_dim}")
-        if not 0 < norm_constant < math.inf:
-            raise ValueError(f"norm_constant: expected a number > 0, got {norm_constant!r}")
-        self.norm_constant = float(norm_constant)
-        self.tol = _nonnegative(tol, "tol")
-        self.regularization = _nonnegative(regularization, "regularization")
+        self.norm_constant = positive(norm_constant, "norm_constant")
+        self.tol = nonnegative(tol, "tol")
+        self.regularization = nonnegative(regularization, "regularization")
         self.seed = seed
         self._projectors: Dict[int, SpectralProjector] = {}
+
+    _cache_fields = BaseInnerProductAttributor._cache_fields + ('_projectors',)
 
     def _prepare(self, ckpt_idx: int) -> None:
         f, chosen, data = self._training_objective(ckpt_idx)
@@ -330,12 +334,14 @@ class IFAttributorEKFAC(BaseInnerProductAttributor):
         self.module_name = module_name
         if isinstance(damping, str) and damping != "heuristic":
             raise ValueError(f"damping: expected a number >= 0 or 'heuristic', got {damping!r}")
-        self.damping = damping if damping == "heuristic" else _nonnegative(damping, "damping")
+        self.damping = damping if damping == "heuristic" else nonnegative(damping, "damping")
         if fisher not in ("empirical", "sampled"):
             raise ValueError(f"fisher: expected 'empirical' or 'sampled', got {fisher!r}")
         self.fisher = fisher
         self.seed = seed
         self._fits: Dict[int, EKFAC] = {}
+
+    _cache_fields = BaseInnerProductAttributor._cache_fields + ('_fits',)
 
     def _prepare(self, ckpt_idx: int) -> None:
         params = {k: v.to(self.device) for k, v in self.task.params(ckpt_idx).items()}

@@ -8,8 +8,9 @@ per-example functions derived here map over that dimension themselves (no
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +39,10 @@ class AttributionTask:
 
     Each checkpoint is read once and kept; switching checkpoints reloads the kept
     state into the model, not the file.
+
+    Parameters the model marks frozen (``requires_grad=False``) are left out
+    wherever ``layer_name`` is None, as dattri does; naming them in ``layer_name``
+    includes them.
 
     Raises:
         ValueError: a checkpoint path that does not exist, or an empty list.
@@ -68,6 +73,12 @@ class AttributionTask:
         self._states: Dict[int, Dict[str, Tensor]] = {}
         self._params: Dict[int, Dict[str, Tensor]] = {}
         self._current: Optional[int] = None
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("model: every parameter is frozen (requires_grad=False); nothing to attribute to")
+        self._trainable = frozenset(trainable)
+        self._borrows = 0
+        self._user_state: Optional[Dict[str, Tensor]] = None
 
     # -- checkpoints -----------------------------------------------------------------
 
@@ -92,8 +103,29 @@ class AttributionTask:
             self._activate(ckpt_idx)
         return self._params[ckpt_idx]
 
+    @contextlib.contextmanager
+    def borrowed_model(self) -> Iterator[nn.Module]:
+        """The model for the length of a ``with`` block, handed back as it was (re-entrant).
+
+        Checkpoints loaded inside the block go into the model; on leaving it (also by
+        an exception) the model's own weights and buffers, as they were on entering,
+        are loaded back. Attributors run every public call inside this block.
+        """
+        self._borrows += 1
+        try:
+            yield self.model
+        finally:
+            self._borrows -= 1
+            if self._borrows == 0 and self._user_state is not None:
+                state, self._user_state = self._user_state, None
+                with torch.no_grad():
+                    self.model.load_state_dict(state)
+                self._current = None
+
     def _activate(self, ckpt_idx: int) -> None:
         checkpoint = self.checkpoints[ckpt_idx]
+        if self._borrows and self._user_state is None:
+            self._user_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         if ckpt_idx in self._states:
             self.model.load_state_dict(self._states[ckpt_idx])
         elif self.checkpoints_load_func is not None:
@@ -137,7 +169,7 @@ class AttributionTask:
             ValueError: ``param_layer_map`` does not have one entry per parameter, or
                 a name in ``layer_name`` matches no parameter.
         """
-        params = select(self.params(ckpt_idx), layer_name)
+        params = self.selected(self.params(ckpt_idx), layer_name)
         flat, _ = ravel(params)
         if not layer_split:
             return flat, None
@@ -146,6 +178,16 @@ class AttributionTask:
         for value, layer in zip(params.values(), layer_map):
             groups.setdefault(layer, []).append(value.reshape(-1))
         return tuple(torch.cat(groups[layer]) for layer in sorted(groups)), layer_map
+
+    def selected(self, params: Mapping[str, Tensor], layer_name: LayerName) -> Dict[str, Tensor]:
+        """The entries of ``params`` that ``layer_name`` names; for None, those the model does not freeze.
+
+        Raises:
+            ValueError: a name in ``layer_name`` matches no parameter.
+        """
+        if layer_name is None:
+            return {k: v for k, v in params.items() if k in self._trainable}
+        return select(params, layer_name)
 
     # -- functions -------------------------------------------------------------------------
 
@@ -167,22 +209,24 @@ class AttributionTask:
         """``g(flat_params, data) -> (B, P)``: per-example gradients of ``loss_func``.
 
         ``data`` keeps its batch dimension; ``in_dims`` says which dimension of each
-        argument indexes examples (``(None, 0)``: the batch's first).
+        argument indexes examples (``(None, 0)``: the batch's first). Random operations
+        (Dropout of a model in train mode) draw independently per example, as
+        dattri's ``vmap(..., randomness="different")`` does.
         """
-        return per_sample_grad(self.get_loss_func(True, layer_name, ckpt_idx), in_dims=in_dims)
+        return per_sample_grad(self.get_loss_func(True, layer_name, ckpt_idx), in_dims=in_dims, randomness="different")
 
     def get_grad_target_func(
         self, in_dims: Tuple[Optional[int], ...] = (None, 0), layer_name: LayerName = None, ckpt_idx: Optional[int] = None
     ) -> Callable:
         """``g(flat_params, data) -> (B, P)``: per-example gradients of ``target_func``."""
-        return per_sample_grad(self.get_target_func(True, layer_name, ckpt_idx), in_dims=in_dims)
+        return per_sample_grad(self.get_target_func(True, layer_name, ckpt_idx), in_dims=in_dims, randomness="different")
 
     def _restricted(self, func: Callable, flatten: bool, layer_name: LayerName, ckpt_idx: Optional[int]) -> Callable:
         base = self.params(0 if ckpt_idx is None else ckpt_idx)
-        chosen = select(base, layer_name)
+        chosen = self.selected(base, layer_name)
         fixed = {k: v for k, v in base.items() if k not in chosen}
         if not flatten:
-            if layer_name is None:
+            if not fixed:
                 return func
             return lambda params, data: func({**fixed, **params}, data)
         _, unravel = ravel(chosen)

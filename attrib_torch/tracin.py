@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -10,10 +11,9 @@ from torch.utils import _pytree as pytree
 
 from attrib_core import (
     Captured,
-    capture,
+    capture_per_example,
     concat_captured,
     factored_cost,
-    factored_dense,
     factored_inner,
     factored_rowwise,
     factored_sq_norms,
@@ -22,6 +22,7 @@ from attrib_core import (
 
 from .base import BaseInnerProductAttributor
 from .data import batch_size, check_loader
+from .guard import PUBLIC_METHODS
 from .projection import projector_from_kwargs
 from .task import AttributionTask
 
@@ -40,13 +41,13 @@ class TracInAttributor(BaseInnerProductAttributor):
 
     Without a projection, when every chosen parameter belongs to an ``nn.Linear`` or
     ``nn.Conv2d`` layer and the factored products are cheaper, gradients are kept as
-    their factors (layer inputs and output gradients of one batched backward pass,
-    :mod:`attrib_core.factored`) and inner products are exact without forming
-    per-example gradients. This path is taken only after the factors reproduce ``vmap``'s
-    per-example gradients on the first rows (up to 8) of the first batch, for both
-    ``loss_func`` and ``target_func``, which also tells whether each loss is a mean or a sum; a loss with parameter terms (an L2 penalty), dropout or batch
-    statistics fails that check, and a model that ``vmap`` cannot trace (data-dependent
-    control flow) is never factored: both keep the ordinary path.
+    their factors (layer inputs and the output gradients of each example's own loss,
+    :func:`attrib_core.capture_per_example`) and inner products are exact without
+    forming per-example gradients. The factors are those of presenting each example
+    as a batch of one, for every batch and whatever the loss normalises by; a loss
+    that reads a factored weight outside its layer (an L2 penalty, tied weights), a
+    layer that runs twice, or a model ``vmap`` cannot trace keeps the ordinary path
+    (also when only a later batch shows it: the call is then redone on that path).
 
     Args:
         task: the :class:`AttributionTask` (its checkpoints in training order).
@@ -78,7 +79,7 @@ class TracInAttributor(BaseInnerProductAttributor):
         self.normalized_grad = bool(normalized_grad)
         dim = sum(task.params(0)[n].numel() for n in self.names)
         self.projector = projector_from_kwargs(projector_kwargs, dim)
-        # None: not decided yet; False: ordinary gradients; else the factored layers and each loss's reduction.
+        # None: not decided yet; False: ordinary gradients; else the factored layers.
         # (Forming projected gradients from factors measured no faster than vmap on a 1.1M-parameter MLP.)
         self._factored: Any = None if self.projector is None else False
 
@@ -99,7 +100,7 @@ class TracInAttributor(BaseInnerProductAttributor):
     # -- factored gradients -----------------------------------------------------------------
 
     def _decide_factored(self, ckpt_idx: int, data: tuple) -> None:
-        """Take the factored path if it is cheaper and reproduces ``vmap``'s gradients on ``data``."""
+        """Take the factored path if every chosen parameter is factored, the factors capture, and it is cheaper."""
         self._factored = False
         model = self.task.get_model()
         chosen, fixed = self._split_params(ckpt_idx)
@@ -110,27 +111,17 @@ class TracInAttributor(BaseInnerProductAttributor):
         covered = {s.weight for s in specs} | {s.bias for s in specs if s.bias is not None}
         if set(self.names) - covered:
             return
-        params = {**fixed, **chosen}
         rows = min(8, batch_size(data))
-        head = tuple(pytree.tree_map(lambda x: x[:rows] if isinstance(x, Tensor) and x.dim() else x, list(data)))
-        reductions = {}
-        for which, func in (("train", self.task.loss_func), ("test", self.task.target_func)):
-            try:  # the first rows of the batch, as a batch of their own
-                summed = capture(model, func, params, head, specs, reduction="sum")
-            except (ValueError, RuntimeError):  # shared weights, a layer that did not run, ...
+        head = pytree.tree_map(lambda x: x[:rows] if isinstance(x, Tensor) and x.dim() else x, data)
+        for func in (self.task.loss_func, self.task.target_func):
+            try:
+                captured = capture_per_example(model, func, {**fixed, **chosen}, head, specs)
+            except (ValueError, RuntimeError):  # a direct use of a weight, shared weights, vmap cannot trace
                 return
-            positions = {m: c.a.shape[1] for m, c in summed.items()}
-            cost, dense_cost = factored_cost(specs, positions)
+            cost, dense_cost = factored_cost(specs, {m: c.a.shape[1] for m, c in captured.items()})
             if cost > dense_cost:
                 return
-            expected = self._per_example_grads(self._restricted(func, fixed), chosen, head)
-            if self._vmap_failed:  # data-dependent control flow: a batch's forward may differ from its examples'
-                return
-            got = factored_dense(summed, specs, self.names).to(expected.dtype)
-            reductions[which] = _reduction(expected, got, rows)
-            if reductions[which] is None:
-                return
-        self._factored = (specs, reductions)
+        self._factored = specs
 
     def _generate(self, ckpt_idx: int, data: tuple, which: str) -> Any:
         if self._factored is None:
@@ -139,8 +130,10 @@ class TracInAttributor(BaseInnerProductAttributor):
             return None
         func = self.task.loss_func if which == "train" else self.task.target_func
         chosen, fixed = self._split_params(ckpt_idx)
-        specs, reductions = self._factored
-        return capture(self.task.get_model(), func, {**fixed, **chosen}, data, specs, reduction=reductions[which])
+        try:
+            return capture_per_example(self.task.get_model(), func, {**fixed, **chosen}, data, self._factored)
+        except (ValueError, RuntimeError) as error:  # this batch cannot be factored exactly: redo the call
+            raise _Unfactorable(error) from error
 
     def generate_train_rep(self, ckpt_idx: int, data: tuple) -> Any:
         """Per-example loss gradients ``(B, P)``, or their factors on the factored path."""
@@ -192,10 +185,26 @@ class TracInAttributor(BaseInnerProductAttributor):
         return self._represent(test_rep)
 
 
-def _reduction(expected: Tensor, summed: Tensor, size: int) -> Optional[str]:
-    """``"mean"`` or ``"sum"``: which scaling of the batch-summed factors gives ``vmap``'s gradients; None if neither."""
-    tol = torch.finfo(expected.dtype).eps ** 0.5 * float(expected.norm()) + torch.finfo(expected.dtype).tiny
-    for name, scale in (("mean", float(size)), ("sum", 1.0)):
-        if float((expected - scale * summed).norm()) <= tol:
-            return name
-    return None
+
+class _Unfactorable(Exception):
+    """A batch after the first could not be factored exactly; the public call is redone without factors."""
+
+
+def _redone_unfactored(method):
+    """Run a public method; if a batch could not be factored, drop the factors and run it again."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except _Unfactorable:
+            self._factored = False
+            self._train_reps.clear()
+            return method(self, *args, **kwargs)
+
+    return run
+
+
+for _name in PUBLIC_METHODS:
+    if _name != "cache":
+        setattr(TracInAttributor, _name, _redone_unfactored(getattr(TracInAttributor, _name)))

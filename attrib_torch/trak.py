@@ -10,7 +10,8 @@ from torch import Tensor
 from attrib_core import solve_explicit
 
 from .base import BaseInnerProductAttributor
-from .data import batches, check_loader
+from .checks import nonnegative
+from .data import batches, check_loader, fingerprint
 from .projection import projector_from_kwargs
 from .task import AttributionTask
 
@@ -32,7 +33,7 @@ class TRAKAttributor(BaseInnerProductAttributor):
     Args:
         task: the :class:`AttributionTask`; its ``loss_func`` (and ``target_func``) the margin.
         correct_probability_func: ``(params, batch) -> (B,)`` probabilities of the
-            correct label, in ``(0, 1)`` (a function written for one example and
+            correct label, in ``[0, 1]`` (a function written for one example and
             returning a scalar is applied example by example).
         projector_kwargs: the projection (see :func:`projector_from_kwargs`); by
             default Rademacher to 512 dimensions (none when there are at most 512
@@ -42,7 +43,7 @@ class TRAKAttributor(BaseInnerProductAttributor):
         regularization: ``λ >= 0`` added to the kernel's diagonal.
 
     Raises:
-        ValueError: bad ``projector_kwargs``; probabilities outside ``(0, 1)`` (before
+        ValueError: bad ``projector_kwargs``; probabilities outside ``[0, 1]`` (before
             any gradient of that checkpoint is computed).
     """
 
@@ -52,14 +53,14 @@ class TRAKAttributor(BaseInnerProductAttributor):
         super().__init__(task, layer_name, device, show_progress)
         if not callable(correct_probability_func):
             raise TypeError("correct_probability_func: expected a callable (params, batch) -> probabilities")
-        if not 0 <= regularization < float("inf"):
-            raise ValueError(f"regularization: expected a finite number >= 0, got {regularization!r}")
         self.correct_probability_func = correct_probability_func
-        self.regularization = float(regularization)
+        self.regularization = nonnegative(regularization, "regularization")
         dim = sum(task.params(0)[n].numel() for n in self.names)
         self.projector = projector_from_kwargs(projector_kwargs, dim, default_dim=512)
         self._kernels: Dict[int, Any] = {}
         self._q: Dict[int, Tensor] = {}
+
+    _cache_fields = BaseInnerProductAttributor._cache_fields + ("_kernels", "_q")
 
     def cache(self, full_train_dataloader: Any) -> None:
         """Features of the full training set, their kernel factor and ``Q``, per checkpoint.
@@ -67,8 +68,9 @@ class TRAKAttributor(BaseInnerProductAttributor):
         The probabilities of every checkpoint are checked before any gradient.
         """
         check_loader(full_train_dataloader, "full_train_dataloader")
-        self._q = {c: 1.0 - self._probabilities(c, full_train_dataloader) for c in range(len(self.task))}
+        q = {c: 1.0 - self._probabilities(c, full_train_dataloader) for c in range(len(self.task))}
         super().cache(full_train_dataloader)
+        self._q.update(q)
 
     def _prepare(self, ckpt_idx: int) -> None:
         features = self._features(ckpt_idx, self.full_train_dataloader).double()
@@ -76,7 +78,7 @@ class TRAKAttributor(BaseInnerProductAttributor):
         self._kernels[ckpt_idx] = gram
         # The training representations of the cached set, from the same features.
         transformed = solve_explicit(gram, features, damping=self.regularization).x
-        self._train_reps[ckpt_idx] = (self.full_train_dataloader, transformed)
+        self._train_reps[ckpt_idx] = (fingerprint(self.full_train_dataloader), transformed)
 
     def _probabilities(self, ckpt_idx: int, loader: Any) -> Tensor:
         params = {k: v.to(self.device) for k, v in self.task.params(ckpt_idx).items()}
@@ -90,8 +92,8 @@ class TRAKAttributor(BaseInnerProductAttributor):
                         for i in range(batch[0].shape[0])
                     ])
             p = p.reshape(-1)
-            if not bool(((p > 0) & (p < 1)).all()):
-                raise ValueError("correct_probability_func: returned probabilities outside (0, 1)")
+            if not bool(((p >= 0) & (p <= 1)).all()):  # p = 1 (a confident model) gives Q = 0, as in TRAK
+                raise ValueError("correct_probability_func: returned probabilities outside [0, 1] (or NaN)")
             parts.append(p.double())
         return torch.cat(parts)
 
