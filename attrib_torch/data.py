@@ -2,33 +2,45 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import torch
 from torch.utils import _pytree as pytree
-from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+    TensorDataset,
+    WeightedRandomSampler,
+)
 from torch.utils.data._utils.collate import default_collate
 from tqdm.auto import tqdm
 
-__all__ = ["check_loader", "batches", "concatenate", "batch_size", "fingerprint"]
+__all__ = ["check_loader", "batches", "concatenate", "take", "batch_size", "fingerprint"]
+
+
+_RANDOM_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
 
 
 def check_loader(loader: Any, name: str) -> None:
     """Reject a loader whose order changes between passes: scores must line up with dataset positions.
 
+    A ``DataLoader`` may use any sampler or batch sampler that yields the same indices
+    on every pass (sequential, a fixed list of indices, a deterministic bucketing
+    sampler): that is checked by two passes over the indices, never over the data.
+    A random sampler is refused by type; ``IterableDataset`` loaders are taken to be
+    deterministic, as dattri takes them.
+
     Raises:
-        ValueError: a ``DataLoader`` that shuffles (a ``RandomSampler``), or an iterator
-            (one pass only).
+        ValueError: a sampler that shuffles, an empty loader, ``batch_size=None``
+            (examples without a batch dimension), or an iterator (one pass only).
         TypeError: something that is not iterable.
     """
     if isinstance(loader, DataLoader):
-        sampler = loader.batch_sampler.sampler if loader.batch_sampler is not None else loader.sampler
-        for s in {id(sampler): sampler, id(loader.sampler): loader.sampler}.values():
-            if not isinstance(s, SequentialSampler):
-                raise ValueError(
-                    f"{name}: the data loader's sampler is a {type(s).__name__}; scores must line up with "
-                    "dataset positions, so use a sequential order (shuffle=False, no random sampler)"
-                )
+        _check_data_loader(loader, name)
         return
     try:
         iterator = iter(loader)
@@ -36,6 +48,37 @@ def check_loader(loader: Any, name: str) -> None:
         raise TypeError(f"{name}: expected a DataLoader or a list of batches, got {type(loader).__name__}") from None
     if iterator is loader:
         raise ValueError(f"{name}: an iterator can be read once only; pass a DataLoader or a list of batches")
+    if hasattr(loader, "__len__") and len(loader) == 0:
+        raise ValueError(f"{name}: holds no batches")
+
+
+def _check_data_loader(loader: DataLoader, name: str) -> None:
+    if isinstance(loader.dataset, IterableDataset):
+        return
+    if loader.batch_sampler is None:
+        raise ValueError(f"{name}: batch_size=None yields single examples without a batch dimension; "
+                         "give the DataLoader a batch_size >= 1")
+    if len(loader.dataset) == 0:
+        raise ValueError(f"{name}: the dataset is empty")
+    samplers = [loader.sampler, getattr(loader.batch_sampler, "sampler", None), loader.batch_sampler]
+    for sampler in samplers:
+        if isinstance(sampler, _RANDOM_SAMPLERS):
+            raise ValueError(
+                f"{name}: the data loader's sampler is a {type(sampler).__name__}; scores must line up with "
+                "dataset positions, so use a fixed order (shuffle=False, no random sampler)"
+            )
+    if type(loader.batch_sampler) is BatchSampler and type(loader.batch_sampler.sampler) is SequentialSampler:
+        return
+    first, second = (list(map(_indices, loader.batch_sampler)) for _ in range(2))
+    if first != second:
+        raise ValueError(f"{name}: its batch sampler yields a different order on two passes; scores must line up "
+                         "with dataset positions, so use a sampler with a fixed order")
+    if not first:
+        raise ValueError(f"{name}: its sampler yields no batches")
+
+
+def _indices(batch: Any) -> list:
+    return batch.tolist() if isinstance(batch, torch.Tensor) else list(batch)
 
 
 def _sliced(loader: Any) -> Optional[Iterator[tuple]]:
@@ -56,25 +99,43 @@ def _sliced(loader: Any) -> Optional[Iterator[tuple]]:
 
 
 def batches(loader: Iterable[Any], device: torch.device, *, desc: str = "", show_progress: bool = False) -> Iterator[Any]:
-    """The loader's batches as tuples of tensors on ``device``."""
+    """The loader's batches on ``device``: tuples of their fields, or dicts as they are (``{"input_ids", ...}``).
+
+    Tensors move to ``device``; other fields (strings, ids) pass through untouched.
+    """
     sliced = _sliced(loader)
     source = loader if sliced is None else sliced
-    total = len(loader) if isinstance(loader, DataLoader) else None
+    total = len(loader) if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset) else None
+    empty = True
     for batch in tqdm(source, desc=desc, disable=not show_progress, leave=False, total=total):
+        empty = False
+        if isinstance(batch, Mapping):
+            yield {k: _to(v, device) for k, v in batch.items()}
+            continue
         if not isinstance(batch, (tuple, list)):
             batch = (batch,)
-        yield tuple(pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, list(batch)))
+        yield tuple(_to(x, device) for x in batch)
+    if empty:
+        raise ValueError("the data loader yielded no batches")
 
 
-def concatenate(loader: Iterable[Any], device: torch.device) -> tuple:
-    """All of the loader's batches as one batch (tensors concatenated along the first dimension)."""
+def _to(tree: Any, device: torch.device) -> Any:
+    return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tree)
+
+
+def take(batch: Any, index: Any) -> Any:
+    """Rows ``index`` (a slice, or an index tensor) of every batched tensor of a batch; other fields as they are."""
+    return pytree.tree_map(lambda x: x[index] if isinstance(x, torch.Tensor) and x.dim() else x, batch)
+
+
+def concatenate(loader: Iterable[Any], device: torch.device) -> Any:
+    """All of the loader's batches as one batch (batched tensors concatenated along the first dimension)."""
     parts = list(batches(loader, device))
-    if not parts:
-        raise ValueError("the data loader is empty")
-    return tuple(
-        torch.cat([p[i] for p in parts]) if isinstance(parts[0][i], torch.Tensor) else parts[0][i]
-        for i in range(len(parts[0]))
-    )
+    leaves, spec = pytree.tree_flatten(parts[0])
+    columns = [pytree.tree_flatten(p)[0] for p in parts]
+    joined = [torch.cat([c[i] for c in columns]) if isinstance(x, torch.Tensor) and x.dim() else x
+              for i, x in enumerate(leaves)]
+    return pytree.tree_unflatten(joined, spec)
 
 
 def batch_size(batch: tuple) -> int:

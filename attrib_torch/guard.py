@@ -5,7 +5,8 @@ Every public call of an attributor (``cache``, ``attribute``, ``self_attribute``
 no BatchNorm statistics updated), checkpoints loaded into it for the call only,
 and on leaving, also by an exception, every module's ``training`` flag, every
 parameter's ``requires_grad``, the model's own weights and buffers and torch's
-global random state as they were. A failed ``cache`` leaves nothing cached.
+global random state as they were. A failed ``cache``, or a failed call that cached
+implicitly, leaves nothing cached.
 """
 
 from __future__ import annotations
@@ -70,12 +71,13 @@ def _guarded(method: Callable, name: str) -> Callable:
 
 
 def _cache_all_or_nothing(self, method: Callable, name: str, args: tuple, kwargs: dict) -> Any:
-    if name != "cache":
-        return method(self, *args, **kwargs)
+    """Run the method; if it fails, drop what it cached (all of it for ``cache``, an implicit cache otherwise)."""
+    was_cached = getattr(self, "full_train_dataloader", None) is not None
     try:
         return method(self, *args, **kwargs)
     except BaseException:
-        self.clear_cache()
+        if name == "cache" or not was_cached:
+            self.clear_cache()
         raise
 
 

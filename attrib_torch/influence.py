@@ -37,7 +37,7 @@ from attrib_core import (
 
 from .base import BaseInnerProductAttributor
 from .checks import nonnegative, positive, positive_int
-from .data import batches, concatenate
+from .data import batch_size as examples_in, batches, concatenate, take
 from .task import AttributionTask
 
 __all__ = [
@@ -182,12 +182,12 @@ class IFAttributorLiSSA(_FullTrainingLoss):
 
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
         f, chosen, data = self._objectives[ckpt_idx]
-        n = data[0].shape[0]
+        n = examples_in(data)
         rows = test_rep.shape[0]
 
         def sample_mv(generator: torch.Generator):
             index = torch.randperm(n, generator=generator)[: self.batch_size].to(self.device)
-            sub = tuple(x[index] if isinstance(x, Tensor) else x for x in data)
+            sub = take(data, index)
             return make_hvp(f, chosen, sub, mode=self.mode, chunk_size=rows)
 
         result = lissa(sample_mv, test_rep, depth=self.recursion_depth, scale=self.scaling, damping=self.damping,
@@ -279,11 +279,11 @@ class IFAttributorArnoldi(_FullTrainingLoss):
 
     def _prepare(self, ckpt_idx: int) -> None:
         f, chosen, data = self._training_objective(ckpt_idx)
-        n = data[0].shape[0]
+        n = examples_in(data)
         keep = max(1, round(self.precompute_data_ratio * n))
         if keep < n:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[:keep].to(self.device)
-            data = tuple(x[order] if isinstance(x, Tensor) else x for x in data)
+            data = take(data, order)
         dim = sum(v.numel() for v in chosen.values())
         result = arnoldi(make_hvp(f, chosen, data), dim, n_iter=self.max_iter, top_k=self.proj_dim,
                          seed=self.seed, tol=self.tol, device=self.device)
@@ -327,11 +327,14 @@ class IFAttributorEKFAC(BaseInnerProductAttributor):
     def __init__(self, task: AttributionTask, module_name: LayerName = None, device: Optional[str] = "cpu",
                  damping: Union[float, str] = 0.0, fisher: str = "empirical", seed: int = 0,
                  show_progress: bool = True) -> None:
-        specs = layer_specs(task.get_model(), task.params(0), module_name)  # raises on bad names
+        # Frozen parameters are left out unless module_name names their layers.
+        candidates = task.params(0) if module_name is not None else task.selected(task.params(0), None)
+        specs = layer_specs(task.get_model(), candidates, module_name)  # raises on bad names
         covered = {s.weight for s in specs} | {s.bias for s in specs if s.bias is not None}
         names = [n for n in task.params(0) if n in covered]
         super().__init__(task, names, device, show_progress)
         self.module_name = module_name
+        self._modules = [s.module for s in specs]
         if isinstance(damping, str) and damping != "heuristic":
             raise ValueError(f"damping: expected a number >= 0 or 'heuristic', got {damping!r}")
         self.damping = damping if damping == "heuristic" else nonnegative(damping, "damping")
@@ -349,7 +352,7 @@ class IFAttributorEKFAC(BaseInnerProductAttributor):
         if self.fisher == "sampled":
             generator = torch.Generator().manual_seed(self.seed + ckpt_idx)
             data = [self._with_sampled_labels(params, batch, generator) for batch in data]
-        fit = ekfac(self.task.get_model(), self.task.loss_func, params, data, layers=self.module_name)
+        fit = ekfac(self.task.get_model(), self.task.loss_func, params, data, layers=self._modules)
         self._fits[ckpt_idx] = fit
 
     def _with_sampled_labels(self, params, batch, generator):

@@ -11,7 +11,7 @@ from attrib_core import solve_explicit
 
 from .base import BaseInnerProductAttributor
 from .checks import nonnegative
-from .data import batches, check_loader, fingerprint
+from .data import batch_size, batches, check_loader, fingerprint, take
 from .projection import projector_from_kwargs
 from .task import AttributionTask
 
@@ -88,8 +88,8 @@ class TRAKAttributor(BaseInnerProductAttributor):
                 p = self.correct_probability_func(params, batch)
                 if p.dim() == 0:  # written for one example: apply it to each, as a batch of one
                     p = torch.stack([
-                        self.correct_probability_func(params, tuple(x[i : i + 1] for x in batch))
-                        for i in range(batch[0].shape[0])
+                        self.correct_probability_func(params, take(batch, slice(i, i + 1)))
+                        for i in range(batch_size(batch))
                     ])
             p = p.reshape(-1)
             if not bool(((p >= 0) & (p <= 1)).all()):  # p = 1 (a confident model) gives Q = 0, as in TRAK

@@ -6,8 +6,9 @@ against models retrained on random halves of the training set (mean over test im
 with a 95% interval), the AUC of finding the 10% flipped labels of the noisy variant
 by self influence, the wall time of construction + cache + attribute, and the peak
 resident memory it added. The tables go to the terminal and to
-``benchmarks/results/<setting>.md``, with a plot of LDS against time
-(``benchmarks/results/<setting>.png``). The retrained models are cached on disk. With
+``<out>/<setting>.md``, with a plot of LDS against time (``<out>/<setting>.png``);
+``--out`` defaults to ``runs/`` (ignored by git), and the tables committed in
+``benchmarks/results/`` were written with ``--out benchmarks/results``. The retrained models are cached on disk. With
 dattri installed, its attributors run on the identical inputs and hyperparameters and
 their LDS is printed beside ours.
 
@@ -283,7 +284,7 @@ def run_setting(name: str, methods: List[str], *, n_models: int, n_val: int, do_
     text = table(name, rows, n_models, n_val, auc_note)
     print("\n" + text)
     folder = results or RESULTS
-    folder.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     # A run of some methods only must not overwrite the table of a run of all of them.
     single = {m for m in METHODS if not m.startswith("trak-") or m == "trak-1"}  # all but the TRAK ensembles
     suffix = ("-quick" if n_models < 64 else "") + ("" if set(methods) >= single else f"-{tag}")
@@ -307,6 +308,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--auc-rows", type=int, default=None,
                         help=f"training images for the noisy-label AUC (default: all, except {AUC_ROWS})")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("runs"),
+                        help="folder for the tables and plots (default: runs/, ignored by git; the committed "
+                             "tables were written with --out benchmarks/results)")
     parser.add_argument("--tag", default="partial",
                         help="a run of some methods writes results/<setting>-<tag>.md (default: partial)")
     args = parser.parse_args(argv)
@@ -328,7 +332,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         setting, rows = run_setting(name, methods, n_models=n_models, n_val=n_val, do_tune=args.tune,
                                     seed=args.seed, n_train=args.n_train, with_dattri=with_dattri,
                                     auc_limit=args.auc_rows if args.auc_rows is not None else AUC_ROWS.get(name),
-                                    tag=args.tag)
+                                    tag=args.tag, results=args.out)
         if args.quick:
             explain(setting, max((r for r in rows if not r.failure), key=lambda r: r.lds))
 

@@ -83,3 +83,15 @@ def test_bad_input():
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="H: contains NaN"):
         solve_explicit(bad, torch.ones(1, 3))
+
+
+def test_a_non_symmetric_matrix_is_refused_and_rounding_is_not():
+    H = random_spd(4, 5.0, 2)
+    skewed = H.clone()
+    skewed[0, 1] += 0.5
+    with pytest.raises(ValueError, match="H: not symmetric"):
+        solve_explicit(skewed, torch.ones(1, 4, dtype=torch.float64))
+    rounded = H.clone()
+    rounded[0, 1] += 1e-12 * H.abs().max()  # rounding of a computed Hessian: averaged away
+    expected = torch.linalg.solve((rounded + rounded.T) / 2, torch.ones(4, 1, dtype=torch.float64)).T
+    torch.testing.assert_close(solve_explicit(rounded, torch.ones(1, 4, dtype=torch.float64)).x, expected)

@@ -159,13 +159,38 @@ def test_a_live_state_dict_checkpoint_is_not_overwritten_by_the_next(setting):
     assert torch.equal(first, again)
 
 
-def test_random_samplers_are_rejected():
-    from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
+def test_samplers_with_a_fixed_order_are_accepted_and_random_ones_refused():
+    from torch.utils.data import (DataLoader, IterableDataset, Sampler, SubsetRandomSampler, TensorDataset,
+                                  WeightedRandomSampler)
 
     from attrib_torch.data import check_loader
 
     ds = TensorDataset(torch.arange(8.0))
     for sampler in (SubsetRandomSampler(range(8)), WeightedRandomSampler([1.0] * 8, 8)):
-        with pytest.raises(ValueError, match="sequential"):
+        with pytest.raises(ValueError, match="fixed order"):
             check_loader(DataLoader(ds, sampler=sampler), "train_dataloader")
+
+    class Shuffling(Sampler):  # random without saying so: caught by two passes over its indices
+        def __iter__(self):
+            return iter(torch.randperm(8).tolist())
+
+        def __len__(self):
+            return 8
+
+    with pytest.raises(ValueError, match="different order on two passes"):
+        check_loader(DataLoader(ds, sampler=Shuffling()), "train_dataloader")
     check_loader(DataLoader(ds, batch_size=3), "train_dataloader")
+    check_loader(DataLoader(ds, sampler=[5, 1, 2, 7], batch_size=2), "train_dataloader")  # a fixed subset
+    check_loader(DataLoader(ds, batch_sampler=[[0, 1, 2], [3], [4, 5, 6, 7]]), "train_dataloader")  # buckets
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(torch.arange(8.0))
+
+    check_loader(DataLoader(Stream(), batch_size=4), "train_dataloader")
+    with pytest.raises(ValueError, match="batch_size=None"):
+        check_loader(DataLoader(ds, batch_size=None), "train_dataloader")
+    with pytest.raises(ValueError, match="empty"):
+        check_loader(DataLoader(TensorDataset(torch.zeros(0)), batch_size=2), "train_dataloader")
+    with pytest.raises(ValueError, match="no batches"):
+        check_loader([], "test_dataloader")

@@ -1,0 +1,91 @@
+"""Results that must be right or refused: solver warnings, stale caches, vmap's fallback, random models.
+
+Oracles: a fresh attributor on the changed data, the loop of per-example gradients.
+"""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader, TensorDataset
+
+from attrib_torch import AttributionTask, IFAttributorCG, IFAttributorExplicit, TracInAttributor
+
+
+def test_cg_that_does_not_converge_warns_for_every_test_batch(problem, monkeypatch):
+    monkeypatch.setattr("attrib_torch.base._GROUP_MAX_ROWS", 13)  # one solve per test batch of 13
+    task = AttributionTask(problem.loss_func, problem.model, problem.state)
+    attributor = IFAttributorCG(task, max_iter=1, show_progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        attributor.attribute(problem.loader(), problem.loader("test", batch_size=13))
+    messages = [str(w.message) for w in caught if "CG did not converge" in str(w.message)]
+    assert len(messages) == 2, messages  # 25 test examples: batches of 13 and 12, one solve each
+    assert "13 of 13 test examples" in messages[0] and "12 of 12" in messages[1]
+    assert "residual norm" in messages[0] and "max_iter=1" in messages[0]
+    converged = IFAttributorCG(task, max_iter=500, tol=1e-9, show_progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # converged: nothing to say
+        converged.attribute(problem.loader(), problem.loader("test"))
+
+
+@pytest.mark.parametrize("cls", ["explicit", "tracin"])
+def test_data_changed_in_place_is_featurised_again(problem, cls):
+    def build():
+        task = AttributionTask(problem.loss_func, problem.model, problem.state)
+        if cls == "explicit":
+            return IFAttributorExplicit(task, regularization=1e-3, show_progress=False)
+        return TracInAttributor(task, [1.0], normalized_grad=False, show_progress=False)
+
+    x, y = problem.x_train.clone(), problem.y_train.clone()
+    train = DataLoader(TensorDataset(x, y), batch_size=32)
+    attributor = build()
+    attributor.cache(train)
+    before = attributor.attribute(train, problem.loader("test"))
+    x[:10] += 0.5  # the user edits the data in place
+    y[10:20] = (y[10:20] + 1) % 10
+    after = attributor.attribute(train, problem.loader("test"))
+    fresh = build()
+    fresh.cache(train)
+    torch.testing.assert_close(after, fresh.attribute(train, problem.loader("test")))
+    assert not torch.allclose(before, after)
+    attributor.clear_cache()
+    assert attributor.full_train_dataloader is None and not attributor._train_reps
+
+
+def test_vmap_falls_back_only_when_it_cannot_trace(problem):
+    task = AttributionTask(problem.loss_func, problem.model, problem.state)
+    attributor = TracInAttributor(task, [1.0], normalized_grad=False, show_progress=False)
+    wrong_width = [(torch.randn(4, 63, dtype=torch.float64), torch.zeros(4, dtype=torch.long))]
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # the user's error, raised
+        attributor.self_attribute(wrong_width)
+    assert attributor._vmap_failed is False
+
+    def with_item(params, data):  # .item() cannot be traced by vmap; the loop can run it
+        scale = float(data[0].abs().max().item() > -1)
+        return scale * problem.loss_func(params, data)
+
+    looped = TracInAttributor(AttributionTask(with_item, problem.model, problem.state), [1.0], False,
+                              show_progress=False)
+    with pytest.warns(UserWarning, match="vmap cannot trace"):
+        scores = looped.self_attribute(problem.loader())
+    assert looped._vmap_failed is True
+    torch.testing.assert_close(scores, attributor.self_attribute(problem.loader()))
+
+
+def test_task_gradients_of_a_dropout_model_in_train_mode():
+    """dattri's behaviour: vmap with independent randomness per example, in train mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2)).double().train()
+
+    def loss(params, data):
+        return nn.functional.cross_entropy(functional_call(model, params, (data[0],)), data[1])
+
+    task = AttributionTask(loss, model, model.state_dict())
+    grad = task.get_grad_loss_func()
+    flat, _ = task.get_param()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1, 0])
+    g = grad(flat, (x, y))
+    assert g.shape == (6, flat.numel()) and bool(torch.isfinite(g).all())
