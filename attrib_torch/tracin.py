@@ -14,6 +14,7 @@ from attrib_core import (
     capture_per_example,
     concat_captured,
     factored_cost,
+    factored_dense,
     factored_inner,
     factored_rowwise,
     factored_sq_norms,
@@ -21,8 +22,8 @@ from attrib_core import (
 )
 
 from .base import BaseInnerProductAttributor
-from .data import batch_size, check_loader
-from .guard import PUBLIC_METHODS
+from .data import batch_size, batches, check_loader
+from .guard import PUBLIC_METHODS, untouched
 from .projection import projector_from_kwargs
 from .task import AttributionTask
 
@@ -164,6 +165,23 @@ class TracInAttributor(BaseInnerProductAttributor):
                     for m, c in rep.items()}
         return super()._slice(rep, start, stop)
 
+    def gradients(self, ckpt_idx: int, loader: Any) -> Tensor:
+        """``(n, D)``: the explicit training-loss gradients of a loader's examples, as the scores use them.
+
+        Projected (and unit-normalised with ``normalized_grad``) like the
+        representations whose inner products are the scores; formed from the factors
+        on the factored path.
+        """
+        check_loader(loader, "loader")
+        parts = []
+        with untouched(self.task):
+            for batch in batches(loader, self.device):
+                rep = self.generate_train_rep(ckpt_idx, batch)
+                if isinstance(rep, dict):
+                    rep = factored_dense(rep, self._factored, self.names)
+                parts.append(self._represent(rep))
+        return torch.cat(parts)
+
     def _represent(self, rep: Any) -> Any:
         if isinstance(rep, dict):
             if not self.normalized_grad:
@@ -205,6 +223,6 @@ def _redone_unfactored(method):
     return run
 
 
-for _name in PUBLIC_METHODS:
+for _name in PUBLIC_METHODS + ("gradients",):
     if _name != "cache":
         setattr(TracInAttributor, _name, _redone_unfactored(getattr(TracInAttributor, _name)))

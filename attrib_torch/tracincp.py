@@ -12,6 +12,7 @@ gradients computed once, exact factored products for Linear layers, streaming to
 from __future__ import annotations
 
 import glob
+import math
 import os
 import re
 import warnings
@@ -23,6 +24,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset
 
 from .data import batch_size as examples_in, batches, check_loader
+from .guard import untouched
 from .task import AttributionTask
 from .tracin import TracInAttributor
 
@@ -159,6 +161,11 @@ class _TracInCPBase:
             self._n_train = sum(examples_in(b) for b in batches(self.train_dataloader, torch.device("cpu")))
         return self._n_train
 
+    @classmethod
+    def get_name(cls) -> str:
+        """A readable name of the class, as captum's: the class name itself."""
+        return cls.__name__
+
     def _test_batch(self, inputs: Any, unpack_inputs: bool) -> List[tuple]:
         """The inputs as a one-batch loader ``[(*features, labels)]``, checked by one forward pass."""
         if not isinstance(inputs, (tuple, list)) or len(inputs) < 2:
@@ -166,24 +173,36 @@ class _TracInCPBase:
         features = tuple(inputs[:-1]) if unpack_inputs else (tuple(inputs[:-1]) if len(inputs) > 2 else inputs[0],)
         batch = (*features, inputs[-1])
         try:
-            with torch.no_grad():
+            with untouched(model=self.model), torch.no_grad():
                 self.test_loss_fn(self.model(*features), inputs[-1])
         except Exception as error:  # noqa: BLE001 - any failure here means the inputs do not fit the model
             raise ValueError(f"inputs: the model or test_loss_fn cannot run on them: "
                              f"{type(error).__name__}: {error}") from error
         return [batch]
 
+    def _test_loader(self, inputs: Any, unpack_inputs: bool, name: str = "inputs") -> Any:
+        """A test batch ``(*model_inputs, labels)`` or a DataLoader of them, as a loader."""
+        if isinstance(inputs, DataLoader):
+            check_loader(inputs, name)
+            return inputs
+        return self._test_batch(inputs, unpack_inputs)
+
     def influence(self, inputs: Any = None, k: Optional[int] = None, proponents: bool = True,
-                  unpack_inputs: bool = True, show_progress: bool = False) -> Union[Tensor, KMostInfluentialResults]:
+                  show_progress: bool = False, aggregate: bool = False, *,
+                  unpack_inputs: bool = True) -> Union[Tensor, KMostInfluentialResults]:
         """Influence scores ``(n_inputs, n_train)`` (captum's orientation), or the ``k`` most influential.
 
         Args:
-            inputs: a test batch ``(*model_inputs, labels)``; None runs :meth:`self_influence`.
+            inputs: a test batch ``(*model_inputs, labels)`` or a DataLoader of them
+                (required, as in captum 0.9: self influence is :meth:`self_influence`).
             k: None for every score; an int for the ``k`` proponents (or opponents) of
-                each input, found by streaming top-k (the full matrix is never formed).
+                each input, found by streaming top-k (the full matrix is never formed);
+                a ``k`` above the training set's size returns all of it, as captum does.
             proponents: largest scores (True) or smallest (False).
-            unpack_inputs: call ``model(*inputs[:-1])``; False passes them as one argument.
             show_progress: progress bars over the training data.
+            aggregate: score the sum of the inputs' test losses instead of each
+                (one row, ``(1, n_train)``, or the top ``k`` of that row).
+            unpack_inputs: call ``model(*inputs[:-1])``; False passes them as one argument.
 
         Returns:
             ``(n_inputs, n_train)`` scores: entry ``[i, j]`` is training example ``j``'s
@@ -191,34 +210,61 @@ class _TracInCPBase:
             :class:`KMostInfluentialResults`.
 
         Raises:
-            ValueError: ``k`` larger than the training set, or inputs the model cannot run
-                (before any gradient).
+            ValueError: ``inputs`` missing, ``k`` not a positive integer, or inputs the
+                model cannot run (before any gradient).
         """
         if inputs is None:
-            return self.self_influence(None, show_progress=show_progress)
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self._n_training()):
-            raise ValueError(f"k: expected an integer in [1, {self._n_training()}] (the training set), got {k!r}")
-        test = self._test_batch(inputs, unpack_inputs)
+            raise ValueError("inputs: required; for self influence scores use the self_influence method instead")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"k: expected an integer >= 1 or None, got {k!r}")
+        test = self._test_loader(inputs, unpack_inputs)
         self._attributor.show_progress = show_progress
+        if aggregate:  # scores are linear in the test gradient: the sum's score is the sum of the scores
+            summed = self._attributor.attribute(self.train_dataloader, test).sum(1)[None]
+            if k is None:
+                return summed
+            top = torch.topk(summed, min(k, summed.shape[1]), dim=1, largest=proponents, sorted=True)
+            return KMostInfluentialResults(top.indices, top.values)
         if k is None:
             return self._attributor.attribute(self.train_dataloader, test).T.contiguous()
-        top = self._attributor.topk(test, k, proponents=proponents, train_dataloader=self.train_dataloader)
+        top = self._attributor.topk(test, min(k, self._n_training()), proponents=proponents,
+                                    train_dataloader=self.train_dataloader)
         return KMostInfluentialResults(top.indices, top.values)
 
-    def self_influence(self, inputs: Any = None, show_progress: bool = False) -> Tensor:
+    def self_influence(self, inputs: Any = None, show_progress: bool = False,
+                       outer_loop_by_checkpoints: bool = False) -> Tensor:
         """``(n,)``: each example's influence on itself, ``Σ_c lr_c ‖∇ loss‖²``, over the training set or ``inputs``.
 
         ``inputs`` may be a batch ``(*model_inputs, labels)`` or a DataLoader of them.
+        ``outer_loop_by_checkpoints`` is accepted for captum's signature: training
+        gradients are computed once per checkpoint either way, so it changes nothing.
         """
-        if inputs is None:
-            loader = self.train_dataloader
-        elif isinstance(inputs, DataLoader):
-            check_loader(inputs, "inputs")
-            loader = inputs
-        else:
-            loader = self._test_batch(inputs, True)
+        loader = self.train_dataloader if inputs is None else self._test_loader(inputs, True)
         self._self_attributor.show_progress = show_progress
         return self._self_attributor.self_attribute(loader)
+
+    def compute_intermediate_quantities(self, inputs: Any, aggregate: bool = False) -> Tensor:
+        """Vectors whose dot products are the influence scores: ``(N, D · C)``, or their sum ``(1, D · C)``.
+
+        Per checkpoint ``c``, ``sqrt(lr_c)`` times each example's gradient of ``loss_fn``
+        (projected, for :class:`TracInCPFastRandProj`), checkpoints side by side. (captum
+        documents this dot-product property; its TracInCP multiplies by ``lr_c`` instead
+        of its square root, which holds only for learning rates of 1.)
+
+        Raises:
+            ValueError: a negative learning rate (its square root is not real).
+        """
+        negative = [r for r in self.learning_rates if r < 0]
+        if negative:
+            raise ValueError(f"checkpoints: learning rates {negative} are negative; no real vectors have "
+                             "these influence scores as dot products")
+        loader = self._test_loader(inputs, True)
+        attributor = self._self_attributor
+        parts = []
+        for ckpt_idx, rate in enumerate(self.learning_rates):
+            rows = attributor.gradients(ckpt_idx, loader)
+            parts.append(math.sqrt(rate) * (rows.sum(0, keepdim=True) if aggregate else rows))
+        return torch.cat(parts, dim=1)
 
 
 class TracInCP(_TracInCPBase):

@@ -60,7 +60,6 @@ def test_scores_self_influence_and_topk_equal_the_loop(setting, reduction, sourc
     assert scores.shape == (10, 30)
     torch.testing.assert_close(scores, expected)
     torch.testing.assert_close(tracin.self_influence(), brute_force(model, paths, train, train).diagonal())
-    torch.testing.assert_close(tracin.influence(None), tracin.self_influence())
     torch.testing.assert_close(tracin.self_influence(test), brute_force(model, paths, test, test).diagonal())
     for proponents in (True, False):
         top = tracin.influence(test, k=4, proponents=proponents)
@@ -152,9 +151,39 @@ def test_bad_input_is_refused_before_computing(setting, tmp_path):
     with pytest.raises(ValueError, match="reduction must be"):
         TracInCPFast(model, "2", data, paths, loss_fn=per_example)
     tracin = TracInCP(model, data, paths, loss_fn=per_example)
-    with pytest.raises(ValueError, match="k: expected an integer in \\[1, 30\\]"):
-        tracin.influence(test, k=31)
+    with pytest.raises(ValueError, match="k: expected an integer >= 1"):
+        tracin.influence(test, k=0)
     with pytest.raises(ValueError, match="inputs: the model"):
         tracin.influence((torch.randn(4, 9, dtype=torch.float64), torch.zeros(4, dtype=torch.long)))
     with pytest.raises(ValueError, match="inputs: expected a tuple"):
         tracin.influence(test[0])
+
+
+def test_captum_surface(setting):
+    """captum 0.9: get_name, k above the training set, influence(None) refused, aggregate, intermediate quantities."""
+    model, train, test, directory, paths = setting
+    tracin = TracInCP(model, TensorDataset(*train), directory, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+                      batch_size=8, sample_wise_grads_per_batch=True)
+    assert TracInCP.get_name() == "TracInCP" and tracin.get_name() == "TracInCP"
+    assert TracInCPFastRandProj.get_name() == "TracInCPFastRandProj"
+    expected = brute_force(model, paths, train, test)
+    with pytest.raises(ValueError, match="self_influence"):
+        tracin.influence(None)
+    everything = tracin.influence(test, k=1000)
+    assert everything.indices.shape == (10, 30)
+    torch.testing.assert_close(everything.influence_scores, torch.sort(expected, dim=1, descending=True).values)
+    torch.testing.assert_close(tracin.influence(test, aggregate=True), expected.sum(0, keepdim=True))
+    top = tracin.influence(test, k=3, proponents=False, aggregate=True)
+    assert torch.equal(top.indices, torch.topk(expected.sum(0), 3, largest=False).indices[None])
+    loader = DataLoader(TensorDataset(*test), batch_size=4)
+    torch.testing.assert_close(tracin.influence(loader), expected)
+    train_vectors = tracin.compute_intermediate_quantities(DataLoader(TensorDataset(*train), batch_size=7))
+    test_vectors = tracin.compute_intermediate_quantities(test)
+    torch.testing.assert_close(test_vectors @ train_vectors.T, expected)
+    summed = tracin.compute_intermediate_quantities(test, aggregate=True)
+    torch.testing.assert_close(summed, test_vectors.sum(0, keepdim=True))
+    torch.testing.assert_close(tracin.self_influence(outer_loop_by_checkpoints=True), tracin.self_influence())
+    fast = TracInCPFast(model, "2", TensorDataset(*train), directory, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+                        batch_size=8)
+    torch.testing.assert_close(fast.compute_intermediate_quantities(test) @
+                               fast.compute_intermediate_quantities(train).T, fast.influence(test))
