@@ -9,7 +9,7 @@ correlates *positively* with them.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -106,7 +106,7 @@ def _check_scores(scores: Tensor) -> None:
         raise ValueError("scores: contains NaN or Inf")
 
 
-def lds(scores: Tensor, gt_values: Tensor, subsets: Tensor) -> LDSResult:
+def lds(scores: Tensor, gt_values: Any, subsets: Any = None) -> LDSResult:
     """Linear datamodeling score (Park et al., ICML 2023).
 
     For each subset ``S_s`` of the training set and test example ``j``, the
@@ -116,23 +116,58 @@ def lds(scores: Tensor, gt_values: Tensor, subsets: Tensor) -> LDSResult:
 
     Args:
         scores: ``(n_train, n_test)``.
-        gt_values: ``(n_subsets, n_test)``, larger meaning a better prediction.
-        subsets: ``(n_subsets, n_train)`` boolean membership (or 0/1) masks.
+        gt_values: ``(n_subsets, n_test)``, larger meaning a better prediction; or
+            dattri's ground truth, the pair ``(gt_values, subsets)`` (then ``subsets``
+            is not given).
+        subsets: ``(n_subsets, n_train)`` boolean membership (or 0/1) masks, or the
+            training indices of each subset: an integer ``(n_subsets, subset_size)``
+            tensor (dattri's form) or a list of index lists.
 
     Returns:
         :class:`LDSResult`; a test example whose values or predictions are constant
         over subsets has NaN and is left out of the mean.
     """
     _check_scores(scores)
-    if subsets.dim() != 2 or subsets.shape[1] != scores.shape[0]:
-        raise ValueError(f"subsets: expected (n_subsets, {scores.shape[0]}) masks, got {tuple(subsets.shape)}")
-    if gt_values.shape != (subsets.shape[0], scores.shape[1]):
-        raise ValueError(f"gt_values: expected ({subsets.shape[0]}, {scores.shape[1]}), got {tuple(gt_values.shape)}")
-    if subsets.shape[0] < 2:
+    if subsets is None:
+        if not (isinstance(gt_values, (tuple, list)) and len(gt_values) == 2):
+            raise ValueError("subsets: not given, so gt_values must be dattri's pair (gt_values, subsets)")
+        gt_values, subsets = gt_values
+    masks = _subset_masks(subsets, scores.shape[0])
+    if gt_values.shape != (masks.shape[0], scores.shape[1]):
+        raise ValueError(f"gt_values: expected ({masks.shape[0]}, {scores.shape[1]}), got {tuple(gt_values.shape)}")
+    if masks.shape[0] < 2:
         raise ValueError("subsets: need at least two subsets for a correlation")
-    predicted = subsets.to(torch.float64) @ scores.double()
+    predicted = masks.to(torch.float64) @ scores.double()
     per_test = spearman_columns(predicted, gt_values)
     return LDSResult(per_test, _nanmean(per_test))
+
+
+def _subset_masks(subsets: Any, n_train: int) -> Tensor:
+    """``(n_subsets, n_train)`` 0/1 masks from masks, an integer index tensor or a list of index lists."""
+    if isinstance(subsets, (list, tuple)):
+        rows = [torch.as_tensor(list(s), dtype=torch.long) for s in subsets]
+        masks = torch.zeros(len(rows), n_train, dtype=torch.bool)
+        for i, row in enumerate(rows):
+            _check_indices(row, n_train)
+            masks[i, row] = True
+        return masks
+    if not isinstance(subsets, Tensor) or subsets.dim() != 2:
+        raise ValueError(f"subsets: expected (n_subsets, {n_train}) masks or (n_subsets, subset_size) indices, "
+                         f"got {type(subsets).__name__} {tuple(getattr(subsets, 'shape', ()))}")
+    is_mask = subsets.dtype == torch.bool or subsets.is_floating_point() or (
+        subsets.shape[1] == n_train and bool(((subsets == 0) | (subsets == 1)).all()))
+    if is_mask:
+        if subsets.shape[1] != n_train:
+            raise ValueError(f"subsets: expected (n_subsets, {n_train}) masks, got {tuple(subsets.shape)}")
+        return subsets
+    masks = torch.zeros(subsets.shape[0], n_train, dtype=torch.bool, device=subsets.device)
+    _check_indices(subsets, n_train)
+    return masks.scatter_(1, subsets.long(), True)
+
+
+def _check_indices(index: Tensor, n_train: int) -> None:
+    if index.numel() and not (0 <= int(index.min()) and int(index.max()) < n_train):
+        raise ValueError(f"subsets: indices must lie in [0, {n_train}), got {int(index.min())}..{int(index.max())}")
 
 
 def loo_correlation(scores: Tensor, loo_values: Tensor) -> LOOResult:

@@ -10,6 +10,7 @@ examples. A positive score means the training example helps the test prediction.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from typing import Any, Dict, Optional, Sequence, Union
@@ -37,7 +38,7 @@ from attrib_core import (
 
 from .base import BaseInnerProductAttributor
 from .checks import nonnegative, positive, positive_int
-from .data import batch_size as examples_in, batches, concatenate, take
+from .data import batch_size as examples_in, batches, check_loader, concatenate, take
 from .task import AttributionTask
 
 __all__ = [
@@ -52,6 +53,12 @@ __all__ = [
 LayerName = Union[None, str, Sequence[str]]
 
 
+def _first_batches(loader: Any, ratio: float) -> list:
+    """The first ``ceil(ratio · len(loader))`` batches of a loader, as a list of batches."""
+    count = math.ceil(len(loader) * ratio)
+    return list(itertools.islice(iter(loader), count))
+
+
 class _FullTrainingLoss(BaseInnerProductAttributor):
     """Shared by the solvers that need the training loss over the whole cached training set."""
 
@@ -62,7 +69,61 @@ class _FullTrainingLoss(BaseInnerProductAttributor):
         return self._restricted(self.task.loss_func, fixed), chosen, data
 
 
-class IFAttributorExplicit(_FullTrainingLoss):
+class _RelatIF(_FullTrainingLoss):
+    """``attribute(..., relatif_method=...)``: RelatIF's normalised influence (Barshan et al., AISTATS 2020)."""
+
+    def attribute(self, train_dataloader: Any, test_dataloader: Any,
+                  relatif_method: Optional[str] = None) -> Tensor:
+        """Scores ``(n_train, n_test)``, optionally divided per training example as RelatIF does.
+
+        Args:
+            train_dataloader, test_dataloader: as in :meth:`BaseInnerProductAttributor.attribute`.
+            relatif_method: None (plain influence), ``"l"`` (divide row ``i`` by
+                ``sqrt(g_iᵀ (H + λI)⁻¹ t_i)``, ``t_i`` the target gradient of training
+                example ``i``: its self influence) or ``"theta"`` (by ``‖(H + λI)⁻¹ g_i‖``),
+                per checkpoint before checkpoints are averaged, as in dattri. A training
+                example whose divisor is zero has a zero gradient and keeps scores of zero.
+
+        Raises:
+            ValueError: an unknown ``relatif_method``; with ``"l"``, a negative self
+                influence (an indefinite Hessian: no real square root; dattri clamps it).
+        """
+        if relatif_method is None:
+            return super().attribute(train_dataloader, test_dataloader)
+        if relatif_method not in ("l", "theta"):
+            raise ValueError(f"relatif_method: expected None, 'l' or 'theta', got {relatif_method!r}")
+        check_loader(train_dataloader, "train_dataloader")
+        check_loader(test_dataloader, "test_dataloader")
+        self._ensure_cached(train_dataloader)
+        total: Optional[Tensor] = None
+        for ckpt_idx, weight in enumerate(self.checkpoint_weights()):
+            train = self.train_reps(ckpt_idx, train_dataloader)
+            test = self._concat(list(self._grouped(test_dataloader, ckpt_idx, train=False)))
+            scale = self._relatif_scale(ckpt_idx, train_dataloader, relatif_method)[:, None]
+            scores = self._inner(train, test).double()
+            # A zero divisor means a zero gradient, whose scores are zero: they stay zero.
+            scores = torch.where(scale > 0, scores / scale.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+            total = weight * scores if total is None else total + weight * scores
+        return total
+
+    def _relatif_scale(self, ckpt_idx: int, loader: Any, method: str) -> Tensor:
+        """``(n_train,)``: RelatIF's divisor of each training example's scores."""
+        if method == "theta":  # ‖(H + λI)⁻¹ g_i‖, g_i the loss gradient
+            solved = self._grouped(loader, ckpt_idx, train=True, transform=self.transform_test_rep)
+            return torch.cat([rows.double().norm(dim=1) for rows in solved])
+        pairs = zip(self._grouped(loader, ckpt_idx, train=True), self._grouped(loader, ckpt_idx, train=False))
+        self_influence = torch.cat([self._diag(train, test) for train, test in pairs]).double()
+        negative = int((self_influence < 0).sum())
+        if negative:
+            raise ValueError(
+                f"relatif_method='l': g_iᵀ (H + λI)⁻¹ t_i is negative for {negative} training examples at checkpoint "
+                f"{ckpt_idx} (the Hessian is not positive definite), so it has no real square root; raise "
+                "regularization or use relatif_method='theta'"
+            )
+        return self_influence.sqrt()
+
+
+class IFAttributorExplicit(_RelatIF):
     """Influence with the exact Hessian: built densely, factored once per checkpoint (Cholesky, or eigh).
 
     Args:
@@ -97,7 +158,7 @@ class IFAttributorExplicit(_FullTrainingLoss):
         return solve_factored(self.factors[ckpt_idx], test_rep)
 
 
-class IFAttributorCG(_FullTrainingLoss):
+class IFAttributorCG(_RelatIF):
     """Influence by conjugate gradient on Hessian-vector products, all test examples of a batch at once.
 
     Args:
@@ -142,7 +203,7 @@ class IFAttributorCG(_FullTrainingLoss):
         return solution.x
 
 
-class IFAttributorLiSSA(_FullTrainingLoss):
+class IFAttributorLiSSA(_RelatIF):
     """Influence by LiSSA: a stochastic Neumann series on mini-batch Hessians.
 
     Estimates ``(H + damping · scaling · I)⁻¹`` (see :func:`attrib_core.lissa`). Each
@@ -210,12 +271,19 @@ class IFAttributorDataInf(BaseInnerProductAttributor):
         regularization: ``λ_l`` for every layer; ``0`` (the default) uses the paper's
             per-layer heuristic ``0.1 · mean_i ‖g_{i,l}‖² / d_l`` (DataInf divides by
             ``λ``, so zero itself is not usable).
+        fim_estimate_data_ratio: the fraction of the training loader's batches (the
+            first ``ceil(ratio · batches)``, as in dattri) whose gradients estimate
+            the layer-wise Fisher; scores still cover every training example.
     """
 
     def __init__(self, task: AttributionTask, layer_name: LayerName = None, device: Optional[str] = "cpu",
-                 regularization: float = 0.0, show_progress: bool = True) -> None:
+                 regularization: float = 0.0, fim_estimate_data_ratio: float = 1.0,
+                 show_progress: bool = True) -> None:
         super().__init__(task, layer_name, device, show_progress)
         self.regularization = nonnegative(regularization, "regularization")
+        self.fim_estimate_data_ratio = positive(fim_estimate_data_ratio, "fim_estimate_data_ratio")
+        if self.fim_estimate_data_ratio > 1:
+            raise ValueError(f"fim_estimate_data_ratio: expected a number in (0, 1], got {fim_estimate_data_ratio!r}")
         _, self.layer_map = task.get_param(0, self.names, layer_split=True)
         params = task.params(0)
         sizes: Dict[int, int] = {}
@@ -227,7 +295,12 @@ class IFAttributorDataInf(BaseInnerProductAttributor):
     _cache_fields = BaseInnerProductAttributor._cache_fields + ('_train_layers',)
 
     def _prepare(self, ckpt_idx: int) -> None:
-        grads = self.train_reps(ckpt_idx, self.full_train_dataloader)
+        if self.fim_estimate_data_ratio == 1:
+            grads = self.train_reps(ckpt_idx, self.full_train_dataloader)
+        else:  # the first batches, as dattri takes them
+            grads = self._concat(list(self._grouped(_first_batches(self.full_train_dataloader,
+                                                                   self.fim_estimate_data_ratio), ckpt_idx,
+                                                    train=True)))
         self._train_layers[ckpt_idx] = list(torch.split(grads, self.layer_sizes, dim=1))
 
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
@@ -296,6 +369,13 @@ class IFAttributorArnoldi(_FullTrainingLoss):
             )
         self._projectors[ckpt_idx] = projector
 
+    def _ensure_cached(self, train_dataloader: Any) -> None:
+        """Refuse to score before :meth:`cache`, as dattri does: the eigenvectors belong to the full training set."""
+        if self.full_train_dataloader is None:
+            raise ValueError("IFAttributorArnoldi: call cache(full_train_dataloader) before attribute, "
+                             "self_attribute or topk; the Hessian's eigenvectors come from the full training set")
+        super()._ensure_cached(train_dataloader)
+
     def _project(self, ckpt_idx: int, rep: Tensor) -> Tensor:
         return self._projectors[ckpt_idx](rep) / math.sqrt(self.norm_constant)
 
@@ -342,13 +422,26 @@ class IFAttributorEKFAC(BaseInnerProductAttributor):
             raise ValueError(f"fisher: expected 'empirical' or 'sampled', got {fisher!r}")
         self.fisher = fisher
         self.seed = seed
+        self.max_iter: Optional[int] = None  # batches the factors are fitted on (None: all)
         self._fits: Dict[int, EKFAC] = {}
 
     _cache_fields = BaseInnerProductAttributor._cache_fields + ('_fits',)
 
+    def cache(self, full_train_dataloader: Any, max_iter: Optional[int] = None) -> None:
+        """Fit the EK-FAC factors of every checkpoint on the training loader.
+
+        Args:
+            full_train_dataloader: the training data.
+            max_iter: fit on the first ``max_iter`` batches only (dattri's argument);
+                every batch by default. Kept for later implicit re-caching.
+        """
+        if max_iter is not None:
+            self.max_iter = positive_int(max_iter, "max_iter")
+        super().cache(full_train_dataloader)
+
     def _prepare(self, ckpt_idx: int) -> None:
         params = {k: v.to(self.device) for k, v in self.task.params(ckpt_idx).items()}
-        data = list(batches(self.full_train_dataloader, self.device))
+        data = list(itertools.islice(batches(self.full_train_dataloader, self.device), self.max_iter))
         if self.fisher == "sampled":
             generator = torch.Generator().manual_seed(self.seed + ckpt_idx)
             data = [self._with_sampled_labels(params, batch, generator) for batch in data]

@@ -56,6 +56,26 @@ def test_lds_is_the_spearman_of_subset_sums(n_train, n_subsets, n_test, seed):
         assert result.mean == pytest.approx(float(np.mean(defined)), abs=1e-12)
 
 
+@given(st.integers(4, 12), st.integers(2, 8), st.integers(0, 10**6))
+def test_lds_takes_dattris_index_form(n_train, n_subsets, seed):
+    """Subsets as training indices (dattri's (n_subsets, subset_size) tensor, or ragged lists) equal their masks."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(n_train, 3, generator=g, dtype=torch.float64)
+    gt = torch.randn(n_subsets, 3, generator=g, dtype=torch.float64)
+    size = n_train // 2
+    index = torch.stack([torch.randperm(n_train, generator=g)[:size] for _ in range(n_subsets)])
+    masks = torch.zeros(n_subsets, n_train, dtype=torch.bool).scatter_(1, index, True)
+    expected = lds(scores, gt, masks).per_test
+    np.testing.assert_array_equal(lds(scores, gt, index).per_test.numpy(), expected.numpy())
+    np.testing.assert_array_equal(lds(scores, (gt, index)).per_test.numpy(), expected.numpy())
+    ragged = [row[: size - (i % 2)].tolist() for i, row in enumerate(index)]
+    ragged_masks = torch.zeros(n_subsets, n_train, dtype=torch.bool)
+    for i, row in enumerate(ragged):
+        ragged_masks[i, row] = True
+    np.testing.assert_array_equal(lds(scores, gt, ragged).per_test.numpy(),
+                                  lds(scores, gt, ragged_masks).per_test.numpy())
+
+
 def test_lds_of_a_perfect_linear_datamodel_is_one():
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(20, 3, generator=g, dtype=torch.float64)
@@ -115,6 +135,10 @@ def test_bad_input():
         lds(scores, torch.zeros(3, 2), torch.zeros(3, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="gt_values"):
         lds(scores, torch.zeros(3, 1), torch.zeros(3, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"subsets: indices must lie in \[0, 4\)"):
+        lds(scores, torch.zeros(2, 2), torch.tensor([[0, 5], [1, 2]]))
+    with pytest.raises(ValueError, match="dattri's pair"):
+        lds(scores, torch.zeros(2, 2))
     with pytest.raises(ValueError, match="scores"):
         lds(torch.full((4, 2), float("nan")), torch.zeros(3, 2), torch.zeros(3, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="is_noisy"):

@@ -195,3 +195,67 @@ def test_bad_input_before_any_gradient(problem):
     with pytest.raises(ValueError, match="fisher"):
         IFAttributorEKFAC(task, fisher="true")
     assert not calls
+
+
+@pytest.mark.parametrize("make", [
+    lambda t: IFAttributorExplicit(t, show_progress=False),
+    lambda t: IFAttributorCG(t, max_iter=300, tol=1e-12, show_progress=False),
+])
+def test_relatif_divides_by_the_closed_form(problem, make):
+    """RelatIF (dattri's relatif_method): rows over sqrt(g_iᵀ H⁻¹ g_i) ("l") or ‖H⁻¹ g_i‖ ("theta")."""
+    f, theta = problem.flat_objective((problem.x_train, problem.y_train))
+    H = torch.autograd.functional.hessian(f, theta)
+    G = problem.gradients(problem.x_train, problem.y_train)
+    solved = torch.linalg.solve(H, G.T).T  # H⁻¹ g_i, row by row
+    dense = problem.dense_influence()
+    attributor = make(task_of(problem))
+    attributor.cache(problem.loader())
+    plain = attributor.attribute(problem.loader(), problem.loader("test"))
+    torch.testing.assert_close(plain, dense, rtol=1e-6, atol=1e-8)
+    l_scores = attributor.attribute(problem.loader(), problem.loader("test"), relatif_method="l")
+    torch.testing.assert_close(l_scores, dense / (G * solved).sum(1, keepdim=True).sqrt(), rtol=1e-6, atol=1e-8)
+    theta_scores = attributor.attribute(problem.loader(), problem.loader("test"), relatif_method="theta")
+    torch.testing.assert_close(theta_scores, dense / solved.norm(dim=1, keepdim=True), rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match="relatif_method"):
+        attributor.attribute(problem.loader(), problem.loader("test"), relatif_method="L")
+
+
+def test_relatif_l_refuses_a_negative_self_influence():
+    from torch import nn
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()  # untrained: indefinite
+
+    def loss(params, data):
+        return nn.functional.cross_entropy(functional_call(model, params, (data[0],)), data[1])
+
+    x, y = torch.randn(40, 3, dtype=torch.float64), torch.randint(0, 2, (40,))
+    attributor = IFAttributorExplicit(AttributionTask(loss, model, model.state_dict()), show_progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # not positive definite: reported by its own warning
+        attributor.cache([(x, y)])
+        with pytest.raises(ValueError, match="no real square root"):
+            attributor.attribute([(x, y)], [(x[:3], y[:3])], relatif_method="l")
+
+
+def test_dattri_arguments(problem):
+    """DataInf's fim_estimate_data_ratio, EK-FAC's cache(max_iter), Arnoldi refusing attribute before cache."""
+    ratio = IFAttributorDataInf(task_of(problem), fim_estimate_data_ratio=0.5, show_progress=False)
+    ratio.cache(problem.loader(batch_size=30))  # 4 batches: the first 2 estimate the Fisher
+    half = IFAttributorDataInf(task_of(problem), show_progress=False)
+    half.cache(problem.loader(batch_size=30))
+    half._train_layers[0] = [t[:60] for t in half._train_layers[0]]
+    test_rep = problem.gradients(problem.x_test, problem.y_test)
+    torch.testing.assert_close(ratio.transform_test_rep(0, test_rep), half.transform_test_rep(0, test_rep))
+    with pytest.raises(ValueError, match="fim_estimate_data_ratio"):
+        IFAttributorDataInf(task_of(problem), fim_estimate_data_ratio=1.5)
+    f = data_loss(problem)
+    first = IFAttributorEKFAC(AttributionTask(f, problem.model, problem.state), damping=1e-3, show_progress=False)
+    first.cache(problem.loader(batch_size=40), max_iter=1)
+    only = IFAttributorEKFAC(AttributionTask(f, problem.model, problem.state), damping=1e-3, show_progress=False)
+    only.cache([(problem.x_train[:40], problem.y_train[:40])])
+    torch.testing.assert_close(first.transform_test_rep(0, test_rep), only.transform_test_rep(0, test_rep))
+    arnoldi = IFAttributorArnoldi(task_of(problem), proj_dim=5, max_iter=10, show_progress=False)
+    with pytest.raises(ValueError, match="call cache"):
+        arnoldi.attribute(problem.loader(), problem.loader("test"))
