@@ -26,7 +26,7 @@ import kernels
 from attrib_core import per_sample_grad, per_sample_grad_loop
 from kernels import TopK
 
-from .data import batches, check_loader, fingerprint
+from .data import batches, check_loader, fingerprint, own_batch_dimension
 from .guard import guard_public_methods
 from .task import AttributionTask
 
@@ -125,37 +125,50 @@ class BaseInnerProductAttributor(BaseAttributor):
     def generate_train_rep(self, ckpt_idx: int, data: Tuple[Tensor, ...]) -> Tensor:
         """Per-example gradients of ``loss_func`` on a batch (with its batch dimension), ``(B, P)``."""
         chosen, fixed = self._split_params(ckpt_idx)
-        return self._per_example_grads(self._restricted(self.task.loss_func, fixed), chosen, data)
+        return self._per_example_grads(self._restricted(self.task.loss_func, fixed), chosen, data, "loss_func")
 
     def generate_test_rep(self, ckpt_idx: int, data: Tuple[Tensor, ...]) -> Tensor:
         """Per-example gradients of ``target_func`` on a batch (with its batch dimension), ``(B, P)``."""
         chosen, fixed = self._split_params(ckpt_idx)
-        return self._per_example_grads(self._restricted(self.task.target_func, fixed), chosen, data)
+        return self._per_example_grads(self._restricted(self.task.target_func, fixed), chosen, data, "target_func")
 
-    def _per_example_grads(self, func, chosen: Dict[str, Tensor], data: Tuple[Tensor, ...]) -> Tensor:
+    def _per_example_grads(self, func, chosen: Dict[str, Tensor], data: Any, name: str = "loss_func") -> Tensor:
         """``vmap`` per-example gradients, or a loop where ``vmap`` cannot trace the model.
 
         A ``vmap`` failure switches to the loop for good only if the loop succeeds on
         the same batch (then the failure was ``vmap``'s: data-dependent control flow,
         ``.item()``, in-place updates); an error the loop raises too is the user's and
-        is raised, and an out-of-memory error is never taken for a tracing failure.
+        is raised (explained, for a loss that adds its own batch dimension), and an
+        out-of-memory error is never taken for a tracing failure.
         """
-        if not self._vmap_failed:
-            try:
-                return per_sample_grad(func)(chosen, data)
-            except RuntimeError as error:
-                if isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error) \
-                        or "can't allocate memory" in str(error):
-                    raise
-                grads = per_sample_grad_loop(func)(chosen, data)  # raises the real cause, if there is one
-                self._vmap_failed = True
-                warnings.warn(
-                    f"torch.func.vmap cannot trace this loss ({str(error).splitlines()[0][:200]}); "
-                    "computing per-example gradients in a loop instead (slower, same result)",
-                    stacklevel=3,
-                )
-                return grads
-        return per_sample_grad_loop(func)(chosen, data)
+        if self._vmap_failed:
+            return per_sample_grad_loop(func)(chosen, data)
+        try:
+            return per_sample_grad(func)(chosen, data)
+        except RuntimeError as error:
+            if isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error) \
+                    or "can't allocate memory" in str(error):
+                raise
+            vmap_error = error
+        except (ValueError, IndexError, TypeError) as error:
+            hint = own_batch_dimension(func, chosen, data, name)
+            if hint is not None:
+                raise hint from error
+            raise
+        try:
+            grads = per_sample_grad_loop(func)(chosen, data)
+        except Exception as error:  # noqa: BLE001 - the loop fails too: the user's error, explained if we can
+            hint = own_batch_dimension(func, chosen, data, name)
+            if hint is not None:
+                raise hint from error
+            raise
+        self._vmap_failed = True
+        warnings.warn(
+            f"torch.func.vmap cannot trace {name} ({str(vmap_error).splitlines()[0][:200]}); "
+            "computing per-example gradients in a loop instead (slower, same result)",
+            stacklevel=3,
+        )
+        return grads
 
     def transform_train_rep(self, ckpt_idx: int, train_rep: Tensor) -> Tensor:
         """Identity here; subclasses project or precondition."""

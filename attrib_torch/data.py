@@ -19,7 +19,7 @@ from torch.utils.data import (
 from torch.utils.data._utils.collate import default_collate
 from tqdm.auto import tqdm
 
-__all__ = ["check_loader", "batches", "concatenate", "take", "batch_size", "fingerprint"]
+__all__ = ["check_loader", "batches", "concatenate", "take", "batch_size", "fingerprint", "own_batch_dimension"]
 
 
 _RANDOM_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
@@ -172,3 +172,32 @@ def fingerprint(loader: Any) -> tuple:
         return (id(loader), len(loader), tuple(_tensor_print(t) if isinstance(t, torch.Tensor) else repr(t)[:64]
                                                for t in leaves))
     return (id(loader),)
+
+
+def own_batch_dimension(func: Any, params: Any, batch: Any, name: str) -> Optional[ValueError]:
+    """The error to raise when ``func`` adds its own batch dimension (dattri's ``unsqueeze(0)``); else None.
+
+    That is the diagnosis when ``func`` fails, or gives more than one value, on the
+    batch's first example presented as a batch of one (the library's convention) but
+    gives one value on the same example without a batch dimension.
+    """
+    try:
+        with torch.no_grad():
+            value = func(params, take(batch, slice(0, 1)))
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            return None  # the convention works: the failure lies elsewhere
+    except Exception:  # noqa: BLE001 - any failure: try the other presentation
+        pass
+    try:
+        with torch.no_grad():
+            value = func(params, take(batch, 0))
+    except Exception:  # noqa: BLE001
+        return None
+    if not (isinstance(value, torch.Tensor) and value.numel() == 1):
+        return None
+    return ValueError(
+        f"{name}: it fails (or gives several values) on an example presented as a batch of one but gives one "
+        "value on an example without a batch "
+        "dimension, so it adds that dimension itself (an unsqueeze(0), as losses written for dattri's per-example "
+        "calls do). This library presents every example as a batch of one: remove the unsqueeze(0) calls"
+    )

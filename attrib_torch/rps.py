@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Mapping, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +12,8 @@ import kernels
 from kernels import TopK
 
 from .base import BaseAttributor
-from .data import batches, check_loader
+from .checks import flag, positive, positive_int
+from .data import batches, check_loader, fingerprint
 from .task import AttributionTask
 
 __all__ = ["RPSAttributor"]
@@ -65,24 +66,29 @@ class RPSAttributor(BaseAttributor):
             raise ValueError(
                 f"final_linear_layer_name: {final_linear_layer_name!r} is a {type(layer).__name__}, not an nn.Linear"
             )
-        if not 0 < l2_strength < float("inf"):
-            raise ValueError(f"l2_strength: expected a number > 0, got {l2_strength!r}")
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
-            raise ValueError(f"epoch: expected an integer >= 1, got {epoch!r}")
+        positive(l2_strength, "l2_strength")
+        positive_int(epoch, "epoch")
         if fit_to not in _FIT_TO:
             raise ValueError(f"fit_to: expected one of {_FIT_TO}, got {fit_to!r}")
         self.task = task
         self.layer_name = final_linear_layer_name
         self.has_bias = layer.bias is not None
-        self.normalize_preactivate = normalize_preactivate
+        self.normalize_preactivate = flag(normalize_preactivate, "normalize_preactivate")
         self.l2_strength = float(l2_strength)
         self.epoch = epoch
         self.fit_to = fit_to
         self.device = torch.device(device)
+        self.binary = layer.out_features == 1  # one logit: BCE-with-logits on labels 0/1
         self.full_train_dataloader: Any = None
         self.weight: Tensor | None = None  # fine-tuned [W | b], (C, d + 1); W alone without a bias
         self.alpha: Tensor | None = None  # (n_train, C)
         self._train_features: Tensor | None = None
+        self._cache_key: Any = None
+
+    def clear_cache(self) -> None:
+        """Forget the fine-tuned layer and the representer weights."""
+        self.full_train_dataloader = None
+        self.weight = self.alpha = self._train_features = self._cache_key = None
 
     def _features(self, loader: Any) -> Tuple[Tensor, Tensor]:
         """The final layer's inputs (with an appended 1 when it has a bias) and the labels, over a loader."""
@@ -96,6 +102,9 @@ class RPSAttributor(BaseAttributor):
         layer = model.get_submodule(self.layer_name)
         feats, labels, outputs = [], [], []
         for batch in batches(loader, self.device):
+            if isinstance(batch, Mapping):
+                raise ValueError("RPSAttributor: batches must be tuples (inputs, ..., labels), the model taking "
+                                 "the inputs; a dict batch names neither")
             seen = {}
 
             def keep(module, args, out):
@@ -121,7 +130,9 @@ class RPSAttributor(BaseAttributor):
     def cache(self, full_train_dataloader: Any) -> None:
         """Fine-tune the final layer on the training features and compute the representer weights ``α``."""
         check_loader(full_train_dataloader, "full_train_dataloader")
+        self.clear_cache()
         self.full_train_dataloader = full_train_dataloader
+        self._cache_key = fingerprint(full_train_dataloader)
         features, labels, targets = self._layer_io(full_train_dataloader)
         layer_params = self.task.params(0)
         prefix = f"{self.layer_name}." if self.layer_name else ""  # "" : the model is the layer
@@ -152,6 +163,8 @@ class RPSAttributor(BaseAttributor):
     def _ensure_cached(self, train_dataloader: Any) -> None:
         if self.alpha is None:
             self.cache(train_dataloader)
+        elif fingerprint(self.full_train_dataloader) != self._cache_key:  # the cached data changed in place
+            self.cache(self.full_train_dataloader)
 
     def attribute(self, train_dataloader: Any, test_dataloader: Any) -> Tensor:
         """Scores ``(n_train, n_test)``: each training example's share of each test example's label logit."""
@@ -160,19 +173,33 @@ class RPSAttributor(BaseAttributor):
         self._ensure_cached(train_dataloader)
         train_features, alpha = self._train_side(train_dataloader)
         test_features, test_labels = self._features(test_dataloader)
-        return ((train_features @ test_features.T) * alpha[:, test_labels]).to(torch.float32)
+        return ((train_features @ test_features.T) * self._label_columns(alpha, test_labels)).to(torch.float32)
+
+    def _label_columns(self, alpha: Tensor, labels: Tensor) -> Tensor:
+        """``(n_train, len(labels))``: the representer weights of each label's logit.
+
+        A binary head has one logit ``s``, the evidence for label 1; the evidence for
+        label 0 is ``-s``, so a label-0 example takes ``-α`` (a positive score always
+        supports the example's own label).
+        """
+        labels = labels.reshape(-1).long()
+        if not self.binary:
+            return alpha[:, labels]
+        if bool(((labels != 0) & (labels != 1)).any()):
+            raise ValueError("labels: a binary head (one output) needs labels 0 or 1")
+        return alpha[:, :1] * (2 * labels - 1).to(alpha.dtype)[None, :]
 
     def _train_side(self, loader: Any) -> Tuple[Tensor, Tensor]:
         """Features and representer weights of a training loader (kept for the cached one)."""
-        if loader is self.full_train_dataloader:
+        if loader is self.full_train_dataloader and fingerprint(loader) == self._cache_key:
             return self._train_features, self.alpha
         features, _, targets = self._layer_io(loader)
         return features, self._alpha_for(features, targets)
 
     def _targets(self, labels: Tensor, outputs: Tensor) -> Tensor:
         """What the fine-tuning fits: the labels, or the distribution the layer's original ``outputs`` predict."""
-        if self.fit_to == "labels":
-            return labels
+        if self.fit_to == "labels":  # a binary head's BCE takes float labels shaped like its (n, 1) logits
+            return labels.reshape(-1, 1).to(outputs.dtype) if self.binary else labels
         return torch.sigmoid(outputs) if outputs.shape[1] == 1 else torch.softmax(outputs, dim=1)
 
     def _alpha_for(self, features: Tensor, targets: Tensor) -> Tensor:
@@ -192,7 +219,12 @@ class RPSAttributor(BaseAttributor):
         self._ensure_cached(loader)
         features, labels, targets = self._layer_io(loader)
         alpha = self._alpha_for(features, targets)
-        return ((features * features).sum(1) * alpha.gather(1, labels[:, None]).squeeze(1)).to(torch.float32)
+        if self.binary:
+            self._label_columns(alpha[:1], labels)  # checks the labels are 0/1
+            own = alpha[:, 0] * (2 * labels.reshape(-1).long() - 1).to(alpha.dtype)
+        else:
+            own = alpha.gather(1, labels.reshape(-1, 1).long()).squeeze(1)
+        return ((features * features).sum(1) * own).to(torch.float32)
 
     def topk(self, test_dataloader: Any, k: int, proponents: bool = True, train_dataloader: Any = None) -> TopK:
         """For each test example, the ``k`` training examples with the largest (smallest) representer values.
@@ -213,7 +245,7 @@ class RPSAttributor(BaseAttributor):
         indices = torch.empty(len(test_labels), k, dtype=torch.long, device=train_features.device)
         for label in test_labels.unique().tolist():
             rows = (test_labels == label).nonzero().flatten()
-            top = kernels.topk_inner(train_features * alpha[:, label : label + 1], test_features[rows], k,
-                                     largest=proponents)
+            weights = self._label_columns(alpha, torch.tensor([label]))
+            top = kernels.topk_inner(train_features * weights, test_features[rows], k, largest=proponents)
             values[rows], indices[rows] = top.values, top.indices
         return TopK(values.to(torch.float32), indices)

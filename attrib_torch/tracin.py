@@ -22,6 +22,7 @@ from attrib_core import (
 )
 
 from .base import BaseInnerProductAttributor
+from .checks import flag
 from .data import batch_size, batches, check_loader
 from .guard import PUBLIC_METHODS, untouched
 from .projection import projector_from_kwargs
@@ -69,7 +70,7 @@ class TracInAttributor(BaseInnerProductAttributor):
                  projector_kwargs: Optional[Dict[str, Any]] = None, layer_name: Union[None, str, List[str]] = None,
                  device: str = "cpu", show_progress: bool = True) -> None:
         super().__init__(task, layer_name, device, show_progress)
-        weights = torch.as_tensor(weight_list, dtype=torch.float64).reshape(-1)
+        weights = _weights(weight_list)
         if weights.numel() != len(task):
             raise ValueError(
                 f"weight_list: expected one weight per checkpoint ({len(task)}), got {weights.numel()}"
@@ -77,7 +78,7 @@ class TracInAttributor(BaseInnerProductAttributor):
         if not bool(torch.isfinite(weights).all()):
             raise ValueError("weight_list: contains NaN or Inf")
         self.weight_list = weights
-        self.normalized_grad = bool(normalized_grad)
+        self.normalized_grad = flag(normalized_grad, "normalized_grad")
         dim = sum(task.params(0)[n].numel() for n in self.names)
         self.projector = projector_from_kwargs(projector_kwargs, dim)
         # None: not decided yet; False: ordinary gradients; else the factored layers.
@@ -202,6 +203,17 @@ class TracInAttributor(BaseInnerProductAttributor):
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
         return self._represent(test_rep)
 
+
+
+def _weights(weight_list: Any) -> Tensor:
+    """``weight_list`` as a float64 vector, or a TypeError naming it."""
+    if isinstance(weight_list, (str, bytes)) or not isinstance(weight_list, (Tensor, Sequence)):
+        raise TypeError(f"weight_list: expected a tensor or a sequence of numbers, one per checkpoint, "
+                        f"got {type(weight_list).__name__} {weight_list!r}")
+    try:
+        return torch.as_tensor(weight_list, dtype=torch.float64).reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"weight_list: expected numbers, one per checkpoint, got {weight_list!r}") from error
 
 
 class _Unfactorable(Exception):

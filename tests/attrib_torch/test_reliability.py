@@ -89,3 +89,27 @@ def test_task_gradients_of_a_dropout_model_in_train_mode():
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1, 0])
     g = grad(flat, (x, y))
     assert g.shape == (6, flat.numel()) and bool(torch.isfinite(g).all())
+
+
+def test_a_loss_that_adds_its_own_batch_dimension_is_explained(problem):
+    """dattri's TRAK examples unsqueeze each example; here it arrives as a batch of one: say what to remove."""
+    from attrib_torch import TRAKAttributor
+
+    def dattri_style(params, data):
+        x, y = data
+        logits = functional_call(problem.model, params, (x.unsqueeze(0),))
+        return nn.functional.cross_entropy(logits, y.unsqueeze(0))
+
+    def dattri_probability(params, data):
+        x, y = data
+        logits = functional_call(problem.model, params, (x.unsqueeze(0),))
+        return torch.softmax(logits, -1)[0, y]
+
+    task = AttributionTask(dattri_style, problem.model, problem.state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "vmap cannot trace" warning on the way
+        with pytest.raises(ValueError, match=r"loss_func: .*remove the unsqueeze\(0\) calls"):
+            TracInAttributor(task, [1.0], False, show_progress=False).self_attribute(problem.loader())
+        trak = TRAKAttributor(task, dattri_probability, show_progress=False)
+        with pytest.raises(ValueError, match=r"correct_probability_func: .*remove the unsqueeze\(0\)"):
+            trak.cache(problem.loader())

@@ -92,3 +92,31 @@ def test_bad_layer_names(problem):
         RPSAttributor(task, "encoder.head", l2_strength=0.0)
     with pytest.raises(ValueError, match="fit_to"):
         RPSAttributor(task, "encoder.head", fit_to="logits")
+
+
+@pytest.mark.parametrize("fit_to", ["labels", "predictions"])
+def test_binary_head_with_bce(problem, fit_to):
+    """nn.Linear(d, 1) with BCE-with-logits: each test logit splits exactly, signed towards the test label."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    y = (problem.y_train >= 5).long()
+    y_test = (problem.y_test >= 5).long()
+
+    def bce(logits, targets):
+        return nn.functional.binary_cross_entropy_with_logits(logits, targets)
+
+    task = AttributionTask(lambda p, d: None, model, model.state_dict(), target_func=bce)
+    rps = RPSAttributor(task, "2", l2_strength=0.01, epoch=300, fit_to=fit_to)
+    train = DataLoader(TensorDataset(problem.x_train, y), batch_size=40)
+    test = DataLoader(TensorDataset(problem.x_test, y_test), batch_size=10)
+    scores = rps.attribute(train, test)
+    features, _ = rps._features(test)
+    logit = (features @ rps.weight.T).squeeze(1)
+    sign = (2 * y_test - 1).double()
+    torch.testing.assert_close(scores.double().sum(0), sign * logit, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rps.self_attribute(train), torch.diagonal(rps.attribute(train, train)),
+                               rtol=1e-5, atol=1e-6)
+    top = rps.topk(test, 4)
+    torch.testing.assert_close(top.values, torch.sort(scores.T, dim=1, descending=True).values[:, :4])
+    with pytest.raises(ValueError, match="labels 0 or 1"):
+        rps.attribute(train, DataLoader(TensorDataset(problem.x_test, problem.y_test), batch_size=10))
