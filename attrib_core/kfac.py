@@ -26,7 +26,7 @@ from opt_einsum import contract
 from torch import Tensor, nn
 
 from ._checks import as_block, check_nonnegative
-from .layer_capture import LayerSpec, capture, layer_specs
+from .layer_capture import Captured, LayerSpec, capture, capture_per_example, layer_specs
 
 __all__ = ["LayerFactors", "KFACFactors", "kfac_factors", "EKFACLayer", "EKFAC", "ekfac"]
 
@@ -74,12 +74,16 @@ def kfac_factors(
             for every such layer whose weight is in ``params``.
         mask: ``mask(batch) -> (B, T)``, nonzero at the valid positions of
             sequence inputs; padded positions count in neither factor.
-        reduction: ``"mean"`` or ``"sum"``, how ``f`` combines its batch.
+        reduction: ``"mean"`` or ``"sum"``, how ``f`` combines its batch; used only
+            where ``vmap`` cannot trace ``f`` (each example's own output gradients are
+            captured otherwise, whatever ``f`` normalises by).
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
     specs = layer_specs(model, params, layers)
     sums = {s.module: [0.0, 0.0, 0, 0] for s in specs}  # A sum, S sum, positions, examples
     for batch in batches:
-        captured = capture(model, f, params, batch, specs, reduction=reduction, mask=_mask(mask, batch))
+        captured = _examples_factors(model, f, params, batch, specs, reduction, _mask(mask, batch))
         for spec in specs:
             rows = captured[spec.module]
             a, ds = rows.a.double(), rows.ds.double()
@@ -221,7 +225,7 @@ def ekfac(
         sums = {spec.module: torch.zeros_like(lam) for spec, _, _, lam in bases}
         count = 0
         for batch in batches:
-            captured = capture(model, f, params, batch, specs, reduction=reduction, mask=_mask(mask, batch))
+            captured = _examples_factors(model, f, params, batch, specs, reduction, _mask(mask, batch))
             for spec, QA, QS, _ in bases:
                 a, ds = captured[spec.module].a.double(), captured[spec.module].ds.double()
                 rotated = contract("bts,bta->bsa", ds @ QS, a @ QA)
@@ -231,6 +235,21 @@ def ekfac(
     layers_out = tuple(EKFACLayer(*b) for b in bases)
     sizes = tuple(params[n].numel() for n in factors.names)
     return EKFAC(layers_out, factors.names, sizes, correct)
+
+
+def _examples_factors(model: nn.Module, f: Callable, params: Mapping[str, Tensor], batch: Any,
+                      specs: Sequence[LayerSpec], reduction: str, mask: Optional[Tensor]) -> dict[str, Captured]:
+    """Each example's own factors, exact whatever ``f`` normalises by (class weights, a masked token mean).
+
+    Where ``vmap`` cannot trace ``f``, the batch's output gradients scaled by
+    ``reduction`` instead: exact for a plain mean (or sum) of per-example losses only.
+    A penalty on the weights is left out either way: K-FAC approximates the Fisher of
+    the part of the loss that flows through the layers.
+    """
+    try:
+        return capture_per_example(model, f, params, batch, specs, mask=mask, ignore_direct_use=True)
+    except RuntimeError:  # vmap cannot trace f
+        return capture(model, f, params, batch, specs, reduction=reduction, mask=mask)
 
 
 def _mask(mask: MaskFn, batch: Any) -> Optional[Tensor]:

@@ -207,15 +207,20 @@ def capture(
         a, ds = _per_example(spec, examples, a, ds)
         if spec.bias is not None:
             a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-        positions = a.shape[0] * a.shape[1]
-        if mask is not None and spec.kind == "linear" and a.shape[1] > 1:  # sequence positions
-            a, ds = _apply_mask(spec, mask, a, ds)
-            positions = int((mask != 0).sum())
-        for value, what in ((a, "inputs"), (ds, "output gradients")):
-            if not bool(torch.isfinite(value).all()):
-                raise ValueError(f"captured {what} of layer {spec.module!r} contain NaN or Inf")
-        out[spec.module] = Captured(a, ds, positions)
+        out[spec.module] = _finished(spec, a, ds, mask)
     return out
+
+
+def _finished(spec: LayerSpec, a: Tensor, ds: Tensor, mask: Optional[Tensor]) -> Captured:
+    """One layer's rows, masked at padded sequence positions and checked to be finite."""
+    positions = a.shape[0] * a.shape[1]
+    if mask is not None and spec.kind == "linear" and a.shape[1] > 1:  # sequence positions
+        a, ds = _apply_mask(spec, mask, a, ds)
+        positions = int((mask != 0).sum())
+    for value, what in ((a, "inputs"), (ds, "output gradients")):
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"captured {what} of layer {spec.module!r} contain NaN or Inf")
+    return Captured(a, ds, positions)
 
 
 class DirectParameterUse(ValueError):
@@ -246,6 +251,9 @@ def capture_per_example(
     params: Mapping[str, Tensor],
     batch: Any,
     specs: Sequence[LayerSpec],
+    *,
+    mask: Optional[Tensor] = None,
+    ignore_direct_use: bool = False,
 ) -> dict[str, Captured]:
     """Per-layer inputs and output gradients of every example's own loss, in one vectorised pass.
 
@@ -258,8 +266,11 @@ def capture_per_example(
     dimension are mapped over; other fields (strings, 0-d tensors) are passed as they are.
 
     Args:
-        model, f, params, specs: as in :func:`capture`.
+        model, f, params, specs, mask: as in :func:`capture`.
         batch: a tuple, list or dict of tensors whose first dimension indexes examples.
+        ignore_direct_use: keep the factors even when ``f`` reads a factored weight
+            outside its layer; they then carry only the part of the gradient that flows
+            through the layer (what K-FAC approximates the Fisher of).
 
     Returns:
         ``{module: Captured(a (B, T, d_a), ds (B, T, d_out), positions)}`` as
@@ -317,7 +328,7 @@ def capture_per_example(
               for name, (shape, dtype, device) in outputs.items()}
     with mode, torch.enable_grad():
         grads, inputs = torch.func.vmap(torch.func.grad(one, has_aux=True), in_dims=(0, dims))(probes, batch)
-    if mode.uses:
+    if mode.uses and not ignore_direct_use:
         name, op = mode.uses[0]
         raise DirectParameterUse(
             f"f reads the factored parameter {name!r} outside its layer (in {op}); its gradient has a part "
@@ -332,10 +343,7 @@ def capture_per_example(
         a, ds = a.reshape(examples, -1, a.shape[-1]), ds.reshape(examples, -1, ds.shape[-1])
         if spec.bias is not None:
             a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-        for value, what in ((a, "inputs"), (ds, "output gradients")):
-            if not bool(torch.isfinite(value).all()):
-                raise ValueError(f"captured {what} of layer {spec.module!r} contain NaN or Inf")
-        out[spec.module] = Captured(a, ds, a.shape[0] * a.shape[1])
+        out[spec.module] = _finished(spec, a, ds, mask)
     return out
 
 

@@ -101,6 +101,9 @@ class BaseInnerProductAttributor(BaseAttributor):
         self._train_reps: Dict[int, Tuple[Any, Tensor]] = {}
         self._vmap_failed = False  # set once vmap could not trace this model: loop from then on
 
+    # The progress bar's text over training batches, when a front end (captum's TracInCP) names it.
+    progress_desc: Optional[str] = None
+
     # Per-checkpoint dicts of what cache() computed, emptied by clear_cache().
     _cache_fields: Tuple[str, ...] = ("_train_reps",)
 
@@ -247,7 +250,8 @@ class BaseInnerProductAttributor(BaseAttributor):
         limit = max(1, min(_GROUP_MAX_ROWS, _GROUP_BYTES // (4 * self._width)))
         pending: List[Tensor] = []
         rows = 0
-        desc = f"{'train' if train else 'test'} gradients, checkpoint {ckpt_idx}"
+        desc = (self.progress_desc if train and self.progress_desc else
+                f"{'train' if train else 'test'} gradients, checkpoint {ckpt_idx}")
         for batch in batches(loader, self.device, desc=desc, show_progress=self.show_progress):
             pending.append(generate(ckpt_idx, batch))
             rows += self._rows(pending[-1])

@@ -219,6 +219,10 @@ class _TracInCPBase:
             raise ValueError(f"k: expected an integer >= 1 or None, got {k!r}")
         test = self._test_loader(inputs, unpack_inputs)
         self._attributor.show_progress = show_progress
+        self._attributor.progress_desc = (
+            f"Using {self.get_name()} to compute influence for training batches" if k is None else
+            f"Using {self.get_name()} to perform computation for getting "
+            f"{'proponents' if proponents else 'opponents'}. Processing training batches")
         if aggregate:  # scores are linear in the test gradient: the sum's score is the sum of the scores
             summed = self._attributor.attribute(self.train_dataloader, test).sum(1)[None]
             if k is None:
@@ -241,6 +245,7 @@ class _TracInCPBase:
         """
         loader = self.train_dataloader if inputs is None else self._test_loader(inputs, True)
         self._self_attributor.show_progress = show_progress
+        self._self_attributor.progress_desc = f"Using {self.get_name()} to compute self influence. Processing batch"
         return self._self_attributor.self_attribute(loader)
 
     def compute_intermediate_quantities(self, inputs: Any, aggregate: bool = False) -> Tensor:

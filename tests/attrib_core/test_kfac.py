@@ -193,8 +193,14 @@ def test_kfac_factors_are_the_defined_averages():
     ds = probs - nn.functional.one_hot(y, 2)  # per-example d loss / d logits
     torch.testing.assert_close(layer.A, a.T @ a / 5)
     torch.testing.assert_close(layer.S, ds.T @ ds / 5)
-    summed = kfac_factors(model, lambda p, b: f(p, b) * 5, params, [(x, y)], reduction="sum").layers[0]
-    torch.testing.assert_close(summed.S, layer.S)
+    # Each example's own loss, whatever the batch's normalisation: class weights cancel for one example.
+    weighted = kfac_factors(model, lambda p, b: nn.functional.cross_entropy(
+        torch.func.functional_call(model, p, (b[0],)), b[1], weight=torch.tensor([0.2, 3.0], dtype=DT)),
+        params, [(x, y)]).layers[0]
+    torch.testing.assert_close(weighted.S, layer.S)
+    # And a loss scaled by 5 has gradients 5 times larger: S 25 times (reduction only matters without vmap).
+    scaled = kfac_factors(model, lambda p, b: f(p, b) * 5, params, [(x, y)], reduction="sum").layers[0]
+    torch.testing.assert_close(scaled.S, 25 * layer.S)
 
 
 def test_ekfac_preconditioner_cuts_cg_steps_on_the_empirical_fisher():

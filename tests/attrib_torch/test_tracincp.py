@@ -187,3 +187,28 @@ def test_captum_surface(setting):
                         batch_size=8)
     torch.testing.assert_close(fast.compute_intermediate_quantities(test) @
                                fast.compute_intermediate_quantities(train).T, fast.influence(test))
+
+
+def test_progress_bars_are_described_as_captum_describes_them(setting, monkeypatch):
+    import attrib_torch.data as data
+
+    model, train, test, directory, paths = setting
+    seen = []
+    real = data.tqdm
+
+    def recording(iterable, desc="", disable=False, **kwargs):
+        if not disable:
+            seen.append(desc)
+        return real(iterable, desc=desc, disable=True, **kwargs)
+
+    monkeypatch.setattr(data, "tqdm", recording)
+    tracin = TracInCP(model, TensorDataset(*train), directory, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+                      batch_size=8, sample_wise_grads_per_batch=True)
+    tracin.influence(test, show_progress=True)
+    assert "Using TracInCP to compute influence for training batches" in seen
+    tracin.self_influence(show_progress=True)
+    assert "Using TracInCP to compute self influence. Processing batch" in seen
+    fast = TracInCPFast(model, "2", TensorDataset(*train), directory, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+                        batch_size=8)
+    fast.influence(test, k=2, proponents=False, show_progress=True)
+    assert "Using TracInCPFast to perform computation for getting opponents. Processing training batches" in seen
