@@ -238,11 +238,20 @@ class _DirectUseMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        for leaf in pytree.tree_leaves((args, kwargs)):
-            owner = self.owners.get(id(leaf)) if isinstance(leaf, Tensor) else None
-            if owner is not None and owner[0] not in self.running:
-                self.uses.append((owner[1], getattr(func, "__name__", str(func))))
+        self._note(func, args)
+        if kwargs:
+            self._note(func, kwargs.values())
         return func(*args, **kwargs)
+
+    def _note(self, func, values) -> None:
+        # Called on every torch operation of the forward pass: plain loops, no pytree.
+        for value in values:
+            if type(value) in (list, tuple):
+                self._note(func, value)
+                continue
+            owner = self.owners.get(id(value))
+            if owner is not None and owner[0] not in self.running and isinstance(value, Tensor):
+                self.uses.append((owner[1], getattr(func, "__name__", str(func))))
 
 
 def capture_per_example(
