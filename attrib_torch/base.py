@@ -15,7 +15,6 @@ prediction.
 
 from __future__ import annotations
 
-import warnings
 from abc import ABC, abstractmethod
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -29,6 +28,7 @@ from kernels import TopK
 from .data import batches, check_loader, fingerprint, own_batch_dimension
 from .guard import guard_public_methods
 from .task import AttributionTask
+from .user_warning import warn
 
 __all__ = ["BaseAttributor", "BaseInnerProductAttributor"]
 
@@ -166,10 +166,9 @@ class BaseInnerProductAttributor(BaseAttributor):
                 raise hint from error
             raise
         self._vmap_failed = True
-        warnings.warn(
+        warn(
             f"torch.func.vmap cannot trace {name} ({str(vmap_error).splitlines()[0][:200]}); "
-            "computing per-example gradients in a loop instead (slower, same result)",
-            stacklevel=3,
+            "computing per-example gradients in a loop instead (slower, same result)"
         )
         return grads
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
@@ -40,6 +39,7 @@ from .base import BaseInnerProductAttributor
 from .checks import nonnegative, positive, positive_int
 from .data import batch_size as examples_in, batches, check_loader, concatenate, take
 from .task import AttributionTask
+from .user_warning import warn
 
 __all__ = [
     "IFAttributorExplicit",
@@ -146,11 +146,10 @@ class IFAttributorExplicit(_RelatIF):
         f, chosen, data = self._training_objective(ckpt_idx)
         factor = factor_explicit(hessian(f, chosen, data), damping=self.regularization)
         if not factor.positive_definite:
-            warnings.warn(
+            warn(
                 f"checkpoint {ckpt_idx}: H + {self.regularization}·I is not positive definite "
                 f"({factor.n_negative} negative eigenvalues, {factor.n_dropped} dropped as zero); "
-                f"solved by {factor.method}. Raise regularization for a positive-definite system.",
-                stacklevel=3,
+                f"solved by {factor.method}. Raise regularization for a positive-definite system."
             )
         self.factors[ckpt_idx] = factor
 
@@ -193,12 +192,11 @@ class IFAttributorCG(_RelatIF):
         self.last_solution = solution
         unsolved = ~solution.converged
         if bool(unsolved.any()):
-            warnings.warn(
+            warn(
                 f"checkpoint {ckpt_idx}: CG did not converge for {int(unsolved.sum())} of {test_rep.shape[0]} "
                 f"test examples in max_iter={self.max_iter} steps (largest residual norm "
                 f"{float(solution.residual_norm[unsolved].max()):.3g}, tol {self.tol:g}); their scores are "
-                "approximate. Raise max_iter or regularization",
-                stacklevel=2,
+                "approximate. Raise max_iter or regularization"
             )
         return solution.x
 
@@ -254,10 +252,9 @@ class IFAttributorLiSSA(_RelatIF):
         result = lissa(sample_mv, test_rep, depth=self.recursion_depth, scale=self.scaling, damping=self.damping,
                        repeats=self.num_repeat, seed=self.seed)
         if bool(result.diverged.any()):
-            warnings.warn(
+            warn(
                 f"checkpoint {ckpt_idx}: LiSSA diverged for {int(result.diverged.sum())} of {rows} test examples; "
-                "raise scaling (above the largest Hessian eigenvalue) or damping",
-                stacklevel=2,
+                "raise scaling (above the largest Hessian eigenvalue) or damping"
             )
         return result.x
 
@@ -362,10 +359,9 @@ class IFAttributorArnoldi(_FullTrainingLoss):
                          seed=self.seed, tol=self.tol, device=self.device)
         projector = spectral_projector(result.eigenvalues, result.eigenvectors, damping=self.regularization)
         if projector.n_negative or projector.n_small:
-            warnings.warn(
+            warn(
                 f"checkpoint {ckpt_idx}: of {len(result.eigenvalues)} eigenpairs, dropped {projector.n_negative} "
-                f"negative and {projector.n_small} near-zero ones (after regularization {self.regularization})",
-                stacklevel=3,
+                f"negative and {projector.n_small} near-zero ones (after regularization {self.regularization})"
             )
         self._projectors[ckpt_idx] = projector
 

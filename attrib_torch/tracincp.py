@@ -15,7 +15,6 @@ import glob
 import math
 import os
 import re
-import warnings
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from .data import batch_size as examples_in, batches, check_loader
 from .guard import untouched
 from .task import AttributionTask
+from .user_warning import warn
 from .tracin import TracInAttributor
 
 __all__ = ["KMostInfluentialResults", "TracInCP", "TracInCPFast", "TracInCPFastRandProj", "load_flexible_state_dict"]
@@ -96,7 +96,7 @@ def _check_reduction(loss_fn: Callable, sample_wise_grads_per_batch: bool, name:
     reduction = getattr(loss_fn, "reduction", None)
     if reduction is None:
         kind = "a sum over the batch" if sample_wise_grads_per_batch else "per-example (one loss per example)"
-        warnings.warn(f"{name} has no 'reduction' attribute; assuming it is {kind}", stacklevel=3)
+        warn(f"{name} has no 'reduction' attribute; assuming it is {kind}")
         return
     allowed = ("sum", "mean") if sample_wise_grads_per_batch else ("none",)
     if reduction not in allowed:

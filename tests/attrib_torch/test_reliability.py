@@ -22,6 +22,8 @@ def test_cg_that_does_not_converge_warns_for_every_test_batch(problem, monkeypat
         warnings.simplefilter("always")
         attributor.attribute(problem.loader(), problem.loader("test", batch_size=13))
     messages = [str(w.message) for w in caught if "CG did not converge" in str(w.message)]
+    # attributed to the caller's line, not to a frame inside the library
+    assert {w.filename for w in caught if "CG did not converge" in str(w.message)} == {__file__}
     assert len(messages) == 2, messages  # 25 test examples: batches of 13 and 12, one solve each
     assert "13 of 13 test examples" in messages[0] and "12 of 12" in messages[1]
     assert "residual norm" in messages[0] and "max_iter=1" in messages[0]
