@@ -124,11 +124,10 @@ class AttributionTask:
 
     def _activate(self, ckpt_idx: int) -> None:
         checkpoint = self.checkpoints[ckpt_idx]
-        if self._borrows and self._user_state is None:
-            self._user_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         if ckpt_idx in self._states:
-            self.model.load_state_dict(self._states[ckpt_idx])
+            self._load(self._states[ckpt_idx])
         elif self.checkpoints_load_func is not None:
+            self._keep_user_state(None)
             loaded = self.checkpoints_load_func(self.model, checkpoint)
             if isinstance(loaded, nn.Module):
                 self.model = loaded
@@ -140,11 +139,31 @@ class AttributionTask:
                 state = {k: v.detach().clone() for k, v in checkpoint.items()}
             else:
                 state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-            self.model.load_state_dict(state)
+            self._load(state)
             self._states[ckpt_idx] = state
         # Copies: the next checkpoint is loaded into the same parameter tensors.
         self._params[ckpt_idx] = {k: v.detach().clone() for k, v in self.model.named_parameters()}
         self._current = ckpt_idx
+
+    def _load(self, state: Mapping[str, Tensor]) -> None:
+        self._keep_user_state(state)
+        self.model.load_state_dict(state)
+
+    def _keep_user_state(self, incoming: Optional[Mapping[str, Tensor]]) -> None:
+        """Inside :meth:`borrowed_model`, copy the model's own state before the first load that changes it.
+
+        A checkpoint equal to what the model holds (the common single checkpoint
+        ``model.state_dict()``) costs a comparison, not a copy of the model.
+        """
+        if not self._borrows or self._user_state is not None:
+            return
+        current = self.model.state_dict()
+        if incoming is not None and current.keys() == incoming.keys() and all(
+                current[k].shape == incoming[k].shape and current[k].dtype == incoming[k].dtype
+                and torch.equal(current[k], incoming[k].to(current[k].device))
+                for k in current):
+            return
+        self._user_state = {k: v.detach().clone() for k, v in current.items()}
 
     def _check_index(self, ckpt_idx: int) -> None:
         if isinstance(ckpt_idx, bool) or not isinstance(ckpt_idx, int) or not 0 <= ckpt_idx < len(self.checkpoints):
