@@ -92,12 +92,13 @@ class TracInAttributor(BaseInnerProductAttributor):
         """Keep the training loader; nothing else needs precomputing (gradients are kept on first use)."""
         if full_train_dataloader is not None:
             check_loader(full_train_dataloader, "full_train_dataloader")
+        self.check_checkpoints()
+        self.clear_cache()
         self.full_train_dataloader = full_train_dataloader
-        self._train_reps.clear()
 
     def _ensure_cached(self, train_dataloader: Any) -> None:
         if self.full_train_dataloader is None:
-            self.full_train_dataloader = train_dataloader
+            self.cache(train_dataloader)
 
     # -- factored gradients -----------------------------------------------------------------
 

@@ -68,6 +68,7 @@ class TRAKAttributor(BaseInnerProductAttributor):
         The probabilities of every checkpoint are checked before any gradient.
         """
         check_loader(full_train_dataloader, "full_train_dataloader")
+        self.check_checkpoints()
         q = {c: 1.0 - self._probabilities(c, full_train_dataloader) for c in range(len(self.task))}
         super().cache(full_train_dataloader)
         self._q.update(q)

@@ -72,3 +72,25 @@ def test_bad_arguments_are_named(cls, kwargs, error, name):
     with pytest.raises(error, match=name):
         cls(task, **kwargs)
     assert not calls
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    (TracInAttributor, {"weight_list": [1.0, 1.0], "normalized_grad": False}),
+    (IFAttributorExplicit, {}),
+    (TRAKAttributor, {"correct_probability_func": prob}),
+])
+def test_every_checkpoint_is_checked_before_the_first_gradient(cls, kwargs):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    calls = []
+
+    def loss(params, batch):
+        calls.append(1)
+        return nn.functional.cross_entropy(torch.func.functional_call(model, params, (batch[0],)), batch[1])
+
+    broken = {k: v for k, v in model.state_dict().items() if k != "2.bias"}
+    task = AttributionTask(loss, model, [model.state_dict(), broken])
+    data = [(torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 1]))]
+    with pytest.raises(ValueError, match=r"checkpoints\[1\]"):
+        cls(task, **kwargs, show_progress=False).attribute(data, data) if cls is not TRAKAttributor else \
+            cls(task, **kwargs, show_progress=False).cache(data)
+    assert not calls
