@@ -23,6 +23,7 @@ from .factored import (
 from .fold import fold
 from .gradients import per_sample_grad, per_sample_grad_loop
 from .kfac import EKFAC, EKFACLayer, KFACFactors, LayerFactors, ekfac, kfac_factors
+from .two_sided import project_factors, project_gradient, side_seed
 from .layer_capture import Captured, DirectParameterUse, LayerSpec, capture, capture_per_example, layer_specs
 from .lissa import LissaSolution, LissaState, lissa
 from .metrics import (
@@ -96,6 +97,9 @@ __all__ = [
     "factored_dense",
     "factored_cost",
     "concat_captured",
+    "project_factors",
+    "project_gradient",
+    "side_seed",
     "nystrom",
     "NystromApprox",
     "jacobi",

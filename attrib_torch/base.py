@@ -20,6 +20,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 import kernels
 from attrib_core import per_sample_grad, per_sample_grad_loop
@@ -101,8 +102,10 @@ class BaseInnerProductAttributor(BaseAttributor):
         self._train_reps: Dict[int, Tuple[Any, Tensor]] = {}
         self._vmap_failed = False  # set once vmap could not trace this model: loop from then on
 
-    # The progress bar's text over training batches, when a front end (captum's TracInCP) names it.
+    # The progress bars' texts over training batches and over checkpoints (self_attribute), when a front
+    # end (captum's TracInCP) names them.
     progress_desc: Optional[str] = None
+    checkpoint_progress_desc: Optional[str] = None
 
     # Per-checkpoint dicts of what cache() computed, emptied by clear_cache().
     _cache_fields: Tuple[str, ...] = ("_train_reps",)
@@ -251,7 +254,8 @@ class BaseInnerProductAttributor(BaseAttributor):
         rows = 0
         desc = (self.progress_desc if train and self.progress_desc else
                 f"{'train' if train else 'test'} gradients, checkpoint {ckpt_idx}")
-        for batch in batches(loader, self.device, desc=desc, show_progress=self.show_progress):
+        named = bool(train and self.progress_desc)  # a front end's bar stays on screen, as captum's does
+        for batch in batches(loader, self.device, desc=desc, show_progress=self.show_progress, leave=named):
             pending.append(generate(ckpt_idx, batch))
             rows += self._rows(pending[-1])
             if rows >= limit:
@@ -322,7 +326,10 @@ class BaseInnerProductAttributor(BaseAttributor):
         """``(n_train,)``: the diagonal of ``attribute(train, train)`` without the rest of it."""
         loader = self._training_loader(train_dataloader)
         total: Optional[Tensor] = None
-        for ckpt_idx, weight in enumerate(self.checkpoint_weights()):
+        weights = self.checkpoint_weights()
+        checkpoints = tqdm(enumerate(weights), total=len(weights), desc=self.checkpoint_progress_desc,
+                           disable=not (self.show_progress and self.checkpoint_progress_desc), mininterval=0.0)
+        for ckpt_idx, weight in checkpoints:
             parts = []
             pairs = zip(self._grouped(loader, ckpt_idx, train=True), self._grouped(loader, ckpt_idx, train=False))
             for train, test in pairs:  # the same loader, so the same groups of rows

@@ -98,16 +98,18 @@ def _sliced(loader: Any) -> Optional[Iterator[tuple]]:
     return (tuple(t[start : min(start + size, stop)] for t in tensors) for start in range(0, stop, size))
 
 
-def batches(loader: Iterable[Any], device: torch.device, *, desc: str = "", show_progress: bool = False) -> Iterator[Any]:
+def batches(loader: Iterable[Any], device: torch.device, *, desc: str = "", show_progress: bool = False,
+            leave: bool = False) -> Iterator[Any]:
     """The loader's batches on ``device``: tuples of their fields, or dicts as they are (``{"input_ids", ...}``).
 
     Tensors move to ``device``; other fields (strings, ids) pass through untouched.
+    ``leave`` keeps the finished progress bar on screen.
     """
     sliced = _sliced(loader)
     source = loader if sliced is None else sliced
     total = len(loader) if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset) else None
     empty = True
-    for batch in tqdm(source, desc=desc, disable=not show_progress, leave=False, total=total):
+    for batch in tqdm(source, desc=desc, disable=not show_progress, leave=leave, total=total):
         empty = False
         if isinstance(batch, Mapping):
             yield {k: _to(v, device) for k, v in batch.items()}

@@ -22,11 +22,13 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset
 
+from attrib_core import layer_specs, project_factors, project_gradient
+
 from .data import batch_size as examples_in, batches, check_loader
 from .guard import untouched
 from .task import AttributionTask
-from .user_warning import warn
 from .tracin import TracInAttributor
+from .user_warning import warn
 
 __all__ = ["KMostInfluentialResults", "TracInCP", "TracInCPFast", "TracInCPFastRandProj", "load_flexible_state_dict"]
 
@@ -57,8 +59,13 @@ def _natural_key(path: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
 
 
-def _read_checkpoints(model: nn.Module, checkpoints: Any, load: Callable) -> Tuple[List[Dict[str, Tensor]], List[float]]:
-    """Every checkpoint's state (copied) and learning rate; the model is left at the last one."""
+def _read_checkpoints(model: nn.Module, checkpoints: Any,
+                      load: Callable) -> Tuple[List[Any], List[Dict[str, Tensor]], List[float]]:
+    """The checkpoints (paths in natural order), every one's state (copied) and learning rate.
+
+    Each is loaded into the model by ``load`` to read it; the model then gets its own
+    weights back (captum leaves the last checkpoint in it).
+    """
     if isinstance(checkpoints, (str, os.PathLike)):
         directory = os.fspath(checkpoints)
         if not os.path.isdir(directory):
@@ -82,13 +89,19 @@ def _read_checkpoints(model: nn.Module, checkpoints: Any, load: Callable) -> Tup
     if not items:
         raise ValueError("checkpoints: no checkpoints given")
     states, rates = [], []
-    for item in items:
-        if item is None:
-            raise ValueError("checkpoints: a checkpoint is None")
-        rate = load(model, item)
-        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        rates.append(1.0 if rate is None else float(rate))
-    return states, rates
+    own = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        with untouched(model=model):
+            for item in items:
+                if item is None:
+                    raise ValueError("checkpoints: a checkpoint is None")
+                rate = load(model, item)
+                states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+                rates.append(1.0 if rate is None else float(rate))
+    finally:
+        with torch.no_grad():
+            model.load_state_dict(own)  # the model keeps its own weights
+    return items, states, rates
 
 
 def _check_reduction(loss_fn: Callable, sample_wise_grads_per_batch: bool, name: str) -> None:
@@ -145,7 +158,8 @@ class _TracInCPBase:
         self.loss_fn = loss_fn
         self.test_loss_fn = test_loss_fn if test_loss_fn is not None else loss_fn
         self.checkpoints_load_func = checkpoints_load_func
-        self.states, self.learning_rates = _read_checkpoints(model, checkpoints, checkpoints_load_func)
+        self.checkpoints, self.states, self.learning_rates = _read_checkpoints(model, checkpoints,
+                                                                              checkpoints_load_func)
         self._n_train: Optional[int] = None
 
     # Subclasses build these two from the states: one for train x test, one for train x train.
@@ -240,12 +254,15 @@ class _TracInCPBase:
         """``(n,)``: each example's influence on itself, ``Σ_c lr_c ‖∇ loss‖²``, over the training set or ``inputs``.
 
         ``inputs`` may be a batch ``(*model_inputs, labels)`` or a DataLoader of them.
-        ``outer_loop_by_checkpoints`` is accepted for captum's signature: training
-        gradients are computed once per checkpoint either way, so it changes nothing.
+        ``outer_loop_by_checkpoints`` changes only the progress bars (one over checkpoints
+        as well, as captum's): gradients are computed once per checkpoint either way.
         """
         loader = self.train_dataloader if inputs is None else self._test_loader(inputs, True)
         self._self_attributor.show_progress = show_progress
         self._self_attributor.progress_desc = f"Using {self.get_name()} to compute self influence. Processing batch"
+        self._self_attributor.checkpoint_progress_desc = (
+            f"Using {self.get_name()} to compute self influence. Processing checkpoint"
+            if outer_loop_by_checkpoints else None)
         return self._self_attributor.self_attribute(loader)
 
     def compute_intermediate_quantities(self, inputs: Any, aggregate: bool = False) -> Tensor:
@@ -375,22 +392,24 @@ class TracInCPFast(_TracInCPBase):
     def _make(self, test_loss_fn: Callable) -> TracInAttributor:
         return TracInAttributor(self._task(test_loss_fn), self.learning_rates, False,
                                 layer_name=f"{self.final_fc_layer}.weight" if self.final_fc_layer else "weight",
-                                show_progress=False,
-                                **self._projection())
-
-    def _projection(self) -> Dict[str, Any]:
-        return {}
+                                show_progress=False)
 
 
 class TracInCPFastRandProj(TracInCPFast):
-    """:class:`TracInCPFast` with the final-layer gradients randomly projected to ``projection_dim``.
+    """:class:`TracInCPFast` with the final layer's gradients compressed by random projections, as captum's.
 
-    The projection is :func:`kernels.project`'s (Rademacher, never materialised, the
-    same for a seed on every device and batch size); proponents are found by exact
-    streaming top-k in the projected space, so ``nearest_neighbors`` is not needed.
+    Below the weight's size (``projection_dim < d_out · d_in``) each factor of the
+    gradient ``G = ds aᵀ`` is projected on its own, to ``k = int(sqrt(projection_dim))``
+    dimensions at most (``min(d_out, k)`` and ``min(d_in, k)``): the compressed gradient
+    ``R_outᵀ G R_in`` has about ``projection_dim`` entries per checkpoint, as in captum
+    (:mod:`attrib_core.two_sided`). At or above it, or with ``projection_dim=None``,
+    nothing is projected and the scores are exact. The matrices are
+    :func:`kernels.project`'s (Rademacher, never materialised, the same for a seed on
+    every device and batch size); proponents are found by exact streaming top-k in the
+    compressed space, so ``nearest_neighbors`` is not needed.
 
     Args:
-        projection_dim: ``>= 1``; None keeps the exact gradients.
+        projection_dim: ``>= 1``, or None.
         seed: the projection's seed.
         nearest_neighbors: accepted for compatibility; no effect.
     """
@@ -408,8 +427,29 @@ class TracInCPFastRandProj(TracInCPFast):
         super().__init__(model, final_fc_layer, train_dataset, checkpoints, checkpoints_load_func, loss_fn,
                          batch_size, test_loss_fn, vectorize)
 
-    def _projection(self) -> Dict[str, Any]:
-        if self.projection_dim is None:
-            return {}
-        return {"projector_kwargs": {"proj_dim": self.projection_dim, "proj_seed": self.seed,
-                                     "proj_type": "rademacher"}}
+    def _make(self, test_loss_fn: Callable) -> TracInAttributor:
+        layer = self.model.get_submodule(self.final_fc_layer)
+        d_out, d_in = layer.weight.shape
+        if self.projection_dim is None or self.projection_dim >= d_out * d_in:
+            return super()._make(test_loss_fn)
+        side = max(1, int(math.isqrt(self.projection_dim)))
+        return _CompressedLayerTracIn(self._task(test_loss_fn), self.learning_rates, self.final_fc_layer,
+                                      (min(d_out, side), min(d_in, side)), self.seed)
+
+
+class _CompressedLayerTracIn(TracInAttributor):
+    """TracIn on one Linear layer's weight, its gradients compressed two-sided to ``R_outᵀ G R_in``."""
+
+    def __init__(self, task: AttributionTask, weights: List[float], module: str, dims: Tuple[int, int],
+                 seed: int) -> None:
+        super().__init__(task, weights, False, layer_name=f"{module}.weight" if module else "weight",
+                         show_progress=False)
+        chosen = {n: task.params(0)[n] for n in self.names}
+        (self._spec,) = layer_specs(task.get_model(), chosen, [module])
+        self._dims = dims
+        self._seed = seed
+
+    def _represent(self, rep: Any) -> Any:
+        if isinstance(rep, dict):
+            return project_factors(rep, {self._spec.module: self._dims}, self._seed)
+        return project_gradient(rep, self._spec, self._dims, self._seed)

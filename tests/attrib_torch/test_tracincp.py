@@ -8,7 +8,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from attrib_torch import KMostInfluentialResults, TracInCP, TracInCPFast, TracInCPFastRandProj
-from kernels import project
+from attrib_core import side_seed
+from kernels import projection_entries
 from tests.helpers import classification_batch, small_mlp
 
 RATES = (0.5, 0.2, 1.3)
@@ -102,13 +103,25 @@ def test_fast_variants_equal_their_closed_forms(setting):
     projected = TracInCPFastRandProj(model, model[2], TensorDataset(*train), paths,
                                      loss_fn=nn.CrossEntropyLoss(reduction="mean"), batch_size=16,
                                      projection_dim=5, seed=11)
+    # captum's sizes: below the weight's 3 x 7 entries each factor goes to int(sqrt(5)) = 2 dimensions at most;
+    # the oracle materialises both matrices and forms R_outᵀ G R_in explicitly.
+    R_in = projection_entries(7, 2, seed=side_seed(11, "2", "in")).double()
+    R_out = projection_entries(3, 2, seed=side_seed(11, "2", "out")).double()
+
+    def compressed(rows):
+        return torch.einsum("ok,nod,dj->nkj", R_out, rows.reshape(-1, 3, 7), R_in).reshape(rows.shape[0], 4)
+
     rows = []
     for path in paths:
         saved = torch.load(path, weights_only=True)
         model.load_state_dict(saved["model_state_dict"])
-        rows.append(saved["learning_rate"] * project(brute_force_rows(model, *test), 5, seed=11)
-                    @ project(brute_force_rows(model, *train), 5, seed=11).T)
+        rows.append(saved["learning_rate"] * compressed(brute_force_rows(model, *test))
+                    @ compressed(brute_force_rows(model, *train)).T)
     torch.testing.assert_close(projected.influence(test), sum(rows))
+    assert projected.compute_intermediate_quantities(test).shape == (10, 3 * 4)  # 2 x 2 per checkpoint
+    exact = TracInCPFastRandProj(model, model[2], TensorDataset(*train), paths,
+                                 loss_fn=nn.CrossEntropyLoss(reduction="mean"), batch_size=16, projection_dim=21)
+    torch.testing.assert_close(exact.influence(test), fast.influence(test))  # at the weight's size: exact
 
 
 def test_fast_on_a_model_that_is_its_final_layer(setting):
@@ -190,18 +203,20 @@ def test_captum_surface(setting):
 
 
 def test_progress_bars_are_described_as_captum_describes_them(setting, monkeypatch):
+    import attrib_torch.base as base
     import attrib_torch.data as data
 
     model, train, test, directory, paths = setting
     seen = []
     real = data.tqdm
 
-    def recording(iterable, desc="", disable=False, **kwargs):
+    def recording(iterable, desc=None, disable=False, **kwargs):
         if not disable:
             seen.append(desc)
         return real(iterable, desc=desc, disable=True, **kwargs)
 
-    monkeypatch.setattr(data, "tqdm", recording)
+    monkeypatch.setattr(data, "tqdm", recording)  # the bars over batches
+    monkeypatch.setattr(base, "tqdm", recording)  # the bar over checkpoints
     tracin = TracInCP(model, TensorDataset(*train), directory, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
                       batch_size=8, sample_wise_grads_per_batch=True)
     tracin.influence(test, show_progress=True)
@@ -212,3 +227,14 @@ def test_progress_bars_are_described_as_captum_describes_them(setting, monkeypat
                         batch_size=8)
     fast.influence(test, k=2, proponents=False, show_progress=True)
     assert "Using TracInCPFast to perform computation for getting opponents. Processing training batches" in seen
+    tracin.self_influence(show_progress=True, outer_loop_by_checkpoints=True)
+    assert "Using TracInCP to compute self influence. Processing checkpoint" in seen
+
+
+def test_the_constructor_hands_the_model_back_and_lists_its_checkpoints(setting):
+    model, train, _, directory, paths = setting
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tracin = TracInCP(model, TensorDataset(*train), directory, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+                      batch_size=8, sample_wise_grads_per_batch=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert tracin.checkpoints == sorted(paths, key=lambda p: int(p.rsplit("-", 1)[1].split(".")[0]))
