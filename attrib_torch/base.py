@@ -156,7 +156,7 @@ class BaseInnerProductAttributor(BaseAttributor):
                     or "can't allocate memory" in str(error):
                 raise
             vmap_error = error
-        except (ValueError, IndexError, TypeError) as error:
+        except (ValueError, IndexError, TypeError, AssertionError) as error:  # torch's shape checks, under vmap
             hint = own_batch_dimension(func, chosen, data, name)
             if hint is not None:
                 raise hint from error
@@ -367,7 +367,10 @@ class BaseInnerProductAttributor(BaseAttributor):
         scale = self._row_scale(loader)
         block = max(k, (1 << 24) // max(m, 1))
         running = None
-        for start in range(0, n, block):
+        starts = range(0, n, block)
+        if self.progress_desc:  # a front end's bar over the training rows scored (kept gradients or not)
+            starts = tqdm(starts, desc=self.progress_desc, disable=not self.show_progress, leave=True)
+        for start in starts:
             stop = min(n, start + block)
             scores = sum(w * self._inner(self._slice(tr, start, stop), te) for tr, te, w in zip(train, test, weights))
             if scale is not None:

@@ -37,7 +37,7 @@ from attrib_core import (
 
 from .base import BaseInnerProductAttributor
 from .checks import nonnegative, positive, positive_int
-from .data import batch_size as examples_in, batches, check_loader, concatenate, take
+from .data import batch_size as examples_in, batches, check_loader, concatenate, own_batch_dimension, take
 from .task import AttributionTask
 from .user_warning import warn
 
@@ -66,7 +66,16 @@ class _FullTrainingLoss(BaseInnerProductAttributor):
         """``(f, chosen_params, full_batch)`` with ``f(chosen, batch)`` the training loss."""
         chosen, fixed = self._split_params(ckpt_idx)
         data = concatenate(self.full_train_dataloader, self.device)
-        return self._restricted(self.task.loss_func, fixed), chosen, data
+        f = self._restricted(self.task.loss_func, fixed)
+        try:  # one forward pass before any Hessian work, so that a loss that cannot run says why
+            with torch.no_grad():
+                f(chosen, data)
+        except Exception as error:  # noqa: BLE001 - explained if it adds its own batch dimension
+            hint = own_batch_dimension(f, chosen, data, "loss_func")
+            if hint is not None:
+                raise hint from error
+            raise
+        return f, chosen, data
 
 
 class _RelatIF(_FullTrainingLoss):

@@ -214,7 +214,8 @@ class AttributionTask:
         """``loss_func`` of flat (``flatten``) or dict parameters, restricted to ``layer_name``.
 
         With ``layer_name``, the function takes only those parameters; the others are
-        fixed at checkpoint ``ckpt_idx`` (default 0).
+        fixed at checkpoint ``ckpt_idx`` (default 0). The model runs in eval mode during
+        each call, its own mode restored after.
         """
         return self._restricted(self.loss_func, flatten, layer_name, ckpt_idx)
 
@@ -228,9 +229,11 @@ class AttributionTask:
         """``g(flat_params, data) -> (B, P)``: per-example gradients of ``loss_func``.
 
         ``data`` keeps its batch dimension; ``in_dims`` says which dimension of each
-        argument indexes examples (``(None, 0)``: the batch's first). Random operations
-        (Dropout of a model in train mode) draw independently per example, as
-        dattri's ``vmap(..., randomness="different")`` does.
+        argument indexes examples (``(None, 0)``: the batch's first), and each example
+        keeps a batch dimension of size one at that position. The model runs in eval
+        mode during the call (dattri's checkpoint loading puts it there), its own mode
+        restored after; random operations left in the loss draw independently per
+        example (``vmap(..., randomness="different")``, as dattri).
         """
         return per_sample_grad(self.get_loss_func(True, layer_name, ckpt_idx), in_dims=in_dims, randomness="different")
 
@@ -245,11 +248,23 @@ class AttributionTask:
         chosen = self.selected(base, layer_name)
         fixed = {k: v for k, v in base.items() if k not in chosen}
         if not flatten:
-            if not fixed:
-                return func
-            return lambda params, data: func({**fixed, **params}, data)
-        _, unravel = ravel(chosen)
-        return lambda flat, data: func({**fixed, **unravel(flat)}, data)
+            inner = func if not fixed else (lambda params, data: func({**fixed, **params}, data))
+        else:
+            _, unravel = ravel(chosen)
+            inner = lambda flat, data: func({**fixed, **unravel(flat)}, data)  # noqa: E731
+        model = self.model
+
+        def in_eval_mode(params: Any, data: Any) -> Tensor:
+            # dattri's checkpoint loading leaves the model in eval mode; here only for the call.
+            modes = [(m, m.training) for m in model.modules()]
+            model.eval()
+            try:
+                return inner(params, data)
+            finally:
+                for module, training in modes:
+                    module.training = training
+
+        return in_eval_mode
 
     # -- layer outputs ---------------------------------------------------------------------
 

@@ -78,7 +78,7 @@ def test_vmap_falls_back_only_when_it_cannot_trace(problem):
 
 
 def test_task_gradients_of_a_dropout_model_in_train_mode():
-    """dattri's behaviour: vmap with independent randomness per example, in train mode."""
+    """dattri's behaviour: the model in eval mode for the call (its loading does that), vmap allowing randomness."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2)).double().train()
 
@@ -91,6 +91,14 @@ def test_task_gradients_of_a_dropout_model_in_train_mode():
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1, 0])
     g = grad(flat, (x, y))
     assert g.shape == (6, flat.numel()) and bool(torch.isfinite(g).all())
+    torch.testing.assert_close(grad(flat, (x, y)), g)  # eval mode during the call, as dattri: deterministic
+    assert model.training and model[1].training  # and the model's own mode afterwards
+    eval_model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2)).double()
+    eval_model.load_state_dict(model.state_dict())
+    expected = torch.stack([torch.cat([t.reshape(-1) for t in torch.autograd.grad(
+        nn.functional.cross_entropy(eval_model.eval()(x[i : i + 1]), y[i : i + 1]), list(eval_model.parameters()))])
+        for i in range(6)])
+    torch.testing.assert_close(g, expected)
 
 
 def test_a_loss_that_adds_its_own_batch_dimension_is_explained(problem):
@@ -115,3 +123,13 @@ def test_a_loss_that_adds_its_own_batch_dimension_is_explained(problem):
         trak = TRAKAttributor(task, dattri_probability, show_progress=False)
         with pytest.raises(ValueError, match=r"correct_probability_func: .*remove the unsqueeze\(0\)"):
             trak.cache(problem.loader())
+        with pytest.raises(ValueError, match=r"loss_func: .*remove the unsqueeze\(0\)"):
+            IFAttributorCG(task, show_progress=False).cache(problem.loader())  # before any Hessian work
+
+    def dattri_module_loss(params, data):  # nn.CrossEntropyLoss fails by an AssertionError under vmap
+        x, y = data
+        return nn.CrossEntropyLoss()(functional_call(problem.model, params, (x.unsqueeze(0),)), y.unsqueeze(0))
+
+    module_task = AttributionTask(dattri_module_loss, problem.model, problem.state)
+    with pytest.raises(ValueError, match=r"loss_func: .*remove the unsqueeze\(0\)"):
+        TracInAttributor(module_task, [1.0], False, show_progress=False).self_attribute(problem.loader())
