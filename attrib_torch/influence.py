@@ -38,6 +38,7 @@ from attrib_core import (
 from .base import BaseInnerProductAttributor
 from .checks import nonnegative, positive, positive_int
 from .data import batch_size as examples_in, batches, check_loader, concatenate, own_batch_dimension, take
+from .solver_reports import report_cg, report_lissa
 from .task import AttributionTask
 from .user_warning import warn
 
@@ -199,14 +200,7 @@ class IFAttributorCG(_RelatIF):
         solution = cg(self._operators[ckpt_idx], test_rep, tol=0.0, atol=self.tol, max_iter=self.max_iter,
                       damping=self.regularization)
         self.last_solution = solution
-        unsolved = ~solution.converged
-        if bool(unsolved.any()):
-            warn(
-                f"checkpoint {ckpt_idx}: CG did not converge for {int(unsolved.sum())} of {test_rep.shape[0]} "
-                f"test examples in max_iter={self.max_iter} steps (largest residual norm "
-                f"{float(solution.residual_norm[unsolved].max()):.3g}, tol {self.tol:g}); their scores are "
-                "approximate. Raise max_iter or regularization"
-            )
+        report_cg(solution, f"checkpoint {ckpt_idx}", max_iter=self.max_iter, tol=self.tol)
         return solution.x
 
 
@@ -260,11 +254,7 @@ class IFAttributorLiSSA(_RelatIF):
 
         result = lissa(sample_mv, test_rep, depth=self.recursion_depth, scale=self.scaling, damping=self.damping,
                        repeats=self.num_repeat, seed=self.seed)
-        if bool(result.diverged.any()):
-            warn(
-                f"checkpoint {ckpt_idx}: LiSSA diverged for {int(result.diverged.sum())} of {rows} test examples; "
-                "raise scaling (above the largest Hessian eigenvalue) or damping"
-            )
+        report_lissa(result, f"checkpoint {ckpt_idx}")
         return result.x
 
 

@@ -26,7 +26,8 @@ from attrib_core import (
 )
 
 from .base import BaseAttributor
-from .data import batches, check_loader
+from .data import batch_size, batches, check_loader, take
+from .solver_reports import report_cg, report_lissa
 
 __all__ = ["IFAttributor"]
 
@@ -81,8 +82,13 @@ class IFAttributor(BaseAttributor):
             self._inverse = lambda V: solve_factored(factor, V)
         elif self.ihvp_solver == "cg":
             mv = make_hvp(f, params, loader, mode=kw.get("mode", "rev-rev"))
-            self._inverse = lambda V: cg(mv, V, tol=0.0, atol=kw.get("tol", 1e-7), max_iter=kw.get("max_iter", 10),
-                                         damping=kw.get("regularization", 0.0)).x
+            def solve_cg(V: Tensor) -> Tensor:
+                solution = cg(mv, V, tol=0.0, atol=kw.get("tol", 1e-7), max_iter=kw.get("max_iter", 10),
+                              damping=kw.get("regularization", 0.0))
+                report_cg(solution, "IFAttributor", max_iter=kw.get("max_iter", 10), tol=kw.get("tol", 1e-7))
+                return solution.x
+
+            self._inverse = solve_cg
         elif self.ihvp_solver == "arnoldi":
             top = kw.get("proj_dim", 100)
             result = arnoldi(make_hvp(f, params, loader), dim, n_iter=max(kw.get("max_iter", 100), top),
@@ -98,17 +104,27 @@ class IFAttributor(BaseAttributor):
                 index = int(torch.randint(0, len(parts), (1,), generator=generator))
                 return make_hvp(f, params, parts[index], mode=kw.get("mode", "rev-rev"))
 
-            self._inverse = lambda V: lissa(sample_mv, V, depth=kw.get("recursion_depth", 5000),
-                                            scale=kw.get("scaling", 50.0), damping=kw.get("damping", 0.0),
-                                            repeats=kw.get("num_repeat", 1), seed=kw.get("seed", 0)).x
+            def solve_lissa(V: Tensor) -> Tensor:
+                solution = lissa(sample_mv, V, depth=kw.get("recursion_depth", 5000), scale=kw.get("scaling", 50.0),
+                                 damping=kw.get("damping", 0.0), repeats=kw.get("num_repeat", 1),
+                                 seed=kw.get("seed", 0))
+                report_lissa(solution, "IFAttributor")
+                return solution.x
+
+            self._inverse = solve_lissa
+
+    def clear_cache(self) -> None:
+        """Forget the cached loader and the inverse built from it."""
+        self.full_train_dataloader = None
+        self._inverse = None
 
     def _gradients(self, loader: Any) -> Tensor:
         """Per-example gradients of ``target_func`` on one-example loaders, ``(n, P)``."""
         grad = torch.func.grad(self.target_func)
         rows = []
         for batch in batches(loader, self.device):
-            for i in range(batch[0].shape[0]):
-                single = [tuple(x[i : i + 1] for x in batch)]
+            for i in range(batch_size(batch)):
+                single = [take(batch, slice(i, i + 1))]
                 rows.append(ravel(grad(self.params, single))[0])
         return torch.stack(rows)
 

@@ -133,3 +133,27 @@ def test_a_loss_that_adds_its_own_batch_dimension_is_explained(problem):
     module_task = AttributionTask(dattri_module_loss, problem.model, problem.state)
     with pytest.raises(ValueError, match=r"loss_func: .*remove the unsqueeze\(0\)"):
         TracInAttributor(module_task, [1.0], False, show_progress=False).self_attribute(problem.loader())
+
+
+def test_every_solver_front_end_reports_non_convergence(problem):
+    """CG and LiSSA, in the task-based attributors and the legacy IFAttributor: a warning with counts per solve."""
+    from attrib_torch import IFAttributor, IFAttributorLiSSA
+
+    task = AttributionTask(problem.loss_func, problem.model, problem.state)
+
+    def legacy_loss(params, loader):
+        return sum(problem.loss_func(params, batch) * len(batch[1]) for batch in loader) / \
+            sum(len(batch[1]) for batch in loader)
+
+    cases = [
+        (lambda: IFAttributorLiSSA(task, recursion_depth=30, scaling=0.05, show_progress=False), "LiSSA diverged"),
+        (lambda: IFAttributor(legacy_loss, problem.params, "cg", {"max_iter": 1}), "CG did not converge"),
+        (lambda: IFAttributor(legacy_loss, problem.params, "lissa", {"recursion_depth": 30, "scaling": 0.05}),
+         "LiSSA diverged"),
+    ]
+    for make, text in cases:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make().attribute(problem.loader(), problem.loader("test"))
+        messages = [str(w.message) for w in caught if text in str(w.message)]
+        assert messages and "of 25 test examples" in messages[0], (text, [str(w.message) for w in caught])
