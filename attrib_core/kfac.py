@@ -248,7 +248,7 @@ def _examples_factors(model: nn.Module, f: Callable, params: Mapping[str, Tensor
     """
     try:
         return capture_per_example(model, f, params, batch, specs, mask=mask, ignore_direct_use=True)
-    except RuntimeError:  # vmap cannot trace f
+    except (RuntimeError, ValueError):  # vmap cannot trace f (batch statistics, data-dependent flow)
         return capture(model, f, params, batch, specs, reduction=reduction, mask=mask)
 
 

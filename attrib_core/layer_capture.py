@@ -175,16 +175,18 @@ def capture(
     probes: dict[str, Tensor] = {}
 
     def hook_for(name: str):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
             if name in probes:
                 raise ValueError(f"layers: {name!r} runs more than once in a forward pass (shared weights)")
-            inputs[name] = args[0].detach()
+            inputs[name] = _layer_input(name, args, kwargs).detach()
             probes[name] = torch.zeros_like(output, requires_grad=True)
             return output + probes[name]
 
         return hook
 
-    handles = [modules[s.module].register_forward_hook(hook_for(s.module)) for s in specs]
+    # Prepended: the probe goes on the layer's own output, before any hook of the user's changes it.
+    handles = [modules[s.module].register_forward_hook(hook_for(s.module), prepend=True, with_kwargs=True)
+               for s in specs]
     try:
         detached = {k: v.detach() for k, v in params.items()}
         with torch.enable_grad():
@@ -310,19 +312,23 @@ def capture_per_example(
             return lambda module, args: mode.running.append(name)
 
         def leave(name: str):
-            def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+            def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
                 mode.running.remove(name)
                 if name in inputs:
                     raise ValueError(f"layers: {name!r} runs more than once in a forward pass (shared weights)")
-                inputs[name] = args[0]
+                inputs[name] = _layer_input(name, args, kwargs)
                 return output + probes[name]
 
             return hook
 
         handles = []
         for s in specs:
+            # The layer counts as running after the user's pre-hooks and until before the user's forward
+            # hooks: a hook that reads the weight is a use outside the layer, and the probe sits on the
+            # layer's own output.
             handles.append(modules[s.module].register_forward_pre_hook(enter(s.module)))
-            handles.append(modules[s.module].register_forward_hook(leave(s.module)))
+            handles.append(modules[s.module].register_forward_hook(leave(s.module), prepend=True,
+                                                                   with_kwargs=True))
         try:
             loss = f(detached, _with_example_dim(example, dims))
         finally:
@@ -354,6 +360,15 @@ def capture_per_example(
             a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
         out[spec.module] = _finished(spec, a, ds, mask)
     return out
+
+
+def _layer_input(name: str, args: tuple, kwargs: dict) -> Tensor:
+    """The input a layer was called with, positionally or as ``input=``."""
+    if args:
+        return args[0]
+    if isinstance(kwargs.get("input"), Tensor):
+        return kwargs["input"]
+    raise ValueError(f"layers: {name!r} was called without an input tensor (positional or input=)")
 
 
 def _first_example(batch: Any, dims: Any) -> Any:

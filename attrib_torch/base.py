@@ -94,12 +94,12 @@ class BaseInnerProductAttributor(BaseAttributor):
         self.device = torch.device(device if device is not None else "cpu")
         self.show_progress = show_progress
         self.layer_name = layer_name
-        self.names = list(task.selected(task.params(0), layer_name))  # raises on unknown names
-        self._width = sum(task.params(0)[n].numel() for n in self.names)
-        task.get_model().to(self.device)
+        first = task.params(0)  # inside the constructor's borrow (guard_public_methods): loaded for now only
+        self.names = list(task.selected(first, layer_name))  # raises on unknown names
+        self._width = sum(first[n].numel() for n in self.names)
         self.full_train_dataloader: Any = None
         self._cache_key: Any = None  # fingerprint of full_train_dataloader when it was cached
-        self._train_reps: Dict[int, Tuple[Any, Tensor]] = {}
+        self._train_reps: Dict[int, Tuple[Any, Any, Tensor]] = {}  # (loader, its fingerprint, representations)
         self._vmap_failed = False  # set once vmap could not trace this model: loop from then on
 
     # The progress bars' texts over training batches and over checkpoints (self_attribute), when a front
@@ -230,10 +230,11 @@ class BaseInnerProductAttributor(BaseAttributor):
         """
         key = fingerprint(train_dataloader)
         kept = self._train_reps.get(ckpt_idx)
-        if kept is not None and kept[0] == key:
-            return kept[1]
+        # The loader itself is held, so its id in the key cannot be reused by another loader.
+        if kept is not None and kept[0] is train_dataloader and kept[1] == key:
+            return kept[2]
         reps = self._concat(list(self._grouped(train_dataloader, ckpt_idx, train=True)))
-        self._train_reps[ckpt_idx] = (key, reps)
+        self._train_reps[ckpt_idx] = (train_dataloader, key, reps)
         return reps
 
     def _grouped(self, loader: Any, ckpt_idx: int, *, train: bool, transform: Any = None) -> Iterator[Tensor]:

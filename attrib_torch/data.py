@@ -62,7 +62,7 @@ def _check_data_loader(loader: DataLoader, name: str) -> None:
         raise ValueError(f"{name}: the dataset is empty")
     samplers = [loader.sampler, getattr(loader.batch_sampler, "sampler", None), loader.batch_sampler]
     for sampler in samplers:
-        if isinstance(sampler, _RANDOM_SAMPLERS):
+        if isinstance(sampler, _RANDOM_SAMPLERS) or getattr(sampler, "shuffle", False) is True:
             raise ValueError(
                 f"{name}: the data loader's sampler is a {type(sampler).__name__}; scores must line up with "
                 "dataset positions, so use a fixed order (shuffle=False, no random sampler)"
@@ -125,19 +125,64 @@ def _to(tree: Any, device: torch.device) -> Any:
     return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tree)
 
 
+def _per_example(value: Any, n: int) -> bool:
+    """A field holding one value per example: a batched tensor, or a list/tuple of ``n`` non-tensors (ids)."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() > 0
+    return isinstance(value, (list, tuple)) and len(value) == n and not any(
+        isinstance(v, (torch.Tensor, Mapping, list, tuple)) for v in value)
+
+
 def take(batch: Any, index: Any) -> Any:
-    """Rows ``index`` (a slice, or an index tensor) of every batched tensor of a batch; other fields as they are."""
-    return pytree.tree_map(lambda x: x[index] if isinstance(x, torch.Tensor) and x.dim() else x, batch)
+    """Rows ``index`` (an int, a slice or an index tensor) of every per-example field; shared fields as they are.
+
+    Per-example fields are batched tensors and lists of one non-tensor value per
+    example (string ids); nested tuples and dicts are followed.
+    """
+    n = batch_size(batch)
+
+    def pick(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: pick(v) for k, v in value.items()}
+        if not _per_example(value, n):
+            return [pick(v) for v in value] if isinstance(value, list) else (
+                tuple(pick(v) for v in value) if isinstance(value, tuple) else value)
+        if isinstance(value, torch.Tensor):
+            return value[index]
+        rows = list(range(n))
+        chosen = rows[index] if isinstance(index, (int, slice)) else [rows[i] for i in torch.as_tensor(index).tolist()]
+        return value[chosen] if isinstance(index, int) else type(value)(value[i] for i in chosen)
+
+    return pick(batch)
 
 
 def concatenate(loader: Iterable[Any], device: torch.device) -> Any:
-    """All of the loader's batches as one batch (batched tensors concatenated along the first dimension)."""
+    """All of the loader's batches as one batch: per-example fields joined, shared fields kept once.
+
+    Raises:
+        ValueError: a field that is neither per-example nor the same in every batch.
+    """
     parts = list(batches(loader, device))
-    leaves, spec = pytree.tree_flatten(parts[0])
-    columns = [pytree.tree_flatten(p)[0] for p in parts]
-    joined = [torch.cat([c[i] for c in columns]) if isinstance(x, torch.Tensor) and x.dim() else x
-              for i, x in enumerate(leaves)]
-    return pytree.tree_unflatten(joined, spec)
+    sizes = [batch_size(p) for p in parts]
+
+    def join(values: list, path: str) -> Any:
+        first = values[0]
+        if isinstance(first, Mapping):
+            return {k: join([v[k] for v in values], f"{path}[{k!r}]") for k in first}
+        if all(_per_example(v, n) for v, n in zip(values, sizes)):
+            if isinstance(first, torch.Tensor):
+                return torch.cat(values)
+            return type(first)(x for v in values for x in v)
+        if isinstance(first, (list, tuple)) and all(len(v) == len(first) for v in values):
+            return type(first)(join([v[i] for v in values], f"{path}[{i}]") for i in range(len(first)))
+        if all(v is first or (torch.equal(v, first) if isinstance(v, torch.Tensor) and isinstance(first, torch.Tensor)
+                              and v.shape == first.shape else not isinstance(v, torch.Tensor) and v == first)
+               for v in values):
+            return first
+        raise ValueError(f"batches: field {path or 'batch'} is neither one value per example nor the same in "
+                         "every batch, so the batches cannot be joined")
+
+    return join(parts, "")
 
 
 def batch_size(batch: tuple) -> int:
@@ -162,7 +207,8 @@ def fingerprint(loader: Any) -> tuple:
 
     For a ``DataLoader`` over a ``TensorDataset`` and for a list of batches, every
     tensor's storage, shape, in-place version counter and a sampled sum (at most
-    4096 entries each); for other datasets, the dataset object and its length.
+    4096 entries each); for other datasets only the dataset object and its length, so
+    their data edited in place needs :meth:`clear_cache`.
     """
     if isinstance(loader, DataLoader):
         dataset = loader.dataset

@@ -24,16 +24,21 @@ PUBLIC_METHODS = ("cache", "attribute", "self_attribute", "topk")
 
 
 @contextlib.contextmanager
-def untouched(task: Any = None, model: Optional[nn.Module] = None) -> Iterator[None]:
+def untouched(task: Any = None, model: Optional[nn.Module] = None,
+              device: Optional[torch.device] = None) -> Iterator[None]:
     """Run a block with ``model`` (the task's, if a task is given) in eval mode, and restore everything after.
 
     Args:
         task: an :class:`AttributionTask` (its model is borrowed: checkpoints loaded in
             the block are undone on leaving it), or None.
         model: the model when there is no task; None for neither.
+        device: where the block computes: a model held on one other device is moved
+            there for the block and back after it.
     """
     if task is not None:
         model = task.get_model()
+    home = _home_device(model)
+    moved = model is not None and device is not None and home is not None and home != device
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     modes = [(m, m.training) for m in model.modules()] if model is not None else []
@@ -43,7 +48,13 @@ def untouched(task: Any = None, model: Optional[nn.Module] = None) -> Iterator[N
         with borrowed:
             if model is not None:
                 model.eval()
-            yield
+            if moved:
+                model.to(device)
+            try:
+                yield
+            finally:
+                if moved:
+                    model.to(home)
     finally:
         for module, training in modes:
             module.training = training
@@ -54,6 +65,14 @@ def untouched(task: Any = None, model: Optional[nn.Module] = None) -> Iterator[N
             torch.cuda.set_rng_state_all(cuda_rng)
 
 
+def _home_device(model: Optional[nn.Module]) -> Optional[torch.device]:
+    """The one device all of a model's tensors are on, or None (no tensors, or several devices)."""
+    if model is None:
+        return None
+    devices = {t.device for t in model.parameters()} | {t.device for t in model.buffers()}
+    return devices.pop() if len(devices) == 1 else None
+
+
 def _guarded(method: Callable, name: str) -> Callable:
     @functools.wraps(method)
     def run(self, *args, **kwargs):
@@ -61,7 +80,7 @@ def _guarded(method: Callable, name: str) -> Callable:
             return _cache_all_or_nothing(self, method, name, args, kwargs)
         self._in_public_call = True
         try:
-            with untouched(getattr(self, "task", None), getattr(self, "_model", None)):
+            with untouched(getattr(self, "task", None), device=getattr(self, "device", None)):
                 return _cache_all_or_nothing(self, method, name, args, kwargs)
         finally:
             self._in_public_call = False
@@ -81,8 +100,28 @@ def _cache_all_or_nothing(self, method: Callable, name: str, args: tuple, kwargs
         raise
 
 
+def _borrowing(init: Callable) -> Callable:
+    """A constructor that reads checkpoints through its task hands the model back as it was."""
+    @functools.wraps(init)
+    def run(self, *args, **kwargs):
+        task = kwargs.get("task", args[0] if args else None)
+        if not hasattr(task, "borrowed_model"):
+            return init(self, *args, **kwargs)
+        with task.borrowed_model():
+            return init(self, *args, **kwargs)
+
+    run.__wrapped_public__ = True
+    return run
+
+
 def guard_public_methods(cls: type) -> None:
-    """Wrap the public methods ``cls`` defines itself in :func:`untouched` (called by ``__init_subclass__``)."""
+    """Wrap the public methods ``cls`` defines itself in :func:`untouched`, and its constructor in a borrow.
+
+    Called by ``BaseAttributor.__init_subclass__``.
+    """
+    init = cls.__dict__.get("__init__")
+    if init is not None and not getattr(init, "__wrapped_public__", False):
+        cls.__init__ = _borrowing(init)
     for name in PUBLIC_METHODS:
         method = cls.__dict__.get(name)
         if method is not None and not getattr(method, "__wrapped_public__", False) \

@@ -55,8 +55,12 @@ LayerName = Union[None, str, Sequence[str]]
 
 
 def _first_batches(loader: Any, ratio: float) -> list:
-    """The first ``ceil(ratio · len(loader))`` batches of a loader, as a list of batches."""
-    count = math.ceil(len(loader) * ratio)
+    """The first ``ceil(ratio · batches)`` batches of a loader, as a list of batches (counted by a pass if unsized)."""
+    try:
+        total = len(loader)
+    except TypeError:  # an IterableDataset: count its batches
+        total = sum(1 for _ in loader)
+    count = math.ceil(total * ratio)
     return list(itertools.islice(iter(loader), count))
 
 

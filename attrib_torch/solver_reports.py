@@ -14,7 +14,7 @@ def report_cg(solution: CGSolution, where: str, *, max_iter: int, tol: float) ->
     unsolved = ~solution.converged.reshape(-1)
     if bool(unsolved.any()):
         residual = float(solution.residual_norm.reshape(-1)[unsolved].max())
-        warn(f"{where}: CG did not converge for {int(unsolved.sum())} of {unsolved.numel()} test examples in "
+        warn(f"{where}: CG did not converge for {int(unsolved.sum())} of {unsolved.numel()} examples solved in "
              f"max_iter={max_iter} steps (largest residual norm {residual:.3g}, tol {tol:g}); their scores are "
              "approximate. Raise max_iter or regularization")
 
@@ -24,6 +24,6 @@ def report_lissa(solution: LissaSolution, where: str) -> None:
     diverged = solution.diverged.reshape(-1)
     if bool(diverged.any()):
         update = float(solution.last_update.reshape(-1)[diverged].max())
-        warn(f"{where}: LiSSA diverged for {int(diverged.sum())} of {diverged.numel()} test examples (largest "
+        warn(f"{where}: LiSSA diverged for {int(diverged.sum())} of {diverged.numel()} examples solved (largest "
              f"last update norm {update:.3g} after {solution.steps} steps); raise scaling (above the largest "
              "Hessian eigenvalue) or damping")

@@ -73,10 +73,6 @@ class AttributionTask:
         self._states: Dict[int, Dict[str, Tensor]] = {}
         self._params: Dict[int, Dict[str, Tensor]] = {}
         self._current: Optional[int] = None
-        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-        if not trainable:
-            raise ValueError("model: every parameter is frozen (requires_grad=False); nothing to attribute to")
-        self._trainable = frozenset(trainable)
         self._borrows = 0
         self._user_state: Optional[Dict[str, Tensor]] = None
 
@@ -205,7 +201,11 @@ class AttributionTask:
             ValueError: a name in ``layer_name`` matches no parameter.
         """
         if layer_name is None:
-            return {k: v for k, v in params.items() if k in self._trainable}
+            trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+            if not trainable:
+                raise ValueError("layer_name: None means the parameters that require gradients, and the model "
+                                 "freezes all of them; name the layers to attribute to")
+            return {k: v for k, v in params.items() if k in trainable}
         return select(params, layer_name)
 
     # -- functions -------------------------------------------------------------------------

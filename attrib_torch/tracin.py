@@ -140,13 +140,23 @@ class TracInAttributor(BaseInnerProductAttributor):
 
     def generate_train_rep(self, ckpt_idx: int, data: tuple) -> Any:
         """Per-example loss gradients ``(B, P)``, or their factors on the factored path."""
-        rep = self._generate(ckpt_idx, data, "train")
+        rep = self._factors_or_none(ckpt_idx, data, "train")
         return super().generate_train_rep(ckpt_idx, data) if rep is None else rep
 
     def generate_test_rep(self, ckpt_idx: int, data: tuple) -> Any:
         """Per-example target gradients ``(B, P)``, or their factors on the factored path."""
-        rep = self._generate(ckpt_idx, data, "test")
+        rep = self._factors_or_none(ckpt_idx, data, "test")
         return super().generate_test_rep(ckpt_idx, data) if rep is None else rep
+
+    def _factors_or_none(self, ckpt_idx: int, data: tuple, which: str) -> Any:
+        try:
+            return self._generate(ckpt_idx, data, which)
+        except _Unfactorable:
+            if getattr(self, "_in_public_call", False):
+                raise  # the public call is redone without factors, from its first batch
+            self._factored = False  # called directly: this batch and later ones get explicit gradients
+            self._train_reps.clear()
+            return None
 
     def _concat(self, parts: List[Any]) -> Any:
         return concat_captured(parts) if isinstance(parts[0], dict) else super()._concat(parts)

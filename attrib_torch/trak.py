@@ -79,7 +79,7 @@ class TRAKAttributor(BaseInnerProductAttributor):
         self._kernels[ckpt_idx] = gram
         # The training representations of the cached set, from the same features.
         transformed = solve_explicit(gram, features, damping=self.regularization).x
-        self._train_reps[ckpt_idx] = (fingerprint(self.full_train_dataloader), transformed)
+        self._train_reps[ckpt_idx] = (self.full_train_dataloader, fingerprint(self.full_train_dataloader), transformed)
 
     def _probabilities(self, ckpt_idx: int, loader: Any) -> Tensor:
         params = {k: v.to(self.device) for k, v in self.task.params(ckpt_idx).items()}

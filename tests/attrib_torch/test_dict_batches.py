@@ -66,7 +66,10 @@ def test_dict_batches_score_as_tuples(name, monkeypatch):
         def loss(params, batch):
             if isinstance(batch, dict):
                 inputs, labels = (batch["input_ids"], batch["attention_mask"]), batch["labels"]
-                assert all(i.startswith("doc-") for i in batch["id"])  # strings arrive untouched
+                # strings arrive untouched: one per example of a batch (also of batches joined into one); an
+                # example presented alone sees its batch's list, as a non-tensor field cannot be mapped over
+                assert all(i.startswith("doc-") for i in batch["id"])
+                assert len(labels) == 1 or len(batch["id"]) == len(labels)
             else:
                 inputs, labels = batch[:2], batch[2]
             logits = functional_call(model, params, (inputs,))

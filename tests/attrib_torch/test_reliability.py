@@ -25,7 +25,7 @@ def test_cg_that_does_not_converge_warns_for_every_test_batch(problem, monkeypat
     # attributed to the caller's line, not to a frame inside the library
     assert {w.filename for w in caught if "CG did not converge" in str(w.message)} == {__file__}
     assert len(messages) == 2, messages  # 25 test examples: batches of 13 and 12, one solve each
-    assert "13 of 13 test examples" in messages[0] and "12 of 12" in messages[1]
+    assert "13 of 13 examples solved" in messages[0] and "12 of 12" in messages[1]
     assert "residual norm" in messages[0] and "max_iter=1" in messages[0]
     converged = IFAttributorCG(task, max_iter=500, tol=1e-9, show_progress=False)
     with warnings.catch_warnings():
@@ -156,4 +156,40 @@ def test_every_solver_front_end_reports_non_convergence(problem):
             warnings.simplefilter("always")
             make().attribute(problem.loader(), problem.loader("test"))
         messages = [str(w.message) for w in caught if text in str(w.message)]
-        assert messages and "of 25 test examples" in messages[0], (text, [str(w.message) for w in caught])
+        assert messages and "of 25 examples solved" in messages[0], (text, [str(w.message) for w in caught])
+
+
+def test_frozen_models_joined_batches_and_unsized_loaders(problem):
+    from torch.utils.data import DistributedSampler, IterableDataset
+
+    from attrib_torch import IFAttributorDataInf
+    from attrib_torch.data import check_loader, concatenate, take
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    model.requires_grad_(False)  # an evaluation setup: naming a layer still works
+    task = AttributionTask(lambda p, d: nn.functional.cross_entropy(functional_call(model, p, (d[0],)), d[1]),
+                           model, model.state_dict())
+    assert TracInAttributor(task, [1.0], False, layer_name="2", show_progress=False).names == ["2.weight", "2.bias"]
+    with pytest.raises(ValueError, match="freezes all of them"):
+        TracInAttributor(task, [1.0], False, show_progress=False)
+
+    joined = concatenate([{"x": torch.zeros(2, 1), "ids": ["a", "b"], "tag": "t"},
+                          {"x": torch.ones(3, 1), "ids": ["c", "d", "e"], "tag": "t"}], torch.device("cpu"))
+    assert joined["ids"] == ["a", "b", "c", "d", "e"] and joined["tag"] == "t" and joined["x"].shape == (5, 1)
+    assert take(joined, torch.tensor([4, 0]))["ids"] == ["e", "a"] and take(joined, 1)["ids"] == "b"
+    with pytest.raises(ValueError, match="cannot be joined"):
+        concatenate([(torch.zeros(2), "a"), (torch.zeros(2), "b")], torch.device("cpu"))
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(zip(problem.x_train, problem.y_train))
+
+    stream = DataLoader(Stream(), batch_size=30)
+    ratio = IFAttributorDataInf(AttributionTask(problem.loss_func, problem.model, problem.state),
+                                fim_estimate_data_ratio=0.5, show_progress=False)
+    ratio.cache(stream)
+    assert ratio._train_layers[0][0].shape[0] == 60  # the first 2 of 4 batches
+    shuffled = DataLoader(TensorDataset(problem.x_train), sampler=DistributedSampler(
+        TensorDataset(problem.x_train), num_replicas=1, rank=0, shuffle=True), batch_size=8)
+    with pytest.raises(ValueError, match="fixed order"):
+        check_loader(shuffled, "train_dataloader")

@@ -110,3 +110,47 @@ def test_captum_classes_with_a_first_batch_of_one(tmp_path):
     last = [i for i, n in enumerate(names) if n == "2.weight"]
     full_a, full_b = loop_grads(f, params, (x[6:], y[6:])), loop_grads(f, params, (x[:6], y[:6]))
     torch.testing.assert_close(fast.influence((x[6:], y[6:])), full_a[:, last] @ full_b[:, last].T)
+
+
+class Keywords(nn.Module):
+    """Layers called with input=, and a user's forward hook on a factored layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(8)
+        self.a = nn.Linear(5, 6)
+        self.b = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.b(input=torch.tanh(self.a(input=x)))
+
+
+@pytest.mark.parametrize("hook", [None, "scale", "reads-weight"])
+def test_user_hooks_and_keyword_calls_keep_scores_exact(hook):
+    model = Keywords().double()
+    if hook == "scale":
+        model.a.register_forward_hook(lambda module, args, out: 2 * out)
+    elif hook == "reads-weight":
+        model.a.register_forward_hook(lambda module, args, out: out + 0.1 * module.weight.sum())
+    f = losses(model)["mean"]
+    x, y = torch.randn(9, 5, dtype=DT), torch.randint(0, 4, (9,))
+    attributor = TracInAttributor(AttributionTask(f, model, model.state_dict()), [1.0], False, show_progress=False)
+    scores = attributor.attribute([(x[:6], y[:6])], [(x[6:], y[6:])])
+    params = params_of(model)
+    torch.testing.assert_close(scores, loop_grads(f, params, (x[:6], y[:6])) @ loop_grads(f, params, (x[6:], y[6:])).T)
+    assert bool(attributor._factored) == (hook != "reads-weight")  # a hook reading the weight: explicit gradients
+
+
+def test_generate_train_rep_called_directly_falls_back_without_leaking():
+    model = small_mlp(3, (5, 7, 4))
+    base = losses(model)["mean"]
+
+    def sometimes_penalised(params, batch):
+        return base(params, batch[:2]) + (1e-1 * params["0.weight"].pow(2).sum() if batch[2] == "p" else 0.0)
+
+    x, y = torch.randn(6, 5, dtype=DT), torch.randint(0, 4, (6,))
+    attributor = TracInAttributor(AttributionTask(sometimes_penalised, model, model.state_dict()), [1.0], False,
+                                  show_progress=False)
+    assert isinstance(attributor.generate_train_rep(0, (x[:3], y[:3], "plain")), dict)  # factors
+    rep = attributor.generate_train_rep(0, (x[3:], y[3:], "p"))
+    torch.testing.assert_close(rep, loop_grads(sometimes_penalised, params_of(model), (x[3:], y[3:], "p")))

@@ -231,10 +231,18 @@ def test_progress_bars_are_described_as_captum_describes_them(setting, monkeypat
     assert "Using TracInCP to compute self influence. Processing checkpoint" in seen
 
 
-def test_the_constructor_hands_the_model_back_and_lists_its_checkpoints(setting):
-    model, train, _, directory, paths = setting
+@pytest.mark.parametrize("cls", [TracInCP, TracInCPFast, TracInCPFastRandProj])
+def test_the_constructor_and_calls_hand_the_model_back_and_list_its_checkpoints(setting, cls):
+    _, train, test, directory, paths = setting
+    model = small_mlp(9, (6, 7, 3))  # its own weights, none of the checkpoints'
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    tracin = TracInCP(model, TensorDataset(*train), directory, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
-                      batch_size=8, sample_wise_grads_per_batch=True)
+    extra = {"final_fc_layer": "2"} if cls is not TracInCP else {"sample_wise_grads_per_batch": True}
+    if cls is TracInCPFastRandProj:
+        extra["projection_dim"] = 4
+    tracin = cls(model, train_dataset=TensorDataset(*train), checkpoints=directory,
+                 loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=8, **extra)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    tracin.influence(test)
+    tracin.self_influence()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert tracin.checkpoints == sorted(paths, key=lambda p: int(p.rsplit("-", 1)[1].split(".")[0]))
