@@ -298,11 +298,19 @@ class BaseInnerProductAttributor(BaseAttributor):
         check_loader(train_dataloader, "train_dataloader")
         check_loader(test_dataloader, "test_dataloader")
         self._ensure_cached(train_dataloader)
+        return self._combined(lambda ckpt_idx: self._checkpoint_scores(ckpt_idx, train_dataloader, test_dataloader))
+
+    def _checkpoint_scores(self, ckpt_idx: int, train_dataloader: Any, test_dataloader: Any) -> Tensor:
+        """``(n_train, n_test)`` scores of one checkpoint."""
+        train = self.train_reps(ckpt_idx, train_dataloader)
+        blocks = [self._inner(train, test) for test in self._grouped(test_dataloader, ckpt_idx, train=False)]
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+
+    def _combined(self, per_checkpoint: Any) -> Tensor:
+        """``Σ_c w_c · per_checkpoint(c)`` over the task's checkpoints (:meth:`checkpoint_weights`)."""
         total: Optional[Tensor] = None
         for ckpt_idx, weight in enumerate(self.checkpoint_weights()):
-            train = self.train_reps(ckpt_idx, train_dataloader)
-            blocks = [self._inner(train, test) for test in self._grouped(test_dataloader, ckpt_idx, train=False)]
-            scores = weight * (blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1))
+            scores = weight * per_checkpoint(ckpt_idx)
             total = scores if total is None else total + scores
         return total
 

@@ -109,16 +109,14 @@ class _RelatIF(_FullTrainingLoss):
         check_loader(train_dataloader, "train_dataloader")
         check_loader(test_dataloader, "test_dataloader")
         self._ensure_cached(train_dataloader)
-        total: Optional[Tensor] = None
-        for ckpt_idx, weight in enumerate(self.checkpoint_weights()):
-            train = self.train_reps(ckpt_idx, train_dataloader)
-            test = self._concat(list(self._grouped(test_dataloader, ckpt_idx, train=False)))
+
+        def divided(ckpt_idx: int) -> Tensor:
             scale = self._relatif_scale(ckpt_idx, train_dataloader, relatif_method)[:, None]
-            scores = self._inner(train, test).double()
+            scores = self._checkpoint_scores(ckpt_idx, train_dataloader, test_dataloader).double()
             # A zero divisor means a zero gradient, whose scores are zero: they stay zero.
-            scores = torch.where(scale > 0, scores / scale.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
-            total = weight * scores if total is None else total + weight * scores
-        return total
+            return torch.where(scale > 0, scores / scale.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+
+        return self._combined(divided)
 
     def _relatif_scale(self, ckpt_idx: int, loader: Any, method: str) -> Tensor:
         """``(n_train,)``: RelatIF's divisor of each training example's scores."""
