@@ -10,7 +10,7 @@ For each setting (default: digits + logistic regression and + MLP), every dampin
 0.1 times the mean eigenvalue of each layer, and fixed values) gets its LDS on the
 16 validation models -- choose on these -- and on the other 64, with a 95% interval,
 beside our EK-FAC with its shipped settings. The retrained models are the
-benchmark's, cached on disk (``benchmarks/.cache``).
+benchmark's, cached on disk (``$ATTRIB_CACHE``, default ``~/.cache/attrib``).
 
     python -m benchmarks.kronfluence_side_by_side [--setting logreg,mlp,logreg-sgd,...]
 """

@@ -1,6 +1,7 @@
 """Ground truth by retraining: models refit on subsets of the training set (LDS) or without one example (LOO).
 
-Every result is cached on disk under ``benchmarks/.cache``, keyed by the
+Every result is cached on disk under ``$ATTRIB_CACHE/retrain`` (default
+``~/.cache/attrib/retrain``, never inside the checkout), keyed by the
 configuration (the caller's ``key`` for the training recipe, a digest of the data,
 the subset parameters), and saved after every refit, so an interrupted run resumes
 and a rerun costs nothing. Subsets are masks over *positions* of the training
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-CACHE = Path(__file__).resolve().parent / ".cache"
+CACHE = Path(os.environ.get("ATTRIB_CACHE") or Path.home() / ".cache" / "attrib") / "retrain"
 
 Params = Dict[str, Tensor]
 TrainFn = Callable[[Tensor, Tensor], Params]  # (x, y) -> fitted parameters
