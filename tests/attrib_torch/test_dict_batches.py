@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader
 
-from tests.attrib_torch.test_model_untouched import BUILDERS
+from tests.attrib_torch.attributors_under_test import ATTRIBUTORS_UNDER_TEST
 
 DT = torch.float64
 
@@ -58,9 +58,9 @@ class Adapter(nn.Module):
         return self.bag(*inputs)
 
 
-@pytest.mark.parametrize("name", [n for n in sorted(BUILDERS) if n != "rps"])
+@pytest.mark.parametrize("name", [n for n in sorted(ATTRIBUTORS_UNDER_TEST) if n != "rps"])
 def test_dict_batches_score_as_tuples(name, monkeypatch):
-    import tests.attrib_torch.test_model_untouched as sweep
+    import tests.attrib_torch.attributors_under_test as sweep
 
     def task_for(model, margin=False):
         def loss(params, batch):
@@ -94,7 +94,7 @@ def test_dict_batches_score_as_tuples(name, monkeypatch):
     test = DataLoader(records(6, 1), batch_size=4)
     scores = {}
     for kind, (tr, te) in {"dict": (train, test), "tuple": (as_tuples(train), as_tuples(test))}.items():
-        attributor = BUILDERS[name](Adapter())
+        attributor = ATTRIBUTORS_UNDER_TEST[name](Adapter())
         attributor.cache(tr)
         scores[kind] = sweep.call(attributor, "attribute", tr, te)
     assert scores["dict"].shape == (14, 6)
