@@ -7,7 +7,6 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
 from attrib_core import (
     Captured,
@@ -23,7 +22,7 @@ from attrib_core import (
 
 from .base import BaseInnerProductAttributor
 from .checks import flag
-from .data import batch_size, batches, check_loader
+from .data import batch_size, batches, check_loader, take
 from .guard import PUBLIC_METHODS, untouched
 from .projection import projector_from_kwargs
 from .task import AttributionTask
@@ -115,11 +114,11 @@ class TracInAttributor(BaseInnerProductAttributor):
         if set(self.names) - covered:
             return
         rows = min(8, batch_size(data))
-        head = pytree.tree_map(lambda x: x[:rows] if isinstance(x, Tensor) and x.dim() else x, data)
+        head = take(data, slice(0, rows))
         for func in (self.task.loss_func, self.task.target_func):
             try:
                 captured = capture_per_example(model, func, {**fixed, **chosen}, head, specs)
-            except (ValueError, RuntimeError):  # a direct use of a weight, shared weights, vmap cannot trace
+            except Exception:  # noqa: BLE001 - a direct use of a weight, shared weights, vmap cannot trace: no factors
                 return
             cost, dense_cost = factored_cost(specs, {m: c.a.shape[1] for m, c in captured.items()})
             if cost > dense_cost:
@@ -135,7 +134,7 @@ class TracInAttributor(BaseInnerProductAttributor):
         chosen, fixed = self._split_params(ckpt_idx)
         try:
             return capture_per_example(self.task.get_model(), func, {**fixed, **chosen}, data, self._factored)
-        except (ValueError, RuntimeError) as error:  # this batch cannot be factored exactly: redo the call
+        except Exception as error:  # noqa: BLE001 - this batch cannot be factored exactly: redo the call unfactored
             raise _Unfactorable(error) from error
 
     def generate_train_rep(self, ckpt_idx: int, data: tuple) -> Any:
