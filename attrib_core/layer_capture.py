@@ -28,6 +28,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from ._checks import check_finite_params
+from .gradients import _add_dim, _expand_in_dims, _take
 
 __all__ = ["LayerSpec", "Captured", "layer_specs", "capture", "capture_per_example", "DirectParameterUse"]
 
@@ -299,9 +300,9 @@ def capture_per_example(
     check_finite_params(params)
     modules = dict(model.named_modules())
     detached = {k: v.detach() for k, v in params.items()}
-    dims = pytree.tree_map(lambda x: 0 if isinstance(x, Tensor) and x.dim() else None, batch)
+    (dims,) = _expand_in_dims((batch,), (0,))  # batched tensors are mapped over; other fields are shared
     examples = _examples(batch)
-    outputs = _output_shapes(modules, f, detached, _first_example(batch, dims), dims, specs)
+    outputs = _output_shapes(modules, f, detached, _take(batch, dims, 0), specs)
     owners = {id(detached[name]): (s.module, name) for s in specs for name in (s.weight, s.bias) if name}
     mode = _DirectUseMode(owners)
 
@@ -330,7 +331,7 @@ def capture_per_example(
             handles.append(modules[s.module].register_forward_hook(leave(s.module), prepend=True,
                                                                    with_kwargs=True))
         try:
-            loss = f(detached, _with_example_dim(example, dims))
+            loss = f(detached, _add_dim(example, dims))
         finally:
             for handle in handles:
                 handle.remove()
@@ -371,19 +372,9 @@ def _layer_input(name: str, args: tuple, kwargs: dict) -> Tensor:
     raise ValueError(f"layers: {name!r} was called without an input tensor (positional or input=)")
 
 
-def _first_example(batch: Any, dims: Any) -> Any:
-    """Example 0 of the batch, without its batch dimension (the fields ``dims`` marks)."""
-    return pytree.tree_map(lambda x, d: x[0] if d == 0 else x, batch, dims)
-
-
-def _with_example_dim(example: Any, dims: Any) -> Any:
-    """One example as a batch of one: a leading dimension of size one on the mapped fields."""
-    return pytree.tree_map(lambda x, d: x.unsqueeze(0) if d == 0 else x, example, dims)
-
-
-def _output_shapes(modules: dict, f: Callable, params: Mapping[str, Tensor], example: Any, dims: Any,
+def _output_shapes(modules: dict, f: Callable, params: Mapping[str, Tensor], example: Any,
                    specs: Sequence[LayerSpec]) -> dict[str, tuple]:
-    """Each layer's output ``(shape, dtype, device)`` for one example as a batch of one: the probes' layout."""
+    """Each layer's output ``(shape, dtype, device)`` on ``example`` (a batch of one): the probes' layout."""
     found: dict[str, tuple] = {}
 
     def hook_for(name: str):
@@ -395,7 +386,7 @@ def _output_shapes(modules: dict, f: Callable, params: Mapping[str, Tensor], exa
     handles = [modules[s.module].register_forward_hook(hook_for(s.module)) for s in specs]
     try:
         with torch.no_grad():
-            f(params, _with_example_dim(example, dims))
+            f(params, example)
     finally:
         for handle in handles:
             handle.remove()

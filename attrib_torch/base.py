@@ -26,7 +26,7 @@ import kernels
 from attrib_core import per_sample_grad, per_sample_grad_loop
 from kernels import TopK
 
-from .data import batches, check_loader, fingerprint, own_batch_dimension
+from .data import batches, check_loader, explained, fingerprint
 from .guard import guard_public_methods
 from .task import AttributionTask
 from .user_warning import warn
@@ -150,24 +150,16 @@ class BaseInnerProductAttributor(BaseAttributor):
         if self._vmap_failed:
             return per_sample_grad_loop(func)(chosen, data)
         try:
-            return per_sample_grad(func)(chosen, data)
+            # torch's shape checks fail as these under vmap: the loss's own error, explained if we can
+            with explained(func, chosen, data, name, kinds=(ValueError, IndexError, TypeError, AssertionError)):
+                return per_sample_grad(func)(chosen, data)
         except RuntimeError as error:
             if isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error) \
                     or "can't allocate memory" in str(error):
                 raise
             vmap_error = error
-        except (ValueError, IndexError, TypeError, AssertionError) as error:  # torch's shape checks, under vmap
-            hint = own_batch_dimension(func, chosen, data, name)
-            if hint is not None:
-                raise hint from error
-            raise
-        try:
+        with explained(func, chosen, data, name):  # the loop fails too: the user's error
             grads = per_sample_grad_loop(func)(chosen, data)
-        except Exception as error:  # noqa: BLE001 - the loop fails too: the user's error, explained if we can
-            hint = own_batch_dimension(func, chosen, data, name)
-            if hint is not None:
-                raise hint from error
-            raise
         self._vmap_failed = True
         warn(
             f"torch.func.vmap cannot trace {name} ({str(vmap_error).splitlines()[0][:200]}); "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import torch
@@ -19,7 +20,8 @@ from torch.utils.data import (
 from torch.utils.data._utils.collate import default_collate
 from tqdm.auto import tqdm
 
-__all__ = ["check_loader", "batches", "concatenate", "take", "batch_size", "fingerprint", "own_batch_dimension"]
+__all__ = ["check_loader", "batches", "concatenate", "take", "batch_size", "fingerprint", "own_batch_dimension",
+           "explained"]
 
 
 _RANDOM_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
@@ -175,9 +177,7 @@ def concatenate(loader: Iterable[Any], device: torch.device) -> Any:
             return type(first)(x for v in values for x in v)
         if isinstance(first, (list, tuple)) and all(len(v) == len(first) for v in values):
             return type(first)(join([v[i] for v in values], f"{path}[{i}]") for i in range(len(first)))
-        if all(v is first or (torch.equal(v, first) if isinstance(v, torch.Tensor) and isinstance(first, torch.Tensor)
-                              and v.shape == first.shape else not isinstance(v, torch.Tensor) and v == first)
-               for v in values):
+        if all(_same(v, first) for v in values):
             return first
         raise ValueError(f"batches: field {path or 'batch'} is neither one value per example nor the same in "
                          "every batch, so the batches cannot be joined")
@@ -193,6 +193,13 @@ def batch_size(batch: tuple) -> int:
     raise ValueError("batch: holds no tensor with a batch dimension")
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Two shared field values are equal (tensors by content)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    return a is b or a == b
+
+
 def _tensor_print(t: torch.Tensor) -> tuple:
     """Identity, layout, in-place version and a sampled sum: changes when the tensor's content is written."""
     flat = t.detach().reshape(-1)
@@ -205,6 +212,8 @@ def _tensor_print(t: torch.Tensor) -> tuple:
 def fingerprint(loader: Any) -> tuple:
     """A cheap key that changes when a loader's data changes, in place or by length.
 
+    Which loader it belongs to is the holder's to check (caches keep the loader itself).
+
     For a ``DataLoader`` over a ``TensorDataset`` and for a list of batches, every
     tensor's storage, shape, in-place version counter and a sampled sum (at most
     4096 entries each); for other datasets only the dataset object and its length, so
@@ -214,12 +223,11 @@ def fingerprint(loader: Any) -> tuple:
         dataset = loader.dataset
         size = len(dataset) if hasattr(dataset, "__len__") else None
         content = tuple(_tensor_print(t) for t in dataset.tensors) if isinstance(dataset, TensorDataset) else ()
-        return (id(loader), id(dataset), size, content)
+        return (size, content)
     if isinstance(loader, (list, tuple)):
         leaves = pytree.tree_leaves(list(loader))
-        return (id(loader), len(loader), tuple(_tensor_print(t) if isinstance(t, torch.Tensor) else repr(t)[:64]
-                                               for t in leaves))
-    return (id(loader),)
+        return (len(loader), tuple(_tensor_print(t) if isinstance(t, torch.Tensor) else repr(t)[:64] for t in leaves))
+    return ()
 
 
 def own_batch_dimension(func: Any, params: Any, batch: Any, name: str) -> Optional[ValueError]:
@@ -249,3 +257,16 @@ def own_batch_dimension(func: Any, params: Any, batch: Any, name: str) -> Option
         "dimension, so it adds that dimension itself (an unsqueeze(0), as losses written for dattri's per-example "
         "calls do). This library presents every example as a batch of one: remove the unsqueeze(0) calls"
     )
+
+
+@contextlib.contextmanager
+def explained(func: Any, params: Any, batch: Any, name: str, kinds: tuple = (Exception,)) -> Iterator[None]:
+    """Run a block that calls ``func`` on ``batch``; an error of ``kinds`` from it is replaced by
+    :func:`own_batch_dimension`'s explanation when that applies, and raised as it is otherwise."""
+    try:
+        yield
+    except kinds as error:
+        hint = own_batch_dimension(func, params, batch, name)
+        if hint is not None:
+            raise hint from error
+        raise

@@ -37,7 +37,7 @@ from attrib_core import (
 
 from .base import BaseInnerProductAttributor
 from .checks import nonnegative, positive, positive_int
-from .data import batch_size as examples_in, batches, check_loader, concatenate, own_batch_dimension, take
+from .data import batch_size as examples_in, batches, check_loader, concatenate, explained, take
 from .solver_reports import report_cg, report_lissa
 from .task import AttributionTask
 from .user_warning import warn
@@ -72,14 +72,9 @@ class _FullTrainingLoss(BaseInnerProductAttributor):
         chosen, fixed = self._split_params(ckpt_idx)
         data = concatenate(self.full_train_dataloader, self.device)
         f = self._restricted(self.task.loss_func, fixed)
-        try:  # one forward pass before any Hessian work, so that a loss that cannot run says why
-            with torch.no_grad():
-                f(chosen, data)
-        except Exception as error:  # noqa: BLE001 - explained if it adds its own batch dimension
-            hint = own_batch_dimension(f, chosen, data, "loss_func")
-            if hint is not None:
-                raise hint from error
-            raise
+        # One forward pass before any Hessian work, so that a loss that cannot run says why.
+        with explained(f, chosen, data, "loss_func"), torch.no_grad():
+            f(chosen, data)
         return f, chosen, data
 
 

@@ -185,9 +185,14 @@ class RPSAttributor(BaseAttributor):
         labels = labels.reshape(-1).long()
         if not self.binary:
             return alpha[:, labels]
+        return alpha[:, :1] * self._label_signs(labels).to(alpha.dtype)[None, :]
+
+    def _label_signs(self, labels: Tensor) -> Tensor:
+        """``+1`` for label 1 and ``-1`` for label 0: a binary head's logit is the evidence for label 1."""
+        labels = labels.reshape(-1).long()
         if bool(((labels != 0) & (labels != 1)).any()):
             raise ValueError("labels: a binary head (one output) needs labels 0 or 1")
-        return alpha[:, :1] * (2 * labels - 1).to(alpha.dtype)[None, :]
+        return 2 * labels - 1
 
     def _train_side(self, loader: Any) -> Tuple[Tensor, Tensor]:
         """Features and representer weights of a training loader (kept for the cached one)."""
@@ -220,8 +225,7 @@ class RPSAttributor(BaseAttributor):
         features, labels, targets = self._layer_io(loader)
         alpha = self._alpha_for(features, targets)
         if self.binary:
-            self._label_columns(alpha[:1], labels)  # checks the labels are 0/1
-            own = alpha[:, 0] * (2 * labels.reshape(-1).long() - 1).to(alpha.dtype)
+            own = alpha[:, 0] * self._label_signs(labels).to(alpha.dtype)
         else:
             own = alpha.gather(1, labels.reshape(-1, 1).long()).squeeze(1)
         return ((features * features).sum(1) * own).to(torch.float32)

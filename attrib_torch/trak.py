@@ -11,7 +11,7 @@ from attrib_core import solve_explicit
 
 from .base import BaseInnerProductAttributor
 from .checks import nonnegative
-from .data import batch_size, batches, check_loader, fingerprint, own_batch_dimension, take
+from .data import batch_size, batches, check_loader, explained, fingerprint, take
 from .projection import projector_from_kwargs
 from .task import AttributionTask
 
@@ -85,27 +85,18 @@ class TRAKAttributor(BaseInnerProductAttributor):
         params = {k: v.to(self.device) for k, v in self.task.params(ckpt_idx).items()}
         parts = []
         for batch in batches(loader, self.device):
-            with torch.no_grad():
-                try:
+            with explained(self.correct_probability_func, params, batch, "correct_probability_func"):
+                with torch.no_grad():
                     p = self.correct_probability_func(params, batch)
-                except Exception as error:  # noqa: BLE001 - explained if it adds its own batch dimension
-                    hint = own_batch_dimension(self.correct_probability_func, params, batch,
-                                               "correct_probability_func")
-                    if hint is not None:
-                        raise hint from error
-                    raise
-                if p.dim() == 0:  # written for one example: apply it to each, as a batch of one
-                    p = torch.stack([
-                        self.correct_probability_func(params, take(batch, slice(i, i + 1)))
-                        for i in range(batch_size(batch))
-                    ])
-            p = p.reshape(-1)
-            if p.numel() != batch_size(batch):
-                hint = own_batch_dimension(self.correct_probability_func, params, batch, "correct_probability_func")
-                if hint is not None:
-                    raise hint
-                raise ValueError(f"correct_probability_func: returned {p.numel()} probabilities for a batch of "
-                                 f"{batch_size(batch)} examples; expected one per example")
+                    if p.dim() == 0:  # written for one example: apply it to each, as a batch of one
+                        p = torch.stack([
+                            self.correct_probability_func(params, take(batch, slice(i, i + 1)))
+                            for i in range(batch_size(batch))
+                        ])
+                p = p.reshape(-1)
+                if p.numel() != batch_size(batch):
+                    raise ValueError(f"correct_probability_func: returned {p.numel()} probabilities for a batch "
+                                     f"of {batch_size(batch)} examples; expected one per example")
             if not bool(((p >= 0) & (p <= 1)).all()):  # p = 1 (a confident model) gives Q = 0, as in TRAK
                 raise ValueError("correct_probability_func: returned probabilities outside [0, 1] (or NaN)")
             parts.append(p.double())
