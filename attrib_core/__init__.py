@@ -8,9 +8,9 @@ state between calls. See ``DESIGN.md`` for the conventions (parameters as
 
 from .ablation import Ablation, ablate, layer_ablation, prepare_ablation
 from .arnoldi import ArnoldiResult, ArnoldiState, SpectralProjector, arnoldi, spectral_projector
-from .cg import CGSolution, CGState, cg
+from .cg import CGState, cg
 from .curvature import fvp, gnvp, hessian, hvp, make_fvp, make_gnvp, make_hvp
-from .datainf import DataInfSolution, datainf, datainf_damping
+from .datainf import datainf, datainf_damping
 from .diagonal import hutchinson_diagonal, jacobi
 from .factored import (
     concat_captured,
@@ -25,7 +25,7 @@ from .gradients import per_sample_grad, per_sample_grad_loop
 from .kfac import EKFAC, EKFACLayer, KFACFactors, LayerFactors, ekfac, kfac_factors
 from .two_sided import project_factors, project_gradient, side_seed
 from .layer_capture import Captured, DirectParameterUse, LayerSpec, capture, capture_per_example, layer_specs
-from .lissa import LissaSolution, LissaState, lissa
+from .lissa import LissaState, lissa
 from .metrics import (
     BrittlenessResult,
     LDSResult,
@@ -39,13 +39,8 @@ from .metrics import (
 from .nystrom import NystromApprox, nystrom
 from .projector import Projector, projector
 from .scores import TopK, cosine, inner_products, self_scores, topk_scores
-from .solve_explicit import (
-    ExplicitFactor,
-    ExplicitSolution,
-    factor_explicit,
-    solve_explicit,
-    solve_factored,
-)
+from .solution import Factorisation, Solution, Status
+from .solve_explicit import ExplicitFactor, factor_explicit, solve_explicit
 from .trees import ravel, select, split_by_module
 
 __all__ = [
@@ -62,17 +57,16 @@ __all__ = [
     "make_fvp",
     "hessian",
     "fold",
+    "Solution",
+    "Status",
+    "Factorisation",
     "solve_explicit",
     "factor_explicit",
-    "solve_factored",
     "ExplicitFactor",
-    "ExplicitSolution",
     "cg",
     "CGState",
-    "CGSolution",
     "lissa",
     "LissaState",
-    "LissaSolution",
     "arnoldi",
     "ArnoldiState",
     "ArnoldiResult",
@@ -80,7 +74,6 @@ __all__ = [
     "SpectralProjector",
     "datainf",
     "datainf_damping",
-    "DataInfSolution",
     "kfac_factors",
     "KFACFactors",
     "LayerFactors",

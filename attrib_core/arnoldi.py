@@ -8,8 +8,9 @@ from typing import Callable, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from ._checks import as_operator, check_count, check_finite, check_nonnegative
+from ._checks import as_block, as_operator, check_count, check_finite, check_nonnegative
 from .fold import fold
+from .solution import Solution, Status, solution
 
 __all__ = ["ArnoldiState", "ArnoldiResult", "arnoldi", "SpectralProjector", "spectral_projector"]
 
@@ -27,7 +28,7 @@ class ArnoldiResult(NamedTuple):
     Attributes:
         eigenvalues: ``(top_k,)``, by decreasing magnitude.
         eigenvectors: ``(top_k, dim)``, orthonormal rows.
-        steps: the Krylov dimension built (``<= n_iter``).
+        steps: the Krylov dimension built (``<= max_steps``).
         residuals: ``(top_k,)``, ``‖A u - λ u‖`` for each pair, from the recurrence
             (``|β_m s_{m,i}|``); small means converged.
         breakdown: the iteration stopped early on an invariant subspace (then the
@@ -45,7 +46,7 @@ def arnoldi(
     mv: Union[Callable[[Tensor], Tensor], Tensor],
     dim: int,
     *,
-    n_iter: int = 100,
+    max_steps: int = 100,
     top_k: int = 20,
     seed: int = 0,
     tol: float = 1e-10,
@@ -66,7 +67,7 @@ def arnoldi(
         mv: ``A`` as an operator on blocks ``(k, dim) -> (k, dim)`` (called with
             ``k = 1``), or a symmetric ``(dim, dim)`` matrix.
         dim: the operator's size ``P``.
-        n_iter: Krylov dimension to build (clamped to ``dim``); must be ``>= top_k``.
+        max_steps: Krylov dimension to build (clamped to ``dim``); must be ``>= top_k``.
         top_k: eigenpairs kept, by largest ``|λ|``; ``1 <= top_k <= dim``.
         seed: seeds the random start vector (torch's global RNG is not touched).
         tol: stop when the new direction's norm falls below ``tol`` times the norm
@@ -79,10 +80,10 @@ def arnoldi(
     top_k = check_count(top_k, "top_k")
     if top_k > dim:
         raise ValueError(f"top_k: cannot exceed dim={dim}, got {top_k}")
-    n_iter = check_count(n_iter, "n_iter")
-    if n_iter < top_k:
-        raise ValueError(f"n_iter: must be >= top_k={top_k} to produce that many pairs, got {n_iter}")
-    n_iter = min(n_iter, dim)
+    max_steps = check_count(max_steps, "max_steps")
+    if max_steps < top_k:
+        raise ValueError(f"max_steps: must be >= top_k={top_k} to produce that many pairs, got {max_steps}")
+    max_steps = min(max_steps, dim)
     tol = check_nonnegative(tol, "tol")
     seed = check_count(seed, "seed", minimum=0)
     operator = as_operator(mv, dim)
@@ -105,7 +106,7 @@ def arnoldi(
             return ArnoldiState(s.basis, s.columns + (column,), True)
         return ArnoldiState(torch.cat([s.basis, (w / beta).unsqueeze(0)]), s.columns + (column,), False)
 
-    final = fold(step, state, n_iter, done=lambda s: s.breakdown)
+    final = fold(step, state, max_steps, done=lambda s: s.breakdown)
     m = len(final.columns)
     if m < top_k:
         warnings.warn(
@@ -151,6 +152,24 @@ class SpectralProjector(NamedTuple):
     def __call__(self, G: Tensor) -> Tensor:
         """Project ``G`` ``(n, dim)`` (or ``(dim,)``) to ``(n, r)``."""
         return (G.to(self.vectors.dtype) @ self.vectors.T) * self.scales
+
+    def solve(self, B: Tensor) -> Solution:
+        """``Uᵀ |Λ + damping|⁻¹ U b`` for the rows of ``B`` ``(k, dim)``: the inverse on the kept subspace.
+
+        ``status`` is ``INDEFINITE`` where negative eigenpairs were dropped or
+        reflected (``n_negative > 0``), else ``CONVERGED``; ``stats`` holds
+        ``n_negative`` and ``n_small``.
+        """
+        block, single = as_block(B, self.vectors.shape[1], name="B")
+        x = (self(block) * self.scales) @ self.vectors
+        status = Status.INDEFINITE if self.n_negative else Status.CONVERGED
+        return solution(x, status, 0, single=single, n_negative=self.n_negative, n_small=self.n_small)
+
+    def matvec(self, V: Tensor) -> Tensor:
+        """``Uᵀ |Λ + damping| U v`` for the rows of ``V`` ``(k, dim)``: the operator on the kept subspace."""
+        block, single = as_block(V, self.vectors.shape[1])
+        out = ((block.to(self.vectors.dtype) @ self.vectors.T) * self.eigenvalues) @ self.vectors
+        return out[0] if single else out
 
 
 def spectral_projector(

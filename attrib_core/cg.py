@@ -9,8 +9,9 @@ from torch import Tensor
 
 from ._checks import as_block, as_operator, block_width, check_callable, check_count, check_nonnegative
 from .fold import fold
+from .solution import Solution, Status, solution
 
-__all__ = ["CGState", "CGSolution", "cg"]
+__all__ = ["CGState", "cg"]
 
 
 class CGState(NamedTuple):
@@ -22,22 +23,7 @@ class CGState(NamedTuple):
     rho: Tensor  # (k,) r · M r
     active: Tensor  # (k,) bool: still iterating
     steps: Tensor  # (k,) int: steps this column took
-
-
-class CGSolution(NamedTuple):
-    """``x`` (``k, P``) solves ``(A + damping I) x = b`` row by row.
-
-    ``steps`` (``k,``) counts the iterations each right-hand side took,
-    ``residual_norm`` (``k,``) is ``||b - (A + damping I) x||`` as tracked by the
-    recurrence, and ``converged`` (``k,``) says whether it reached
-    ``max(tol * ||b||, atol)``. For a single ``(P,)`` right-hand side the
-    diagnostics are 0-d.
-    """
-
-    x: Tensor
-    steps: Tensor
-    residual_norm: Tensor
-    converged: Tensor
+    indefinite: Tensor  # (k,) bool: met a direction of curvature pᵀ A p <= 0
 
 
 def cg(
@@ -46,11 +32,11 @@ def cg(
     *,
     tol: float = 1e-5,
     atol: float = 0.0,
-    max_iter: Optional[int] = None,
+    max_steps: Optional[int] = None,
     damping: float = 0.0,
     x0: Optional[Tensor] = None,
     preconditioner: Optional[Callable[[Tensor], Tensor]] = None,
-) -> CGSolution:
+) -> Solution:
     """Solve ``(A + damping I) x = b`` for every row ``b`` of ``B`` by (preconditioned) conjugate gradient.
 
     Hestenes & Stiefel (1952). All ``k`` systems advance together, one operator
@@ -65,14 +51,19 @@ def cg(
         B: right-hand sides ``(k, P)``, or one ``(P,)`` (then ``x`` is ``(P,)`` too).
         tol: relative tolerance on the residual norm, ``>= 0``.
         atol: absolute tolerance on the residual norm, ``>= 0``.
-        max_iter: most iterations, ``>= 1``; default ``10 * P``.
+        max_steps: most iterations, ``>= 1``; default ``10 * P``.
         damping: ``>= 0``, added to the diagonal of ``A``.
         x0: initial guess shaped like ``B``; default zeros.
         preconditioner: ``M ≈ (A + damping I)^{-1}`` as an operator ``(k, P) -> (k, P)``.
 
     Returns:
-        :class:`CGSolution`. A column whose curvature ``pᵀ A p`` is zero (breakdown)
-        or whose residual turns non-finite stops and is reported as not converged.
+        :class:`Solution` with ``stats["residual_norm"]`` (``k,``), ``||b - (A + damping I) x||``
+        as tracked by the recurrence, and ``stats["threshold"]`` (``k,``), the norm it
+        had to reach. ``status`` is ``DIVERGED`` for a non-finite residual, else
+        ``INDEFINITE`` where a search direction met curvature ``pᵀ A p <= 0`` (a column
+        stops at zero curvature and goes on at negative curvature, as SciPy's does; it
+        may still reach the threshold, but ``A + damping I`` is not positive definite),
+        else ``CONVERGED`` within the threshold, ``MAX_STEPS`` otherwise.
     """
     operator = as_operator(mv, block_width(B, "B"))
     block, single = as_block(B, block_width(B, "B"), name="B")
@@ -80,7 +71,7 @@ def cg(
     atol = check_nonnegative(atol, "atol")
     damping = check_nonnegative(damping, "damping")
     width = block.shape[1]
-    max_iter = 10 * width if max_iter is None else check_count(max_iter, "max_iter")
+    max_steps = 10 * width if max_steps is None else check_count(max_steps, "max_steps")
     if preconditioner is not None:
         check_callable(preconditioner, "preconditioner")
     dtype = torch.promote_types(block.dtype, torch.float32)
@@ -110,6 +101,7 @@ def cg(
         rho=(r * z).sum(1),
         active=r.norm(dim=1) > threshold,
         steps=torch.zeros(k, dtype=torch.long, device=block.device),
+        indefinite=torch.zeros(k, dtype=torch.bool, device=block.device),
     )
 
     def step(s: CGState) -> CGState:
@@ -125,11 +117,14 @@ def cg(
         p = torch.where(moving.unsqueeze(1), z + beta.unsqueeze(1) * s.p, s.p)
         norm = r.norm(dim=1)
         active = moving & (norm > threshold) & torch.isfinite(norm)
-        return CGState(x, r, p, torch.where(moving, rho, s.rho), active, s.steps + moving.long())
+        indefinite = s.indefinite | (s.active & ~(curvature > 0))
+        return CGState(x, r, p, torch.where(moving, rho, s.rho), active, s.steps + moving.long(), indefinite)
 
-    final = fold(step, state, max_iter, done=lambda s: not bool(s.active.any()))
+    final = fold(step, state, max_steps, done=lambda s: not bool(s.active.any()))
     norm = final.r.norm(dim=1)
-    converged = torch.isfinite(norm) & (norm <= threshold)
-    if single:
-        return CGSolution(final.x[0], final.steps[0], norm[0], converged[0])
-    return CGSolution(final.x, final.steps, norm, converged)
+    status = torch.full_like(final.steps, Status.MAX_STEPS)
+    status[torch.isfinite(norm) & (norm <= threshold)] = Status.CONVERGED
+    status[final.indefinite] = Status.INDEFINITE
+    status[~torch.isfinite(norm)] = Status.DIVERGED
+    return solution(final.x, status, final.steps, single=single,
+                    per_row={"residual_norm": norm, "threshold": threshold})

@@ -9,22 +9,12 @@ import torch
 from torch import Tensor
 
 from ._checks import as_block, check_finite
+from .solution import Solution, Status, solution
 
-__all__ = ["DataInfSolution", "datainf", "datainf_damping"]
+__all__ = ["datainf", "datainf_damping"]
 
 LayerTensors = Union[Mapping[str, Tensor], Sequence[Tensor]]
 Damping = Union[None, float, Sequence[float], Mapping[str, float]]
-
-
-class DataInfSolution(NamedTuple):
-    """``x`` holds, per layer, the approximate inverse applied to ``V`` (``k, P_l``), in the input's structure.
-
-    ``damping`` is the ``λ_l`` used for each layer (the heuristic's value when
-    none was given), in the same structure.
-    """
-
-    x: LayerTensors
-    damping: LayerTensors
 
 
 def datainf_damping(layer_grads: LayerTensors) -> LayerTensors:
@@ -43,8 +33,8 @@ def _heuristic(g: Tensor) -> Tensor:
     return 0.1 * g.pow(2).sum(1).mean() / g.shape[1]
 
 
-def datainf(layer_grads: LayerTensors, V: LayerTensors, *, damping: Damping = None) -> DataInfSolution:
-    """Apply DataInf's approximation of ``(G_l + λ_l I)⁻¹`` to ``V``, layer by layer.
+def datainf(layer_grads: LayerTensors, B: LayerTensors, *, damping: Damping = None) -> Solution:
+    """Apply DataInf's approximation of ``(G_l + λ_l I)⁻¹`` to ``B``, layer by layer.
 
     Kwon, Wu, Wu & Zou, "DataInf: Efficiently Estimating Data Influence in
     LoRA-tuned LLMs and Diffusion Models" (ICLR 2024). With ``g_i`` the training
@@ -57,24 +47,29 @@ def datainf(layer_grads: LayerTensors, V: LayerTensors, *, damping: Damping = No
 
     Args:
         layer_grads: per-layer training gradients ``(n, P_l)``, a dict or a list.
-        V: per-layer vectors to transform ``(k, P_l)`` (or ``(P_l,)``), in the same
-            structure (same keys, or same length).
+        B: per-layer right-hand sides ``(k, P_l)`` (or ``(P_l,)``), in the same
+            structure (same keys, or same length), the same ``k`` for every layer.
         damping: ``λ``: one number for all layers, one per layer (a list, or a dict
             by layer name), or None for the paper's heuristic
             (:func:`datainf_damping`). Every ``λ_l`` must be ``> 0``: the formula
             divides by it.
 
     Returns:
-        :class:`DataInfSolution`.
+        :class:`Solution` whose ``x`` holds, per layer, the approximate inverse applied to
+        ``B`` (``k, P_l``), in ``B``'s structure; ``status`` is ``CONVERGED`` (a closed form)
+        and ``stats["damping"]`` the ``λ_l`` used for each layer (the heuristic's value
+        when none was given), in the same structure.
     """
     keys, grads = _layers(layer_grads, "layer_grads")
-    v_keys, vectors = _layers(V, "V", allow_vector=True)
+    v_keys, vectors = _layers(B, "B", allow_vector=True)
     if v_keys != keys:
-        raise ValueError(f"V: expected the layers {keys} of layer_grads, got {v_keys}")
+        raise ValueError(f"B: expected the layers {keys} of layer_grads, got {v_keys}")
+    if len({v.shape[0] if v.dim() == 2 else None for v in vectors}) != 1:
+        raise ValueError(f"B: every layer needs the same right-hand sides, got shapes {[tuple(v.shape) for v in vectors]}")
     lambdas = _damping_values(damping, keys, grads)
     solved = []
-    for g, v, lam in zip(grads, vectors, lambdas):
-        block, single = as_block(v, g.shape[1], name="V")
+    for key, g, v, lam in zip(keys, grads, vectors, lambdas):
+        block, single = as_block(v, g.shape[1], name=f"B[{key!r}]")
         dtype = torch.promote_types(torch.promote_types(g.dtype, block.dtype), torch.float32)
         g, block = g.to(dtype), block.to(dtype)
         n = g.shape[0]
@@ -82,7 +77,8 @@ def datainf(layer_grads: LayerTensors, V: LayerTensors, *, damping: Damping = No
         x = (block - coef @ g / n) / lam
         solved.append(x[0] if single else x)
     lambda_tensors = [torch.as_tensor(lam, dtype=x.dtype) for lam, x in zip(lambdas, solved)]
-    return DataInfSolution(_like(layer_grads, keys, solved), _like(layer_grads, keys, lambda_tensors))
+    return solution(_like(layer_grads, keys, solved), Status.CONVERGED, 0, single=single, like=block,
+                    damping=_like(layer_grads, keys, lambda_tensors))
 
 
 def _layers(tree: LayerTensors, name: str, allow_vector: bool = False) -> tuple[list, list[Tensor]]:

@@ -26,6 +26,7 @@ from opt_einsum import contract
 from torch import Tensor, nn
 
 from ._checks import as_block, check_nonnegative
+from .solution import Solution, Status, solution
 from .layer_capture import Captured, LayerSpec, capture, capture_per_example, layer_specs
 
 __all__ = ["LayerFactors", "KFACFactors", "kfac_factors", "EKFACLayer", "EKFAC", "ekfac"]
@@ -135,18 +136,20 @@ class EKFAC(NamedTuple):
         """``(F̂ + damping I)`` applied to the rows of ``V`` ``(k, dim)``."""
         return self._apply(V, lambda lam, d: lam + d, self._per_layer(damping))
 
-    def solve(self, V: Tensor, *, damping: Damping) -> Tensor:
-        """``(F̂ + damping I)⁻¹`` applied to the rows of ``V`` ``(k, dim)``: rotate, divide, rotate back.
+    def solve(self, B: Tensor, *, damping: Damping) -> Solution:
+        """``(F̂ + damping I)⁻¹`` applied to the rows of ``B`` ``(k, dim)``: rotate, divide, rotate back.
 
-        ``damping`` is one number for every layer, or one per layer (in ``layers``
-        order), e.g. :meth:`heuristic_damping`.
+        Exact for ``F̂`` (``status`` ``CONVERGED``). ``damping`` is one number for
+        every layer, or one per layer (in ``layers`` order), e.g. :meth:`heuristic_damping`.
         """
         dampings = self._per_layer(damping)
         singular = [layer.spec.module for layer, d in zip(self.layers, dampings)
                     if d == 0 and bool((layer.eigenvalues <= 0).any())]
         if singular:
             raise ValueError(f"damping: layers {singular} have eigenvalues 0, so F̂ is singular; pass damping > 0")
-        return self._apply(V, lambda lam, d: 1.0 / (lam + d), dampings)
+        block, single = as_block(B, self.dim, name="B")
+        x = self._apply(block, lambda lam, d: 1.0 / (lam + d), dampings)
+        return solution(x, Status.CONVERGED, 0, single=single, damping=tuple(dampings))
 
     def heuristic_damping(self, factor: float = 0.1) -> tuple[float, ...]:
         """Per layer, ``factor`` times the mean of its eigenvalues (Grosse et al., 2023; kronfluence's heuristic)."""
@@ -170,7 +173,7 @@ class EKFAC(NamedTuple):
                     f"preconditioner: EK-FAC covers {self.dim} parameters ({list(self.names)}), "
                     f"got vectors of width {R.shape[-1]}"
                 )
-            return self.solve(R, damping=damping)
+            return self.solve(R, damping=damping).x
 
         return apply
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ._checks import as_block, as_operator, check_count, check_finite, check_nonnegative
+from .solution import Solution, Status, solution
 
 __all__ = ["NystromApprox", "nystrom"]
 
@@ -25,13 +26,13 @@ class NystromApprox(NamedTuple):
     eigenvectors: Tensor
     shift: float
 
-    def solve(self, V: Tensor, *, damping: float) -> Tensor:
-        """``(Â + damping I)⁻¹`` applied to the rows of ``V`` ``(k, dim)``.
+    def solve(self, B: Tensor, *, damping: float) -> Solution:
+        """``(Â + damping I)⁻¹`` applied to the rows of ``B`` ``(k, dim)``, exactly (``status`` ``CONVERGED``).
 
-        ``= U (Λ + μ)⁻¹ Uᵀ v + (v - U Uᵀ v) / μ``; at full rank the second term
+        ``= U (Λ + μ)⁻¹ Uᵀ b + (b - U Uᵀ b) / μ``; at full rank the second term
         vanishes and ``damping = 0`` is allowed when every ``λ > 0``.
         """
-        block, single = as_block(V, self.eigenvectors.shape[1])
+        block, single = as_block(B, self.eigenvectors.shape[1], name="B")
         mu = check_nonnegative(damping, "damping")
         full = self.eigenvectors.shape[0] == self.eigenvectors.shape[1]
         if mu == 0 and not (full and bool((self.eigenvalues > 0).all())):
@@ -45,7 +46,17 @@ class NystromApprox(NamedTuple):
         if not full:
             x = x + (block.to(U.dtype) - coords @ U) / mu
         x = x.to(torch.promote_types(block.dtype, torch.float32))
-        return x[0] if single else x
+        return solution(x, Status.CONVERGED, 0, single=single, rank=U.shape[0])
+
+    def matvec(self, V: Tensor, *, damping: float = 0.0) -> Tensor:
+        """``(Â + damping I)`` applied to the rows of ``V`` ``(k, dim)``."""
+        block, single = as_block(V, self.eigenvectors.shape[1])
+        mu = check_nonnegative(damping, "damping")
+        U = self.eigenvectors
+        rows = block.to(U.dtype)
+        out = ((rows @ U.T) * self.eigenvalues) @ U + mu * rows
+        out = out.to(torch.promote_types(block.dtype, torch.float32))
+        return out[0] if single else out
 
     def preconditioner(self, *, damping: float) -> Callable[[Tensor], Tensor]:
         """The Nyström preconditioner for ``A + damping I`` (Frangella, Tropp & Udell, 2023).

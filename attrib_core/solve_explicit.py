@@ -1,4 +1,4 @@
-"""Direct solves with an explicit (dense) Hessian: Cholesky, with an eigendecomposition fallback."""
+"""Direct solves with an explicit (dense) Hessian: Cholesky, with LDLᵀ and eigendecomposition fallbacks."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import torch
 from torch import Tensor
 
 from ._checks import as_block, check_finite, check_nonnegative
+from .solution import Solution, Status, solution
 
-__all__ = ["ExplicitFactor", "ExplicitSolution", "factor_explicit", "solve_factored", "solve_explicit"]
+__all__ = ["ExplicitFactor", "factor_explicit", "solve_explicit"]
 
 
 class ExplicitFactor(NamedTuple):
@@ -19,12 +20,13 @@ class ExplicitFactor(NamedTuple):
         method: ``"cholesky"`` (``A`` positive definite), ``"ldl"`` (indefinite but
             nonsingular: Bunch-Kaufman ``LDLᵀ``), or ``"eigh"`` (singular to working
             precision: eigendecomposition with the null directions dropped).
-        positive_definite: whether the Cholesky factorisation succeeded.
         factor: the lower Cholesky factor ``L``, the compact ``LD`` factor, or the
             eigenvectors ``U`` (``P, P``).
         pivots: the ``LDLᵀ`` pivots (``"ldl"`` only; else None).
+        eigenvalues: for ``"eigh"``, the eigenvalues of ``A``; else None.
         inverse_eigenvalues: for ``"eigh"``, ``1 / lambda_i`` with eigenvalues of
             magnitude at most ``rcond * max|lambda|`` set to 0 (dropped); else None.
+        matrix: ``A`` itself (``"ldl"`` only, for :meth:`matvec`; else None).
         min_eigenvalue: the smallest eigenvalue of ``A`` (``"eigh"`` only; None otherwise).
         n_negative: eigenvalues of ``A`` below zero (from the inertia of ``D`` for
             ``"ldl"``, by Sylvester's law; 0 for ``"cholesky"``).
@@ -32,24 +34,58 @@ class ExplicitFactor(NamedTuple):
     """
 
     method: str
-    positive_definite: bool
     factor: Tensor
     pivots: Optional[Tensor]
+    eigenvalues: Optional[Tensor]
     inverse_eigenvalues: Optional[Tensor]
+    matrix: Optional[Tensor]
     min_eigenvalue: Optional[float]
     n_negative: int
     n_dropped: int
 
+    @property
+    def positive_definite(self) -> bool:
+        """Whether ``A`` is positive definite (the Cholesky factorisation succeeded)."""
+        return self.method == "cholesky"
 
-class ExplicitSolution(NamedTuple):
-    """``x`` solves ``(H + damping * I) x = b`` for every row ``b``; the rest are diagnostics."""
+    def solve(self, B: Tensor) -> Solution:
+        """``A⁻¹`` applied to the rows of ``B`` ``(k, P)`` (a pseudo-inverse on dropped directions).
 
-    x: Tensor
-    method: str
-    positive_definite: bool
-    min_eigenvalue: Optional[float]
-    n_negative: int
-    n_dropped: int
+        Computed, and returned, in the wider of ``B``'s dtype and the factorisation's
+        (at least float32), on their common device. ``status`` is ``CONVERGED`` for a
+        positive definite ``A``, else ``INDEFINITE``; ``stats`` holds ``method``,
+        ``min_eigenvalue``, ``n_negative`` and ``n_dropped``.
+        """
+        single, rhs = self._block(B)
+        if self.method == "cholesky":
+            x = torch.cholesky_solve(rhs.T, self.factor.to(rhs.dtype)).T
+        elif self.method == "ldl":
+            x = torch.linalg.ldl_solve(self.factor.to(rhs.dtype), self.pivots, rhs.T).T
+        else:
+            U = self.factor.to(rhs.dtype)
+            x = ((rhs @ U) * self.inverse_eigenvalues.to(rhs.dtype)) @ U.T
+        status = Status.CONVERGED if self.positive_definite else Status.INDEFINITE
+        return solution(x, status, 0, single=single, method=self.method, min_eigenvalue=self.min_eigenvalue,
+                        n_negative=self.n_negative, n_dropped=self.n_dropped)
+
+    def matvec(self, V: Tensor) -> Tensor:
+        """``A`` applied to the rows of ``V`` ``(k, P)``."""
+        single, rows = self._block(V, "V")
+        if self.method == "cholesky":
+            L = self.factor.to(rows.dtype)
+            out = (rows @ L) @ L.T
+        elif self.method == "ldl":
+            out = rows @ self.matrix.to(rows.dtype)
+        else:
+            U = self.factor.to(rows.dtype)
+            out = ((rows @ U) * self.eigenvalues.to(rows.dtype)) @ U.T
+        return out[0] if single else out
+
+    def _block(self, B: Tensor, name: str = "B") -> tuple[bool, Tensor]:
+        block, single = as_block(B, self.factor.shape[0], name=name)
+        if block.device != self.factor.device:
+            raise ValueError(f"{name}: is on {block.device} but the factorisation is on {self.factor.device}")
+        return single, block.to(torch.promote_types(block.dtype, self.factor.dtype))
 
 
 def factor_explicit(H: Tensor, *, damping: float = 0.0, rcond: Optional[float] = None) -> ExplicitFactor:
@@ -86,22 +122,23 @@ def factor_explicit(H: Tensor, *, damping: float = 0.0, rcond: Optional[float] =
         A = A + damping * torch.eye(A.shape[0], dtype=dtype, device=A.device)
     L, info = torch.linalg.cholesky_ex(A)
     if int(info) == 0:
-        return ExplicitFactor("cholesky", True, L, None, None, None, 0, 0)
+        return ExplicitFactor("cholesky", L, None, None, None, None, None, 0, 0)
     LD, pivots, info = torch.linalg.ldl_factor_ex(A)
     if int(info) == 0:
         negative = _negative_inertia(LD, pivots)
         if negative is not None:
-            return ExplicitFactor("ldl", False, LD, pivots, None, None, negative, 0)
+            return ExplicitFactor("ldl", LD, pivots, None, None, A, None, negative, 0)
     evals, evecs = torch.linalg.eigh(A)
     cutoff = (rcond if rcond is not None else A.shape[0] * torch.finfo(dtype).eps) * evals.abs().max()
     keep = evals.abs() > cutoff
     inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), torch.zeros_like(evals))
     return ExplicitFactor(
         "eigh",
-        False,
         evecs,
         None,
+        evals,
         inv,
+        None,
         float(evals.min()),
         int((evals < 0).sum()),
         int((~keep).sum()),
@@ -135,47 +172,18 @@ def _negative_inertia(LD: Tensor, pivots: Tensor) -> Optional[int]:
     return negative
 
 
-def solve_factored(factor: ExplicitFactor, B: Tensor) -> Tensor:
-    """Apply ``(H + damping * I)^{-1}`` from :func:`factor_explicit` to the rows of ``B`` ``(k, P)``.
-
-    Computed, and returned, in the wider of ``B``'s dtype and the factorisation's
-    (at least float32), on their common device.
-    """
-    block, single = as_block(B, factor.factor.shape[0], name="B")
-    if block.device != factor.factor.device:
-        raise ValueError(f"B: is on {block.device} but the factorisation is on {factor.factor.device}")
-    dtype = torch.promote_types(block.dtype, factor.factor.dtype)
-    rhs = block.to(dtype)
-    if factor.method == "cholesky":
-        x = torch.cholesky_solve(rhs.T, factor.factor.to(dtype)).T
-    elif factor.method == "ldl":
-        x = torch.linalg.ldl_solve(factor.factor.to(dtype), factor.pivots, rhs.T).T
-    else:
-        U = factor.factor.to(dtype)
-        x = ((rhs @ U) * factor.inverse_eigenvalues.to(dtype)) @ U.T
-    return x[0] if single else x
-
-
 def solve_explicit(
     H: Tensor, B: Tensor, *, damping: float = 0.0, rcond: Optional[float] = None
-) -> ExplicitSolution:
+) -> Solution:
     """Solve ``(H + damping * I) X = B`` row by row: ``B`` is ``(k, P)`` (or ``(P,)``).
 
-    See :func:`factor_explicit` for the method; to solve many batches against
-    one Hessian, factor once and call :func:`solve_factored`.
+    See :func:`factor_explicit` for the method and :meth:`ExplicitFactor.solve` for
+    the result; to solve many batches against one Hessian, factor once and call
+    ``.solve`` on the factorisation.
     """
     _check_square(H)
     as_block(B, H.shape[0], name="B")
-    factor = factor_explicit(H, damping=damping, rcond=rcond)
-    x = solve_factored(factor, B)
-    return ExplicitSolution(
-        x,
-        factor.method,
-        factor.positive_definite,
-        factor.min_eigenvalue,
-        factor.n_negative,
-        factor.n_dropped,
-    )
+    return factor_explicit(H, damping=damping, rcond=rcond).solve(B)
 
 
 def _check_symmetric(A: Tensor) -> None:

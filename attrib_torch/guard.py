@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
+from . import solver_reports
+
 __all__ = ["untouched", "guard_public_methods", "PUBLIC_METHODS"]
 
 PUBLIC_METHODS = ("cache", "attribute", "self_attribute", "topk")
@@ -81,9 +83,14 @@ def _guarded(method: Callable, name: str) -> Callable:
         self._in_public_call = True
         try:
             with untouched(getattr(self, "task", None), device=getattr(self, "device", None)):
-                return _cache_all_or_nothing(self, method, name, args, kwargs)
+                result = _cache_all_or_nothing(self, method, name, args, kwargs)
+        except BaseException:
+            solver_reports.discard(self)
+            raise
         finally:
             self._in_public_call = False
+        solver_reports.flush(self)  # once per public call, after it succeeded
+        return result
 
     run.__wrapped_public__ = True
     return run

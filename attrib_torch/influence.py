@@ -31,14 +31,13 @@ from attrib_core import (
     layer_specs,
     lissa,
     make_hvp,
-    solve_factored,
     spectral_projector,
 )
 
 from .base import BaseInnerProductAttributor
 from .checks import nonnegative, positive, positive_int
 from .data import batch_size as examples_in, batches, check_loader, concatenate, explained, take
-from .solver_reports import report_cg, report_lissa
+from .solver_reports import record
 from .task import AttributionTask
 from .user_warning import warn
 
@@ -151,17 +150,13 @@ class IFAttributorExplicit(_RelatIF):
 
     def _prepare(self, ckpt_idx: int) -> None:
         f, chosen, data = self._training_objective(ckpt_idx)
-        factor = factor_explicit(hessian(f, chosen, data), damping=self.regularization)
-        if not factor.positive_definite:
-            warn(
-                f"checkpoint {ckpt_idx}: H + {self.regularization}·I is not positive definite "
-                f"({factor.n_negative} negative eigenvalues, {factor.n_dropped} dropped as zero); "
-                f"solved by {factor.method}. Raise regularization for a positive-definite system."
-            )
-        self.factors[ckpt_idx] = factor
+        self.factors[ckpt_idx] = factor_explicit(hessian(f, chosen, data), damping=self.regularization)
 
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
-        return solve_factored(self.factors[ckpt_idx], test_rep)
+        solution = self.factors[ckpt_idx].solve(test_rep)
+        record(self, solution, solver="the explicit solve", where=f"checkpoint {ckpt_idx}",
+               advice=f"H + {self.regularization}·I is not positive definite; raise regularization.")
+        return solution.x
 
 
 class IFAttributorCG(_RelatIF):
@@ -194,10 +189,11 @@ class IFAttributorCG(_RelatIF):
         self._operators[ckpt_idx] = make_hvp(f, chosen, data, mode=self.mode)
 
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
-        solution = cg(self._operators[ckpt_idx], test_rep, tol=0.0, atol=self.tol, max_iter=self.max_iter,
+        solution = cg(self._operators[ckpt_idx], test_rep, tol=0.0, atol=self.tol, max_steps=self.max_iter,
                       damping=self.regularization)
         self.last_solution = solution
-        report_cg(solution, f"checkpoint {ckpt_idx}", max_iter=self.max_iter, tol=self.tol)
+        record(self, solution, solver="CG", where=f"checkpoint {ckpt_idx}",
+               advice=f"Raise max_iter (now {self.max_iter}) or regularization (now {self.regularization:g}).")
         return solution.x
 
 
@@ -227,6 +223,9 @@ class IFAttributorLiSSA(_RelatIF):
         self.num_repeat = positive_int(num_repeat, "num_repeat")
         self.recursion_depth = positive_int(recursion_depth, "recursion_depth")
         self.damping = nonnegative(damping, "damping")
+        if self.damping >= 2:
+            raise ValueError(f"damping: must be < 2, got {damping}; the recursion h = v + (1 - damping) h - H h / "
+                             "scaling cannot contract otherwise")
         self.scaling = positive(scaling, "scaling")
         if mode not in ("rev-rev", "rev-fwd"):
             raise ValueError(f"mode: expected 'rev-rev' or 'rev-fwd', got {mode!r}")
@@ -249,10 +248,13 @@ class IFAttributorLiSSA(_RelatIF):
             sub = take(data, index)
             return make_hvp(f, chosen, sub, mode=self.mode, chunk_size=rows)
 
-        result = lissa(sample_mv, test_rep, depth=self.recursion_depth, scale=self.scaling, damping=self.damping,
-                       repeats=self.num_repeat, seed=self.seed)
-        report_lissa(result, f"checkpoint {ckpt_idx}")
-        return result.x
+        # dattri's recursion is h = v + (1 - damping) h - H h / scaling: a shift of damping · scaling.
+        solution = lissa(sample_mv, test_rep, max_steps=self.recursion_depth, scale=self.scaling,
+                         damping=self.damping * self.scaling, repeats=self.num_repeat, seed=self.seed)
+        record(self, solution, solver="LiSSA", where=f"checkpoint {ckpt_idx}",
+               advice="Raise scaling (above the largest Hessian eigenvalue) against divergence, recursion_depth "
+                      "against the step cap, or damping.")
+        return solution.x
 
 
 class IFAttributorDataInf(BaseInnerProductAttributor):
@@ -351,7 +353,7 @@ class IFAttributorArnoldi(_FullTrainingLoss):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[:keep].to(self.device)
             data = take(data, order)
         dim = sum(v.numel() for v in chosen.values())
-        result = arnoldi(make_hvp(f, chosen, data), dim, n_iter=self.max_iter, top_k=self.proj_dim,
+        result = arnoldi(make_hvp(f, chosen, data), dim, max_steps=self.max_iter, top_k=self.proj_dim,
                          seed=self.seed, tol=self.tol, device=self.device)
         projector = spectral_projector(result.eigenvalues, result.eigenvectors, damping=self.regularization)
         if projector.n_negative or projector.n_small:
@@ -449,4 +451,4 @@ class IFAttributorEKFAC(BaseInnerProductAttributor):
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
         fit = self._fits[ckpt_idx]
         damping = fit.heuristic_damping() if self.damping == "heuristic" else self.damping
-        return fit.solve(test_rep, damping=damping)
+        return fit.solve(test_rep, damping=damping).x

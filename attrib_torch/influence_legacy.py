@@ -21,13 +21,12 @@ from attrib_core import (
     lissa,
     make_hvp,
     ravel,
-    solve_factored,
     spectral_projector,
 )
 
 from .base import BaseAttributor
 from .data import batch_size, batches, check_loader, take
-from .solver_reports import report_cg, report_lissa
+from .solver_reports import record
 
 __all__ = ["IFAttributor"]
 
@@ -79,24 +78,31 @@ class IFAttributor(BaseAttributor):
         dim = ravel(params)[0].numel()
         if self.ihvp_solver == "explicit":
             factor = factor_explicit(hessian(f, params, loader), damping=kw.get("regularization", 0.0))
-            self._inverse = lambda V: solve_factored(factor, V)
+            def solve_direct(V: Tensor) -> Tensor:
+                solution = factor.solve(V)
+                record(self, solution, solver="the explicit solve", where="IFAttributor",
+                       advice="H + regularization·I is not positive definite; raise regularization.")
+                return solution.x
+
+            self._inverse = solve_direct
         elif self.ihvp_solver == "cg":
             mv = make_hvp(f, params, loader, mode=kw.get("mode", "rev-rev"))
             def solve_cg(V: Tensor) -> Tensor:
-                solution = cg(mv, V, tol=0.0, atol=kw.get("tol", 1e-7), max_iter=kw.get("max_iter", 10),
+                solution = cg(mv, V, tol=0.0, atol=kw.get("tol", 1e-7), max_steps=kw.get("max_iter", 10),
                               damping=kw.get("regularization", 0.0))
-                report_cg(solution, "IFAttributor", max_iter=kw.get("max_iter", 10), tol=kw.get("tol", 1e-7))
+                record(self, solution, solver="CG", where="IFAttributor",
+                       advice="Raise max_iter or regularization.")
                 return solution.x
 
             self._inverse = solve_cg
         elif self.ihvp_solver == "arnoldi":
             top = kw.get("proj_dim", 100)
-            result = arnoldi(make_hvp(f, params, loader), dim, n_iter=max(kw.get("max_iter", 100), top),
+            result = arnoldi(make_hvp(f, params, loader), dim, max_steps=max(kw.get("max_iter", 100), top),
                              top_k=min(top, dim), tol=kw.get("tol", 1e-7), seed=kw.get("seed", 0),
                              device=self.device)
             projector = spectral_projector(result.eigenvalues, result.eigenvectors,
                                            damping=kw.get("regularization", 0.0))
-            self._inverse = lambda V: (projector(V) * projector.scales) @ projector.vectors
+            self._inverse = lambda V: projector.solve(V).x
         else:
             parts = [[batch] for batch in batches(loader, self.device)]
 
@@ -105,10 +111,12 @@ class IFAttributor(BaseAttributor):
                 return make_hvp(f, params, parts[index], mode=kw.get("mode", "rev-rev"))
 
             def solve_lissa(V: Tensor) -> Tensor:
-                solution = lissa(sample_mv, V, depth=kw.get("recursion_depth", 5000), scale=kw.get("scaling", 50.0),
-                                 damping=kw.get("damping", 0.0), repeats=kw.get("num_repeat", 1),
+                scale = kw.get("scaling", 50.0)
+                solution = lissa(sample_mv, V, max_steps=kw.get("recursion_depth", 5000), scale=scale,
+                                 damping=kw.get("damping", 0.0) * scale, repeats=kw.get("num_repeat", 1),
                                  seed=kw.get("seed", 0))
-                report_lissa(solution, "IFAttributor")
+                record(self, solution, solver="LiSSA", where="IFAttributor",
+                       advice="Raise scaling, recursion_depth or damping.")
                 return solution.x
 
             self._inverse = solve_lissa

@@ -153,11 +153,11 @@ def gradient_rows(s: Setting, args) -> list[Row]:
 
     g_test = per_sample_grad(s.loss)(s.params, s.test)
     t_solve, solution = timed(lambda: solve_explicit(H, g_test, damping=DAMPING), warmup=False)
-    rows.append(Row(f"solve for {N_TEST} test gradients ({solution.method}, 1 run)", t_solve))
+    rows.append(Row(f"solve for {N_TEST} test gradients ({solution.stats['method']}, 1 run)", t_solve))
     rows.append(Row("explicit influence: Hessian + solve", t_hess + t_solve, note="target < 30 s"))
 
     def ours_cg():
-        return cg(make_hvp(s.objective, s.params, s.train), g_test, damping=DAMPING, tol=0.0, max_iter=CG_STEPS)
+        return cg(make_hvp(s.objective, s.params, s.train), g_test, damping=DAMPING, tol=0.0, max_steps=CG_STEPS)
 
     t_cg, _ = timed(ours_cg, args.repeats)
     m = min(args.baseline_rhs, N_TEST)
@@ -165,7 +165,7 @@ def gradient_rows(s: Setting, args) -> list[Row]:
     # The same recurrence; on this Hessian (condition ~1e3, many near-zero eigenvalues)
     # rounding differences grow ~100x a step, to ~1e-3 by step 20 even in float64, so
     # the two are compared after 5 steps, where they agree to rounding.
-    five = cg(make_hvp(s.objective, s.params, s.train), g_test[:m], damping=DAMPING, tol=0.0, max_iter=5).x
+    five = cg(make_hvp(s.objective, s.params, s.train), g_test[:m], damping=DAMPING, tol=0.0, max_steps=5).x
     five_base = autograd_cg(s.objective, s.params, s.train, g_test[:m], 5)
     assert float((five - five_base).norm() / five_base.norm()) < 1e-4
     rows.append(Row(f"CG, {N_TEST} right-hand sides x {CG_STEPS} steps", t_cg, t_cg_base * N_TEST / m,
@@ -190,7 +190,7 @@ def ekfac_rows(s: Setting, args) -> list[Row]:
     restricted = lambda sub, b: s.loss({**others, **sub}, b)  # noqa: E731
     g_train = per_sample_grad(restricted)(covered, s.train)
     g_test = per_sample_grad(restricted)(covered, s.test)
-    t_solve, x = timed(lambda: approx.solve(g_test, damping=DAMPING), args.repeats)
+    t_solve, x = timed(lambda: approx.solve(g_test, damping=DAMPING).x, args.repeats)
     H = hessian(lambda p, b: s.objective({**others, **p}, b), covered, s.train)
     exact = g_train @ solve_explicit(H, g_test, damping=DAMPING).x.T
     agreement = pearson(g_train @ x.T, exact)
@@ -206,7 +206,7 @@ def arnoldi_rows(s: Setting, args) -> list[Row]:
     P = ravel(s.params)[0].numel()
     mv = make_hvp(s.objective, s.params, s.train)
     mv(torch.zeros(1, P))
-    t, result = timed(lambda: arnoldi(mv, P, n_iter=200, top_k=100, seed=0), warmup=False)
+    t, result = timed(lambda: arnoldi(mv, P, max_steps=200, top_k=100, seed=0), warmup=False)
     return [Row(f"{s.name}: Arnoldi, 100 eigenpairs from 200 HVPs (1 run)", t,
                 note=f"largest residual relative to the largest eigenvalue {float(result.residuals.max() / result.eigenvalues.abs().max()):.1e}")]
 
@@ -229,7 +229,7 @@ def preconditioner_rows(s: Setting, args) -> list[Row]:
     for name, build in builders.items():
         t_build, pre = timed(build, warmup=False)
         t_solve, result = timed(
-            lambda: cg(mv, g_test, tol=1e-4, damping=DAMPING, max_iter=1000, preconditioner=pre), warmup=False
+            lambda: cg(mv, g_test, tol=1e-4, damping=DAMPING, max_steps=1000, preconditioner=pre), warmup=False
         )
         steps = int(result.steps.max())
         status = "all converged" if bool(result.converged.all()) else f"{int(result.converged.sum())}/10 converged"

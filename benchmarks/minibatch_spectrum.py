@@ -46,7 +46,7 @@ def extremes(setting: Setting, rows: torch.Tensor, steps: int) -> tuple[float, f
     steps = min(steps, dim)
     with warnings.catch_warnings():  # a breakdown returns fewer Ritz values than asked, all of them exact: fine here
         warnings.filterwarnings("ignore", message="arnoldi: the Krylov space became invariant")
-        ritz = arnoldi(mv, dim, n_iter=steps, top_k=steps).eigenvalues
+        ritz = arnoldi(mv, dim, max_steps=steps, top_k=steps).eigenvalues
     return float(ritz.max()), float(ritz.min())
 
 

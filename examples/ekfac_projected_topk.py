@@ -45,7 +45,7 @@ def main() -> Result:
     grad = per_sample_grad(loss)
     g_train, g_test = grad(params, train), grad(params, test)  # (N_TRAIN, P), (N_TEST, P)
     project = projector(g_train.shape[1], DIM, kind="rademacher", seed=SEED)
-    topk = topk_scores(project(g_train), project(curvature.solve(g_test, damping=L2)), K)
+    topk = topk_scores(project(g_train), project(curvature.solve(g_test, damping=L2).x), K)
     for j, top in enumerate(topk.indices[:3]):
         print(f"test image {j} (a {int(test[1][j])}): proponents {top.tolist()}, labelled {train[1][top].tolist()}")
     return Result(topk, model, params, curvature, train, test)

@@ -28,7 +28,7 @@ def test_recovers_top_eigenpairs_of_known_spectra(dim, top_k, seed, indefinite):
     if indefinite:
         top[::2] = -top[::2]  # large negative eigenvalues count by magnitude
     A, vectors = with_spectrum(torch.cat([top, bulk]), seed)
-    result = arnoldi(lambda V: V @ A, dim, n_iter=dim, top_k=top_k, seed=seed)
+    result = arnoldi(lambda V: V @ A, dim, max_steps=dim, top_k=top_k, seed=seed)
     expected = top[torch.argsort(top.abs(), descending=True)]
     torch.testing.assert_close(result.eigenvalues, expected, rtol=1e-10, atol=1e-10)
     assert subspace_angle(result.eigenvectors, vectors[:top_k]) < 1e-6
@@ -39,7 +39,7 @@ def test_converges_before_the_full_dimension_and_reports_residuals():
     dim = 300
     evals = torch.cat([torch.tensor([100.0, 80.0, 60.0], dtype=torch.float64), torch.linspace(-1, 1, dim - 3, dtype=torch.float64)])
     A, vectors = with_spectrum(evals, 3)
-    result = arnoldi(A, dim, n_iter=40, top_k=3, seed=0)
+    result = arnoldi(A, dim, max_steps=40, top_k=3, seed=0)
     assert result.steps == 40 and not result.breakdown
     assert subspace_angle(result.eigenvectors, vectors[:3]) < 1e-6
     true_residuals = (result.eigenvectors @ A - result.eigenvalues[:, None] * result.eigenvectors).norm(dim=1)
@@ -52,10 +52,10 @@ def test_breakdown_on_an_invariant_subspace():
     g = torch.Generator().manual_seed(0)
     B = torch.randn(3, 30, generator=g, dtype=torch.float64)
     A = B.T @ B
-    result = arnoldi(A, 30, n_iter=20, top_k=3)
+    result = arnoldi(A, 30, max_steps=20, top_k=3)
     assert result.breakdown and result.steps <= 4
     with pytest.warns(UserWarning, match="only 4 of the top_k=6"):
-        short = arnoldi(A, 30, n_iter=20, top_k=6)
+        short = arnoldi(A, 30, max_steps=20, top_k=6)
     assert short.eigenvalues.shape == (4,)
     torch.testing.assert_close(result.eigenvalues, torch.linalg.eigvalsh(A).flip(0)[:3], rtol=1e-9, atol=1e-9)
 
@@ -63,8 +63,8 @@ def test_breakdown_on_an_invariant_subspace():
 def test_same_seed_same_result_and_global_rng_untouched():
     A, _ = with_spectrum(torch.linspace(1, 5, 20, dtype=torch.float64), 0)
     state = torch.get_rng_state()
-    r1 = arnoldi(A, 20, n_iter=8, top_k=2, seed=4)
-    r2 = arnoldi(A, 20, n_iter=8, top_k=2, seed=4)
+    r1 = arnoldi(A, 20, max_steps=8, top_k=2, seed=4)
+    r2 = arnoldi(A, 20, max_steps=8, top_k=2, seed=4)
     assert torch.equal(r1.eigenvectors, r2.eigenvectors)
     assert torch.equal(torch.get_rng_state(), state)
 
@@ -76,7 +76,7 @@ def test_projector_never_nan_on_indefinite_and_singular_spectra(dim, seed, dampi
     evals = torch.randn(dim, generator=g, dtype=torch.float64) * 3
     evals[: dim // 4] = 0.0  # exactly singular directions
     A, _ = with_spectrum(evals, seed)
-    result = arnoldi(A, dim, n_iter=dim, top_k=dim, seed=seed)
+    result = arnoldi(A, dim, max_steps=dim, top_k=dim, seed=seed)
     projector = spectral_projector(result.eigenvalues, result.eigenvectors, damping=damping, negative=negative)
     G = torch.randn(5, dim, generator=g, dtype=torch.float64)
     projected = projector(G)
@@ -97,7 +97,7 @@ def test_projector_never_nan_on_indefinite_and_singular_spectra(dim, seed, dampi
 
 def test_projector_equals_inverse_on_a_positive_definite_operator():
     A, _ = with_spectrum(torch.linspace(1, 10, 12, dtype=torch.float64), 2)
-    result = arnoldi(A, 12, n_iter=12, top_k=12)
+    result = arnoldi(A, 12, max_steps=12, top_k=12)
     projector = spectral_projector(result.eigenvalues, result.eigenvectors, damping=0.1)
     G = torch.randn(4, 12, dtype=torch.float64)
     expected = G @ torch.linalg.solve(A + 0.1 * torch.eye(12, dtype=torch.float64), G.T)
@@ -112,7 +112,7 @@ def test_relu_mlp_hessian_gives_no_nan():
     batch = classification_batch(0, 16, 4, 3)
     H = hessian(f, params, batch)
     P = H.shape[0]
-    result = arnoldi(H, P, n_iter=P, top_k=20)
+    result = arnoldi(H, P, max_steps=P, top_k=20)
     projector = spectral_projector(result.eigenvalues, result.eigenvectors)
     assert bool(torch.isfinite(projector(torch.randn(3, P, dtype=torch.float64))).all())
     assert projector.n_negative + projector.n_small > 0
@@ -122,8 +122,8 @@ def test_bad_input():
     A = torch.eye(5, dtype=torch.float64)
     with pytest.raises(ValueError, match="top_k"):
         arnoldi(A, 5, top_k=6)
-    with pytest.raises(ValueError, match="n_iter"):
-        arnoldi(A, 5, n_iter=2, top_k=3)
+    with pytest.raises(ValueError, match="max_steps"):
+        arnoldi(A, 5, max_steps=2, top_k=3)
     with pytest.raises(TypeError, match="mv"):
         arnoldi("A", 5, top_k=2)
     with pytest.raises(ValueError, match="mv"):

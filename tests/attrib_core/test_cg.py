@@ -26,19 +26,19 @@ def draw(system):
 @given(systems, st.sampled_from([1e-4, 1e-8]))
 def test_reaches_tol_on_every_column(system, tol):
     A, B = draw(system)
-    result = cg(lambda V: V @ A, B, tol=tol, max_iter=10 * A.shape[0])
+    result = cg(lambda V: V @ A, B, tol=tol, max_steps=10 * A.shape[0])
     assert bool(result.converged.all())
     true_residual = (B - result.x @ A).norm(dim=1)
     # The recurrence residual and the true one agree up to rounding.
     assert bool((true_residual <= tol * B.norm(dim=1) * 1.01 + 1e-12).all())
-    torch.testing.assert_close(result.residual_norm, true_residual, rtol=1e-3, atol=1e-9)
+    torch.testing.assert_close(result.stats["residual_norm"], true_residual, rtol=1e-3, atol=1e-9)
     assert bool((result.steps <= 10 * A.shape[0]).all())
 
 
 @given(systems, st.sampled_from([1, 3]))
 def test_iterates_equal_scipy(system, steps):
     A, B = draw(system)
-    result = cg(A, B, tol=0.0, max_iter=steps)
+    result = cg(A, B, tol=0.0, max_steps=steps)
     for j in range(B.shape[0]):
         expected, _ = scipy.sparse.linalg.cg(A.numpy(), B[j].numpy(), rtol=0.0, atol=0.0, maxiter=steps)
         np.testing.assert_allclose(result.x[j].numpy(), expected, rtol=1e-9, atol=1e-12)
@@ -71,9 +71,9 @@ def test_damping_x0_and_single_vector():
     torch.testing.assert_close(far.x, expected)
 
 
-def test_max_iter_reports_unconverged():
+def test_max_steps_reports_unconverged():
     A = random_spd(30, 1e4, 5)
-    result = cg(A, torch.randn(2, 30, dtype=torch.float64), tol=1e-12, max_iter=2)
+    result = cg(A, torch.randn(2, 30, dtype=torch.float64), tol=1e-12, max_steps=2)
     assert not bool(result.converged.any())
     assert result.steps.tolist() == [2, 2]
 
@@ -105,8 +105,8 @@ def test_bad_input():
         cg("A", B)
     with pytest.raises(ValueError, match="mv"):
         cg(torch.ones(4, 4), B)
-    with pytest.raises(ValueError, match="max_iter"):
-        cg(A, B, max_iter=0)
+    with pytest.raises(ValueError, match="max_steps"):
+        cg(A, B, max_steps=0)
     with pytest.raises(ValueError, match="damping"):
         cg(A, B, damping=-1.0)
     with pytest.raises(ValueError, match="tol"):
@@ -123,7 +123,7 @@ def test_single_right_hand_side_has_scalar_diagnostics_and_infinite_settings_are
     A = random_spd(4, 3.0, 0)
     result = cg(A, torch.ones(4, dtype=torch.float64))
     assert result.x.shape == (4,)
-    assert result.steps.shape == () and result.residual_norm.shape == () and result.converged.shape == ()
+    assert result.steps.shape == () and result.stats["residual_norm"].shape == () and result.converged.shape == ()
     for bad in ({"tol": float("inf")}, {"damping": float("inf")}, {"atol": float("nan")}):
         with pytest.raises(ValueError, match="finite"):
             cg(A, torch.ones(4, dtype=torch.float64), **bad)

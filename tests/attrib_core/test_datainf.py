@@ -3,7 +3,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from attrib_core import datainf, datainf_damping
+from attrib_core import Status, datainf, datainf_damping
 
 
 def formula(g: torch.Tensor, v: torch.Tensor, lam: float) -> torch.Tensor:
@@ -28,7 +28,7 @@ def test_equals_the_formula_layer_by_layer(widths, n, k, seed, damping):
     for name, t in grads.items():
         # The paper's heuristic: 0.1 x the mean eigenvalue of the layer's Fisher, tr(G)/d.
         lam = 0.1 * (t**2).sum() / (n * t.shape[1]) if damping is None else damping
-        torch.testing.assert_close(result.damping[name], torch.as_tensor(lam, dtype=torch.float64))
+        torch.testing.assert_close(result.stats["damping"][name], torch.as_tensor(lam, dtype=torch.float64))
         torch.testing.assert_close(result.x[name], formula(t, V[name], float(lam)), rtol=1e-10, atol=1e-12)
 
 
@@ -42,11 +42,16 @@ def test_one_example_is_exact_by_sherman_morrison():
 
 def test_lists_per_layer_damping_and_vectors():
     grads = [torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)]
-    V = [torch.randn(3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)]
+    V = [torch.randn(3, dtype=torch.float64), torch.randn(2, dtype=torch.float64)]
     result = datainf(grads, V, damping=[0.5, 2.0])
-    assert result.x[0].shape == (3,) and result.x[1].shape == (4, 2)
+    assert result.x[0].shape == (3,) and result.x[1].shape == (2,)
+    assert result.status.shape == () and int(result.status) == Status.CONVERGED
     torch.testing.assert_close(result.x[0], formula(grads[0], V[0][None], 0.5)[0])
-    torch.testing.assert_close(result.x[1], formula(grads[1], V[1], 2.0))
+    torch.testing.assert_close(result.x[1], formula(grads[1], V[1][None], 2.0)[0])
+    blocks = datainf(grads, [torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)])
+    assert blocks.status.tolist() == [Status.CONVERGED] * 4
+    with pytest.raises(ValueError, match="B: every layer needs the same right-hand sides"):
+        datainf(grads, [V[0], torch.randn(4, 2, dtype=torch.float64)])
     heuristic = datainf_damping(grads)
     torch.testing.assert_close(heuristic[1], 0.1 * grads[1].pow(2).mean())
 
@@ -74,7 +79,7 @@ def test_half_precision_gradients_are_computed_in_float32():
     g = (torch.randn(8, 2000, generator=torch.Generator().manual_seed(0)) * 10).half()
     v = torch.randn(2, 2000, generator=torch.Generator().manual_seed(1)).half()
     result = datainf([g], [v])
-    lam = float(result.damping[0])
+    lam = float(result.stats["damping"][0])
     assert 0 < lam < float("inf")
     expected = formula(g.double(), v.double(), lam)
     assert float((result.x[0].double() - expected).norm() / expected.norm()) < 1e-3

@@ -13,7 +13,7 @@ import torch
 from sklearn.datasets import load_breast_cancer
 from torch.nn.functional import binary_cross_entropy_with_logits
 
-from attrib_core import cg, hessian, lissa, make_hvp, per_sample_grad, solve_explicit
+from attrib_core import Status, cg, hessian, lissa, make_hvp, per_sample_grad, solve_explicit
 
 LAMBDA = 0.05
 N_TRAIN, N_TEST = 150, 20
@@ -92,8 +92,8 @@ def test_explicit_cg_and_lissa_influence_equal_closed_form(problem):
     np.testing.assert_allclose((g_train @ solved.x.T).numpy(), expected, rtol=1e-6, atol=1e-8)
 
     lam_max = float(torch.linalg.eigvalsh(H).max())
-    neumann = lissa(lambda g: (lambda V: V @ H), g_test, depth=4000, scale=1.5 * lam_max)
-    assert not bool(neumann.diverged.any())
+    neumann = lissa(lambda g: (lambda V: V @ H), g_test, max_steps=4000, scale=1.5 * lam_max)
+    assert neumann.status.tolist() == [Status.CONVERGED] * len(g_test)
     np.testing.assert_allclose((g_train @ neumann.x.T).numpy(), expected, rtol=1e-4, atol=1e-6)
 
 

@@ -99,7 +99,7 @@ def test_ekfac_exact_on_eigenbasis_diagonal_for_an_mlp_over_several_batches():
     assert [layer.spec.d_a for layer in fit.layers] == [6, 6]
     # Solve inverts matvec, damping and all.
     V = torch.randn(4, fit.dim, dtype=DT)
-    torch.testing.assert_close(fit.solve(fit.matvec(V, damping=0.3), damping=0.3), V)
+    torch.testing.assert_close(fit.solve(fit.matvec(V, damping=0.3), damping=0.3).x, V)
     # One damping per layer: each layer's block is its own dense (F̂_l + λ_l I)⁻¹, built from matvec.
     dampings = (0.3, 0.05)
     dense = torch.stack([fit.matvec(e, damping=0.0) for e in torch.eye(fit.dim, dtype=DT)], dim=1)
@@ -107,7 +107,7 @@ def test_ekfac_exact_on_eigenbasis_diagonal_for_an_mlp_over_several_batches():
     shift = torch.cat([torch.full((split,), dampings[0], dtype=DT),
                        torch.full((fit.dim - split,), dampings[1], dtype=DT)])
     expected = torch.linalg.solve(dense + torch.diag(shift), V.T).T
-    torch.testing.assert_close(fit.solve(V, damping=dampings), expected)
+    torch.testing.assert_close(fit.solve(V, damping=dampings).x, expected)
     means = [float(layer.eigenvalues.mean()) for layer in fit.layers]
     assert fit.heuristic_damping() == pytest.approx([0.1 * m for m in means])
     with pytest.raises(ValueError, match="one value per layer"):

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from attrib_core import lissa
+from attrib_core import Status, lissa
 from tests.helpers import random_spd
 
 
@@ -16,11 +16,11 @@ def test_full_batch_matches_the_damped_dense_solve(P, cond, damping, seed):
     H = random_spd(P, cond, seed)
     v = torch.randn(3, P, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     scale = 2.0 * cond  # above the largest eigenvalue, as LiSSA needs
-    result = lissa(full_batch(H), v, depth=3000, scale=scale, damping=damping)
+    result = lissa(full_batch(H), v, max_steps=3000, scale=scale, damping=damping * scale)
     A = H + damping * scale * torch.eye(P, dtype=torch.float64)
     torch.testing.assert_close(result.x, torch.linalg.solve(A, v.T).T, rtol=1e-6, atol=1e-8)
-    assert not bool(result.diverged.any())
-    assert result.steps == 3000
+    assert result.status.tolist() == [Status.CONVERGED] * 3
+    assert result.steps.tolist() == [3000] * 3
 
 
 class Quadratic:
@@ -41,7 +41,7 @@ class Quadratic:
 def mean_error(problem, v, *, depth, repeats, seeds=range(6)):
     exact = torch.linalg.solve(problem.H, v.T).T
     errors = [
-        (lissa(problem.sample_mv, v, depth=depth, scale=20.0, repeats=repeats, seed=s).x - exact).norm()
+        (lissa(problem.sample_mv, v, max_steps=depth, scale=20.0, repeats=repeats, seed=s).x - exact).norm()
         for s in seeds
     ]
     return float(torch.stack(errors).mean() / exact.norm())
@@ -62,9 +62,9 @@ def test_same_seed_same_result_and_global_rng_untouched():
     problem = Quadratic()
     v = torch.ones(1, 6, dtype=torch.float64)
     state = torch.get_rng_state()
-    first = lissa(problem.sample_mv, v, depth=50, scale=20.0, repeats=2, seed=7)
-    second = lissa(problem.sample_mv, v, depth=50, scale=20.0, repeats=2, seed=7)
-    other = lissa(problem.sample_mv, v, depth=50, scale=20.0, repeats=2, seed=8)
+    first = lissa(problem.sample_mv, v, max_steps=50, scale=20.0, repeats=2, seed=7)
+    second = lissa(problem.sample_mv, v, max_steps=50, scale=20.0, repeats=2, seed=7)
+    other = lissa(problem.sample_mv, v, max_steps=50, scale=20.0, repeats=2, seed=8)
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(first.x, second.x)
     assert not torch.equal(first.x, other.x)
@@ -73,15 +73,15 @@ def test_same_seed_same_result_and_global_rng_untouched():
 def test_divergence_is_reported_not_raised():
     H = random_spd(4, 10.0, 0)  # largest eigenvalue 10
     v = torch.ones(2, 4, dtype=torch.float64)
-    result = lissa(full_batch(H), v, depth=60, scale=2.0)
-    assert bool(result.diverged.all())
-    overflow = lissa(full_batch(H), v, depth=2000, scale=2.0)
-    assert bool(overflow.diverged.all()) and not bool(torch.isfinite(overflow.x).all())
+    result = lissa(full_batch(H), v, max_steps=60, scale=2.0)
+    assert bool((result.status == Status.DIVERGED).all())
+    overflow = lissa(full_batch(H), v, max_steps=2000, scale=2.0)
+    assert bool((overflow.status == Status.DIVERGED).all()) and not bool(torch.isfinite(overflow.x).all())
 
 
 def test_single_vector_shape():
     H = random_spd(4, 3.0, 2)
-    result = lissa(full_batch(H), torch.ones(4, dtype=torch.float64), depth=500, scale=6.0)
+    result = lissa(full_batch(H), torch.ones(4, dtype=torch.float64), max_steps=500, scale=6.0)
     assert result.x.shape == (4,)
     torch.testing.assert_close(result.x, torch.linalg.solve(H, torch.ones(4, dtype=torch.float64)))
 
@@ -91,8 +91,6 @@ def test_bad_input():
     v = torch.ones(1, 3, dtype=torch.float64)
     with pytest.raises(TypeError, match="sample_mv"):
         lissa(H, v)
-    with pytest.raises(ValueError, match="depth"):
-        lissa(full_batch(H), v, depth=0)
     with pytest.raises(ValueError, match="scale"):
         lissa(full_batch(H), v, scale=0.0)
     with pytest.raises(ValueError, match="damping"):
@@ -109,24 +107,34 @@ def test_slow_divergence_is_flagged():
     evals = torch.tensor([-0.005 * scale, 1.0, 2.0, 5.0], dtype=torch.float64)
     q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
     H = (q * evals) @ q.T
-    result = lissa(full_batch(H), torch.ones(2, 4, dtype=torch.float64), depth=400, scale=scale)
-    assert bool(result.diverged.all())
+    result = lissa(full_batch(H), torch.ones(2, 4, dtype=torch.float64), max_steps=400, scale=scale)
+    assert bool((result.status == Status.DIVERGED).all())
     assert bool(torch.isfinite(result.x).all())
+
+
+def test_status_tells_a_run_cut_short_from_a_settled_one():
+    H = random_spd(4, 10.0, 3)  # eigenvalues 1..10; at scale 20 the slowest mode contracts by 0.95 a step
+    v = torch.ones(2, 4, dtype=torch.float64)
+    assert lissa(full_batch(H), v, max_steps=40, scale=20.0).status.tolist() == [Status.MAX_STEPS] * 2
+    assert lissa(full_batch(H), v, max_steps=5, scale=20.0).status.tolist() == [Status.MAX_STEPS] * 2
+    done = lissa(full_batch(H), v, max_steps=600, scale=20.0)
+    assert done.status.tolist() == [Status.CONVERGED] * 2
+    torch.testing.assert_close(done.x, torch.linalg.solve(H, v.T).T, rtol=1e-6, atol=1e-8)
 
 
 def test_stochastic_convergence_is_not_flagged():
     problem = Quadratic()
     v = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     for seed in range(4):
-        result = lissa(problem.sample_mv, v, depth=400, scale=20.0, seed=seed)
-        assert not bool(result.diverged.any())
+        result = lissa(problem.sample_mv, v, max_steps=400, scale=20.0, seed=seed)
+        assert result.status.tolist() == [Status.CONVERGED] * 3  # at the noise floor
 
 
 def test_sample_mv_must_return_an_operator_and_damping_below_two():
     H = random_spd(3, 2.0, 0)
     with pytest.raises(TypeError, match="sample_mv: must return"):
-        lissa(lambda g: H, torch.ones(3, dtype=torch.float64), depth=2)
-    with pytest.raises(ValueError, match="damping: must be < 2"):
-        lissa(full_batch(H), torch.ones(3, dtype=torch.float64), damping=3.0)
-    single = lissa(full_batch(H), torch.ones(3, dtype=torch.float64), depth=3, scale=4.0)
-    assert single.diverged.shape == () and single.last_update.shape == ()
+        lissa(lambda g: H, torch.ones(3, dtype=torch.float64), max_steps=2)
+    with pytest.raises(ValueError, match=r"damping: must be < 2 \* scale = 8"):
+        lissa(full_batch(H), torch.ones(3, dtype=torch.float64), scale=4.0, damping=8.0)
+    single = lissa(full_batch(H), torch.ones(3, dtype=torch.float64), max_steps=3, scale=4.0)
+    assert single.status.shape == () and single.steps.shape == () and single.stats["last_update"].shape == ()

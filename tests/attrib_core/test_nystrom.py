@@ -12,9 +12,9 @@ def test_full_rank_reproduces_the_dense_inverse(dim, cond, seed):
     A = random_spd(dim, cond, seed)
     approx = nystrom(lambda V: V @ A, dim, rank=dim, seed=seed)
     V = torch.randn(3, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    torch.testing.assert_close(approx.solve(V, damping=0.0), torch.linalg.solve(A, V.T).T, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(approx.solve(V, damping=0.0).x, torch.linalg.solve(A, V.T).T, rtol=1e-6, atol=1e-8)
     damped = torch.linalg.solve(A + 0.5 * torch.eye(dim, dtype=torch.float64), V.T).T
-    torch.testing.assert_close(approx.solve(V, damping=0.5), damped, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(approx.solve(V, damping=0.5).x, damped, rtol=1e-6, atol=1e-8)
 
 
 def test_low_rank_captures_a_low_rank_operator_exactly():
@@ -26,7 +26,7 @@ def test_low_rank_captures_a_low_rank_operator_exactly():
     torch.testing.assert_close(dense, A, rtol=1e-8, atol=1e-8)
     V = torch.randn(2, 30, generator=g, dtype=torch.float64)
     expected = torch.linalg.solve(A + 0.1 * torch.eye(30, dtype=torch.float64), V.T).T
-    torch.testing.assert_close(approx.solve(V, damping=0.1), expected, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(approx.solve(V, damping=0.1).x, expected, rtol=1e-7, atol=1e-8)
 
 
 def test_preconditioner_cuts_cg_steps_on_a_spiked_spectrum():
