@@ -7,6 +7,19 @@ state between calls. See ``DESIGN.md`` for the conventions (parameters as
 """
 
 from .ablation import Ablation, ablate, layer_ablation, prepare_ablation
+from .accumulators import (
+    Accumulator,
+    SumState,
+    accumulate,
+    batch_sum,
+    full_gnvp,
+    full_hessian,
+    full_hvp,
+    gnvp_sum,
+    hessian_sum,
+    hvp_sum,
+    second_moments,
+)
 from .arnoldi import ArnoldiResult, ArnoldiState, SpectralProjector, arnoldi, spectral_projector
 from .cg import CGState, cg
 from .curvature import fvp, gnvp, hessian, hvp, make_fvp, make_gnvp, make_hvp
@@ -22,7 +35,18 @@ from .factored import (
 )
 from .fold import fold
 from .gradients import per_sample_grad, per_sample_grad_loop
-from .kfac import EKFAC, EKFACLayer, KFACFactors, LayerFactors, ekfac, kfac_factors
+from .kfac import (
+    EKFAC,
+    CorrectionState,
+    EKFACLayer,
+    KFACFactors,
+    KFACState,
+    LayerFactors,
+    ekfac,
+    ekfac_correction,
+    kfac_accumulator,
+    kfac_factors,
+)
 from .two_sided import project_factors, project_gradient, side_seed
 from .layer_capture import Captured, DirectParameterUse, LayerSpec, capture, capture_per_example, layer_specs
 from .lissa import LissaState, lissa
@@ -38,6 +62,7 @@ from .metrics import (
 )
 from .nystrom import NystromApprox, nystrom
 from .projector import Projector, projector
+from .sampled_fisher import sample_labels
 from .scores import TopK, cosine, inner_products, self_scores, topk_scores
 from .solution import Factorisation, Solution, Status
 from .solve_explicit import ExplicitFactor, factor_explicit, solve_explicit
@@ -56,6 +81,17 @@ __all__ = [
     "fvp",
     "make_fvp",
     "hessian",
+    "Accumulator",
+    "SumState",
+    "accumulate",
+    "batch_sum",
+    "hessian_sum",
+    "hvp_sum",
+    "gnvp_sum",
+    "second_moments",
+    "full_hvp",
+    "full_gnvp",
+    "full_hessian",
     "fold",
     "Solution",
     "Status",
@@ -75,6 +111,11 @@ __all__ = [
     "datainf",
     "datainf_damping",
     "kfac_factors",
+    "sample_labels",
+    "kfac_accumulator",
+    "KFACState",
+    "ekfac_correction",
+    "CorrectionState",
     "KFACFactors",
     "LayerFactors",
     "ekfac",

@@ -26,10 +26,12 @@ from opt_einsum import contract
 from torch import Tensor, nn
 
 from ._checks import as_block, check_nonnegative
-from .solution import Solution, Status, solution
+from .accumulators import Accumulator, accumulate, add_states
 from .layer_capture import Captured, LayerSpec, capture, capture_per_example, layer_specs
+from .solution import Solution, Status, solution
 
-__all__ = ["LayerFactors", "KFACFactors", "kfac_factors", "EKFACLayer", "EKFAC", "ekfac"]
+__all__ = ["LayerFactors", "KFACFactors", "KFACState", "kfac_accumulator", "kfac_factors", "CorrectionState",
+           "ekfac_correction", "EKFACLayer", "EKFAC", "ekfac"]
 
 MaskFn = Optional[Callable[[Any], Tensor]]
 Damping = Union[float, Sequence[float]]  # one value for every layer, or one per layer
@@ -52,6 +54,63 @@ class KFACFactors(NamedTuple):
     names: tuple[str, ...]
 
 
+class KFACState(NamedTuple):
+    """Per layer (in ``specs`` order): the sums of ``ã ãᵀ`` and of ``Σ_t ds dsᵀ``, positions and examples seen."""
+
+    A: tuple[Tensor, ...]
+    S: tuple[Tensor, ...]
+    positions: tuple[int, ...]
+    examples: tuple[int, ...]
+
+
+def kfac_accumulator(
+    model: nn.Module,
+    f: Callable[[Mapping[str, Tensor], Any], Tensor],
+    params: Mapping[str, Tensor],
+    *,
+    layers: Union[None, str, Sequence[str]] = None,
+    mask: MaskFn = None,
+    reduction: str = "mean",
+) -> Accumulator:
+    """The K-FAC factors as a mergeable accumulator over batches (see :func:`kfac_factors`).
+
+    The state is a :class:`KFACState` of float64 sums, ``(d_a, d_a)`` and
+    ``(d_out, d_out)`` per layer: its size does not depend on the number of
+    batches, and ``merge`` adds. ``finalize`` returns :class:`KFACFactors`.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
+    specs = layer_specs(model, params, layers)
+    device = next(iter(params.values())).device
+
+    def init() -> KFACState:
+        zeros = lambda d: torch.zeros(d, d, dtype=torch.float64, device=device)  # noqa: E731
+        return KFACState(tuple(zeros(s.d_a) for s in specs), tuple(zeros(s.d_out) for s in specs),
+                         (0,) * len(specs), (0,) * len(specs))
+
+    def update(state: KFACState, batch: Any) -> KFACState:
+        captured = _examples_factors(model, f, params, batch, specs, reduction, _mask(mask, batch))
+        rows = [captured[spec.module] for spec in specs]
+        return add_states(state, KFACState(
+            tuple(contract("bti,btj->ij", r.a.double(), r.a.double()) for r in rows),
+            tuple(contract("bti,btj->ij", r.ds.double(), r.ds.double()) for r in rows),
+            tuple(r.positions for r in rows),
+            tuple(r.a.shape[0] for r in rows),
+        ))
+
+    def finalize(state: KFACState) -> KFACFactors:
+        if any(n == 0 for n in state.examples):
+            raise ValueError("batches: no batch was given")
+        empty = [spec.module for spec, n in zip(specs, state.positions) if n == 0]
+        if empty:
+            raise ValueError(f"mask: no valid position for layers {empty}")
+        factors = tuple(LayerFactors(spec, A / positions, S / examples, positions, examples)
+                        for spec, A, S, positions, examples in zip(specs, *state))
+        return KFACFactors(factors, _covered_names(params, specs))
+
+    return Accumulator(init, update, add_states, finalize)
+
+
 def kfac_factors(
     model: nn.Module,
     f: Callable[[Mapping[str, Tensor], Any], Tensor],
@@ -63,6 +122,8 @@ def kfac_factors(
     reduction: str = "mean",
 ) -> KFACFactors:
     """Fit the K-FAC factors ``A = mean ã ãᵀ`` and ``S = E_i[Σ_t ds dsᵀ]`` over ``batches``.
+
+    One pass of :func:`kfac_accumulator`: memory does not grow with the number of batches.
 
     Args:
         model: the module ``f`` runs through ``functional_call``; hooks are placed
@@ -79,31 +140,53 @@ def kfac_factors(
             where ``vmap`` cannot trace ``f`` (each example's own output gradients are
             captured otherwise, whatever ``f`` normalises by).
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
-    specs = layer_specs(model, params, layers)
-    sums = {s.module: [0.0, 0.0, 0, 0] for s in specs}  # A sum, S sum, positions, examples
-    for batch in batches:
+    accumulator = kfac_accumulator(model, f, params, layers=layers, mask=mask, reduction=reduction)
+    return accumulate(accumulator, batches)
+
+
+class CorrectionState(NamedTuple):
+    """Per layer: the sum of the squared rotated per-example gradients ``(d_out, d_a)``; examples seen."""
+
+    sums: tuple[Tensor, ...]
+    examples: tuple[int, ...]
+
+
+def ekfac_correction(
+    model: nn.Module,
+    f: Callable[[Mapping[str, Tensor], Any], Tensor],
+    params: Mapping[str, Tensor],
+    bases: Sequence["EKFACLayer"],
+    *,
+    mask: MaskFn = None,
+    reduction: str = "mean",
+) -> Accumulator:
+    """EK-FAC's eigenvalue correction ``Λ = E_i[(Q_Sᵀ dW̃_i Q_A)²]`` in fixed bases, as an accumulator.
+
+    ``finalize`` returns the ``bases`` with their eigenvalues replaced by ``Λ``. Each
+    example's rotated gradient is formed as ``Σ_t (Q_Sᵀ ds)(Q_Aᵀ ã)ᵀ`` from the rotated
+    activations and output gradients, never the unrotated ``dW̃_i``.
+    """
+    specs = [layer.spec for layer in bases]
+
+    def init() -> CorrectionState:
+        return CorrectionState(tuple(torch.zeros_like(layer.eigenvalues) for layer in bases), (0,) * len(bases))
+
+    def update(state: CorrectionState, batch: Any) -> CorrectionState:
         captured = _examples_factors(model, f, params, batch, specs, reduction, _mask(mask, batch))
-        for spec in specs:
-            rows = captured[spec.module]
-            a, ds = rows.a.double(), rows.ds.double()
-            entry = sums[spec.module]
-            entry[0] = entry[0] + contract("bti,btj->ij", a, a)
-            entry[1] = entry[1] + contract("bti,btj->ij", ds, ds)
-            entry[2] += rows.positions
-            entry[3] += a.shape[0]
-    if any(entry[3] == 0 for entry in sums.values()):
-        raise ValueError("batches: no batch was given")
-    empty = [module for module, entry in sums.items() if entry[2] == 0]
-    if empty:
-        raise ValueError(f"mask: no valid position for layers {empty}")
-    factors = tuple(
-        LayerFactors(s, sums[s.module][0] / sums[s.module][2], sums[s.module][1] / sums[s.module][3],
-                     sums[s.module][2], sums[s.module][3])
-        for s in specs
-    )
-    return KFACFactors(factors, _covered_names(params, specs))
+        sums = []
+        for layer in bases:
+            rows = captured[layer.spec.module]
+            rotated = contract("bts,bta->bsa", rows.ds.double() @ layer.QS, rows.a.double() @ layer.QA)
+            sums.append(rotated.pow(2).sum(0))
+        counts = tuple(captured[spec.module].a.shape[0] for spec in specs)
+        return add_states(state, CorrectionState(tuple(sums), counts))
+
+    def finalize(state: CorrectionState) -> tuple["EKFACLayer", ...]:
+        if any(n == 0 for n in state.examples):
+            raise ValueError("batches: no batch was given")
+        return tuple(layer._replace(eigenvalues=total / n) for layer, total, n in zip(bases, *state))
+
+    return Accumulator(init, update, add_states, finalize)
 
 
 class EKFACLayer(NamedTuple):
@@ -222,22 +305,11 @@ def ekfac(
     for factor in factors.layers:
         eA, QA = torch.linalg.eigh(factor.A)
         eS, QS = torch.linalg.eigh(factor.S)
-        bases.append((factor.spec, QA, QS, torch.outer(eS.clamp(min=0), eA.clamp(min=0))))
+        bases.append(EKFACLayer(factor.spec, QA, QS, torch.outer(eS.clamp(min=0), eA.clamp(min=0))))
     if correct:
-        specs = [b[0] for b in bases]
-        sums = {spec.module: torch.zeros_like(lam) for spec, _, _, lam in bases}
-        count = 0
-        for batch in batches:
-            captured = _examples_factors(model, f, params, batch, specs, reduction, _mask(mask, batch))
-            for spec, QA, QS, _ in bases:
-                a, ds = captured[spec.module].a.double(), captured[spec.module].ds.double()
-                rotated = contract("bts,bta->bsa", ds @ QS, a @ QA)
-                sums[spec.module] += rotated.pow(2).sum(0)
-            count += next(iter(captured.values())).a.shape[0]
-        bases = [(spec, QA, QS, sums[spec.module] / count) for spec, QA, QS, _ in bases]
-    layers_out = tuple(EKFACLayer(*b) for b in bases)
+        bases = accumulate(ekfac_correction(model, f, params, bases, mask=mask, reduction=reduction), batches)
     sizes = tuple(params[n].numel() for n in factors.names)
-    return EKFAC(layers_out, factors.names, sizes, correct)
+    return EKFAC(tuple(bases), factors.names, sizes, correct)
 
 
 def _examples_factors(model: nn.Module, f: Callable, params: Mapping[str, Tensor], batch: Any,

@@ -29,6 +29,7 @@ from torch.utils import _pytree as pytree
 
 from ._checks import check_finite_params
 from .gradients import _add_dim, _expand_in_dims, _take
+from .trees import examples_in
 
 __all__ = ["LayerSpec", "Captured", "layer_specs", "capture", "capture_per_example", "DirectParameterUse"]
 
@@ -199,7 +200,7 @@ def capture(
     finally:
         for handle in handles:
             handle.remove()
-    examples = _examples(batch)
+    examples = examples_in(batch)
     out = {}
     for spec, grad in zip(specs, grads):
         x = inputs[spec.module]
@@ -301,7 +302,7 @@ def capture_per_example(
     modules = dict(model.named_modules())
     detached = {k: v.detach() for k, v in params.items()}
     (dims,) = _expand_in_dims((batch,), (0,))  # batched tensors are mapped over; other fields are shared
-    examples = _examples(batch)
+    examples = examples_in(batch)
     outputs = _output_shapes(modules, f, detached, _take(batch, dims, 0), specs)
     owners = {id(detached[name]): (s.module, name) for s in specs for name in (s.weight, s.bias) if name}
     mode = _DirectUseMode(owners)
@@ -412,14 +413,6 @@ def _positions(spec: LayerSpec, module: nn.Module, x: Tensor, grad: Tensor) -> t
         stride=module.stride,
     )
     return rearrange(patches, "b d l -> b l d"), rearrange(grad, "b c h w -> b (h w) c")
-
-
-def _examples(batch: Any) -> int:
-    """The batch size: the leading dimension of the batch's first tensor."""
-    for leaf in pytree.tree_leaves(batch):
-        if isinstance(leaf, Tensor) and leaf.dim():
-            return leaf.shape[0]
-    raise ValueError("batch: holds no tensor with a batch dimension")
 
 
 def _per_example(spec: LayerSpec, examples: int, a: Tensor, ds: Tensor) -> tuple[Tensor, Tensor]:

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ._checks import as_block, block_width, check_callable, check_count, check_nonnegative, check_positive
 from .fold import fold
+from .seeds import mix
 from .solution import Solution, Status, solution
 
 __all__ = ["LissaState", "lissa"]
@@ -25,7 +26,6 @@ _TREND_MIN_STEPS = 8
 # mean at least half the third quarter's) and successive updates are far from parallel.
 _LEVEL_LIMIT = 0.5
 _NOISE_ALIGNMENT = 0.5
-_MASK64 = (1 << 64) - 1
 
 
 class LissaState(NamedTuple):
@@ -107,7 +107,7 @@ def lissa(
     v = block.to(torch.promote_types(block.dtype, torch.float32))
 
     def step(s: LissaState) -> LissaState:
-        mv = sample_mv(torch.Generator().manual_seed(_mix(s.key, s.step)))
+        mv = sample_mv(torch.Generator().manual_seed(mix(s.key, s.step)))
         if not callable(mv):
             raise TypeError(
                 f"sample_mv: must return the step's Hessian operator (a callable), got {type(mv).__name__}"
@@ -125,7 +125,7 @@ def lissa(
     steps = torch.zeros(v.shape[0], dtype=torch.long, device=v.device)
     for r in range(repeats):
         empty = torch.zeros(0, v.shape[0], dtype=v.dtype, device=v.device)
-        start = LissaState(v, torch.zeros_like(v), empty, empty, 0, _mix(seed, r))
+        start = LissaState(v, torch.zeros_like(v), empty, empty, 0, mix(seed, r))
         final = fold(step, start, max_steps)
         total += final.h
         last = torch.maximum(last, final.updates[-1])
@@ -178,13 +178,3 @@ def _seed(seed: Union[int, torch.Generator]) -> int:
     if isinstance(seed, torch.Generator):
         return int(torch.randint(0, 2**62, (1,), generator=seed))
     return check_count(seed, "seed", minimum=0)
-
-
-def _mix(*words: int) -> int:
-    """A 63-bit seed from integers, by splitmix64 (Steele, Lea & Flood, 2014) folded over them."""
-    h = 0x9E3779B97F4A7C15
-    for word in words:
-        h = (h ^ (word & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
-        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & _MASK64
-        h ^= h >> 31
-    return h >> 1

@@ -6,15 +6,24 @@ the form :func:`torch.func.functional_call` takes.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping, Union
+from typing import Any, Callable, Iterable, Mapping, Union
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 Params = Mapping[str, Tensor]
 Names = Union[str, Iterable[str], None]
 
-__all__ = ["ravel", "select", "Params", "Names"]
+__all__ = ["ravel", "select", "examples_in", "Params", "Names"]
+
+
+def examples_in(batch: Any) -> int:
+    """The batch size: the leading dimension of the batch's first tensor with one."""
+    for leaf in pytree.tree_leaves(batch):
+        if isinstance(leaf, Tensor) and leaf.dim():
+            return leaf.shape[0]
+    raise ValueError("batch: holds no tensor with a batch dimension")
 
 
 def ravel(params: Params) -> tuple[Tensor, Callable[[Tensor], dict[str, Tensor]]]:

@@ -1,9 +1,10 @@
-"""Data loaders as attributors use them: checked for order, moved to a device, concatenated."""
+"""Data loaders as attributors use them: checked for order, moved to a device, passed over, sliced, joined."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Iterator, Mapping, Optional
+import itertools
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 from torch.utils import _pytree as pytree
@@ -20,8 +21,10 @@ from torch.utils.data import (
 from torch.utils.data._utils.collate import default_collate
 from tqdm.auto import tqdm
 
-__all__ = ["check_loader", "batches", "concatenate", "take", "batch_size", "fingerprint", "own_batch_dimension",
-           "explained"]
+from attrib_core.trees import examples_in
+
+__all__ = ["check_loader", "batches", "Batches", "Mapped", "Selected", "random_access", "concatenate", "take", "batch_size",
+           "fingerprint", "own_batch_dimension", "explained"]
 
 
 _RANDOM_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
@@ -113,14 +116,80 @@ def batches(loader: Iterable[Any], device: torch.device, *, desc: str = "", show
     empty = True
     for batch in tqdm(source, desc=desc, disable=not show_progress, leave=leave, total=total):
         empty = False
-        if isinstance(batch, Mapping):
-            yield {k: _to(v, device) for k, v in batch.items()}
-            continue
-        if not isinstance(batch, (tuple, list)):
-            batch = (batch,)
-        yield tuple(_to(x, device) for x in batch)
+        yield _normalised(batch, device)
     if empty:
         raise ValueError("the data loader yielded no batches")
+
+
+def _normalised(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Mapping):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if not isinstance(batch, (tuple, list)):
+        batch = (batch,)
+    return tuple(_to(x, device) for x in batch)
+
+
+class Batches:
+    """A loader's batches on ``device``, re-iterable: each ``iter`` is a fresh pass over the loader.
+
+    For statistics that pass over the training set more than once (every CG step, both
+    passes of EK-FAC) without holding it: one batch is in memory at a time.
+    ``limit`` keeps the first ``limit`` batches only.
+    """
+
+    def __init__(self, loader: Iterable[Any], device: torch.device, *, limit: Optional[int] = None) -> None:
+        self.loader, self.device, self.limit = loader, device, limit
+
+    def __iter__(self) -> Iterator[Any]:
+        passes = batches(self.loader, self.device)
+        return passes if self.limit is None else itertools.islice(passes, self.limit)
+
+
+class Mapped:
+    """``fn(i, batch)`` for the ``i``-th batch of a re-iterable of batches, on every pass (``fn`` pure in ``i``)."""
+
+    def __init__(self, source: Iterable[Any], fn: Callable[[int, Any], Any]) -> None:
+        self.source, self.fn = source, fn
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self.fn(i, batch) for i, batch in enumerate(self.source))
+
+
+class Selected:
+    """The examples at positions ``index`` of a re-iterable of batches, batch by batch, in loader order.
+
+    Positions count examples across batches (0 is the first example of the first
+    batch); each pass yields, per batch, the rows it holds (batches holding none are skipped).
+    """
+
+    def __init__(self, source: Iterable[Any], index: torch.Tensor) -> None:
+        self.source, self.index = source, torch.sort(torch.as_tensor(index, dtype=torch.long)).values
+
+    def __iter__(self) -> Iterator[Any]:
+        start = 0
+        for batch in self.source:
+            n = batch_size(batch)
+            local = self.index[(self.index >= start) & (self.index < start + n)] - start
+            start += n
+            if len(local):
+                yield take(batch, local)
+
+
+def random_access(loader: Any, device: torch.device) -> Optional[tuple[Callable[[torch.Tensor], Any], int]]:
+    """``(rows, n)``: ``rows(index)`` collates the examples at loader positions ``index`` into one batch, without a pass.
+
+    Possible for a DataLoader over a map-style dataset (its batch sampler gives each
+    position's dataset index, ``n`` of them; its ``collate_fn`` builds the batch); None otherwise.
+    """
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset) \
+            or loader.batch_sampler is None:
+        return None
+    order = [i for group in loader.batch_sampler for i in group]
+
+    def rows(index: torch.Tensor) -> Any:
+        return _normalised(loader.collate_fn([loader.dataset[order[i]] for i in index.tolist()]), device)
+
+    return rows, len(order)
 
 
 def _to(tree: Any, device: torch.device) -> Any:
@@ -185,12 +254,7 @@ def concatenate(loader: Iterable[Any], device: torch.device) -> Any:
     return join(parts, "")
 
 
-def batch_size(batch: tuple) -> int:
-    """Examples in a batch: the first dimension of its first tensor."""
-    for item in pytree.tree_leaves(batch):
-        if isinstance(item, torch.Tensor) and item.dim():
-            return item.shape[0]
-    raise ValueError("batch: holds no tensor with a batch dimension")
+batch_size = examples_in  # examples in a batch: the first dimension of its first tensor
 
 
 def _same(a: Any, b: Any) -> bool:

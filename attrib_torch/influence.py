@@ -3,8 +3,8 @@
 Each class keeps dattri's name, constructor arguments and defaults, and differs
 only in how ``(H + λI)⁻¹`` is applied, each a short composition of
 :mod:`attrib_core` solvers. ``H`` is the Hessian of ``loss_func`` on the whole
-cached training set (all batches concatenated into one), computed once per
-checkpoint in :meth:`cache`; a test batch is solved once, for all training
+cached training set (a sum over its batches, never the batches joined into one),
+computed once per checkpoint in :meth:`cache`; a test batch is solved once, for all training
 examples. A positive score means the training example helps the test prediction.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -27,16 +27,29 @@ from attrib_core import (
     datainf,
     ekfac,
     factor_explicit,
-    hessian,
+    full_hessian,
+    full_hvp,
     layer_specs,
     lissa,
     make_hvp,
+    sample_labels,
     spectral_projector,
 )
 
 from .base import BaseInnerProductAttributor
 from .checks import nonnegative, positive, positive_int
-from .data import batch_size as examples_in, batches, check_loader, concatenate, explained, take
+from .data import (
+    Batches,
+    Mapped,
+    Selected,
+    batch_size as examples_in,
+    batches,
+    check_loader,
+    concatenate,
+    explained,
+    random_access,
+    take,
+)
 from .solver_reports import record
 from .task import AttributionTask
 from .user_warning import warn
@@ -63,18 +76,53 @@ def _first_batches(loader: Any, ratio: float) -> list:
     return list(itertools.islice(iter(loader), count))
 
 
+class _TrainingLoss(NamedTuple):
+    """The training loss over the cached training set: ``f(chosen, batch)``, its batches, how they combine."""
+
+    f: Any
+    chosen: Dict[str, Tensor]
+    batches: Any  # re-iterable: every pass starts over
+    reduction: str  # "mean" or "sum": the full loss is Σ_b n_b f_b / N, or Σ_b f_b
+
+
 class _FullTrainingLoss(BaseInnerProductAttributor):
     """Shared by the solvers that need the training loss over the whole cached training set."""
 
-    def _training_objective(self, ckpt_idx: int):
-        """``(f, chosen_params, full_batch)`` with ``f(chosen, batch)`` the training loss."""
+    def _training_objective(self, ckpt_idx: int) -> _TrainingLoss:
+        """The training loss over the cached loader, batch by batch, never its batches joined into one.
+
+        How batch losses combine into the full loss is read off the loss itself: on the
+        first two batches, the loss of both joined must equal the example-weighted mean
+        of theirs (a mean loss) or their sum (a sum). A loss that is neither (a sum plus
+        a weight penalty, a per-token mean) cannot be split exactly, so it is evaluated
+        on the joined training set as before.
+        """
         chosen, fixed = self._split_params(ckpt_idx)
-        data = concatenate(self.full_train_dataloader, self.device)
         f = self._restricted(self.task.loss_func, fixed)
+        data = Batches(self.full_train_dataloader, self.device)
+        passes = iter(data)
+        first, second = next(passes), next(passes, None)
         # One forward pass before any Hessian work, so that a loss that cannot run says why.
-        with explained(f, chosen, data, "loss_func"), torch.no_grad():
-            f(chosen, data)
-        return f, chosen, data
+        with explained(f, chosen, first, "loss_func"), torch.no_grad():
+            f(chosen, first)
+        reduction = "mean" if second is None else _reduction(f, chosen, first, second, self.device)
+        if reduction is None:
+            return _TrainingLoss(f, chosen, [concatenate(self.full_train_dataloader, self.device)], "sum")
+        return _TrainingLoss(f, chosen, data, reduction)
+
+
+def _reduction(f: Any, chosen: Dict[str, Tensor], first: Any, second: Any, device: torch.device) -> Optional[str]:
+    """``"mean"`` or ``"sum"``: how ``f`` of two batches joined follows from theirs; None if neither does."""
+    with torch.no_grad():
+        a, b = float(f(chosen, first)), float(f(chosen, second))
+        joined = float(f(chosen, concatenate([first, second], device)))
+    na, nb = examples_in(first), examples_in(second)
+    tolerance = 1e-4 * max(abs(a), abs(b), abs(joined), 1e-30)
+    if abs(joined - (na * a + nb * b) / (na + nb)) <= tolerance:
+        return "mean"
+    if abs(joined - (a + b)) <= tolerance:
+        return "sum"
+    return None
 
 
 class _RelatIF(_FullTrainingLoss):
@@ -149,8 +197,9 @@ class IFAttributorExplicit(_RelatIF):
     _cache_fields = BaseInnerProductAttributor._cache_fields + ('factors',)
 
     def _prepare(self, ckpt_idx: int) -> None:
-        f, chosen, data = self._training_objective(ckpt_idx)
-        self.factors[ckpt_idx] = factor_explicit(hessian(f, chosen, data), damping=self.regularization)
+        loss = self._training_objective(ckpt_idx)
+        H = full_hessian(loss.f, loss.chosen, loss.batches, reduction=loss.reduction)
+        self.factors[ckpt_idx] = factor_explicit(H, damping=self.regularization)
 
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
         solution = self.factors[ckpt_idx].solve(test_rep)
@@ -185,8 +234,9 @@ class IFAttributorCG(_RelatIF):
     _cache_fields = BaseInnerProductAttributor._cache_fields + ('_operators',)
 
     def _prepare(self, ckpt_idx: int) -> None:
-        f, chosen, data = self._training_objective(ckpt_idx)
-        self._operators[ckpt_idx] = make_hvp(f, chosen, data, mode=self.mode)
+        loss = self._training_objective(ckpt_idx)
+        self._operators[ckpt_idx] = full_hvp(loss.f, loss.chosen, loss.batches, reduction=loss.reduction,
+                                             mode=self.mode)
 
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
         solution = cg(self._operators[ckpt_idx], test_rep, tol=0.0, atol=self.tol, max_steps=self.max_iter,
@@ -236,17 +286,21 @@ class IFAttributorLiSSA(_RelatIF):
     _cache_fields = BaseInnerProductAttributor._cache_fields + ('_objectives',)
 
     def _prepare(self, ckpt_idx: int) -> None:
-        self._objectives[ckpt_idx] = self._training_objective(ckpt_idx)
+        loss = self._training_objective(ckpt_idx)
+        access = None if isinstance(loss.batches, list) else random_access(self.full_train_dataloader, self.device)
+        if access is None:  # an iterable dataset (or a loss only the joined set gives): draw from it joined
+            joined = loss.batches[0] if isinstance(loss.batches, list) else \
+                concatenate(self.full_train_dataloader, self.device)
+            access = (lambda index: take(joined, index.to(self.device)), examples_in(joined))
+        self._objectives[ckpt_idx] = (loss, *access)
 
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
-        f, chosen, data = self._objectives[ckpt_idx]
-        n = examples_in(data)
-        rows = test_rep.shape[0]
+        loss, rows, n = self._objectives[ckpt_idx]
+        width = test_rep.shape[0]
 
         def sample_mv(generator: torch.Generator):
-            index = torch.randperm(n, generator=generator)[: self.batch_size].to(self.device)
-            sub = take(data, index)
-            return make_hvp(f, chosen, sub, mode=self.mode, chunk_size=rows)
+            index = torch.randperm(n, generator=generator)[: self.batch_size]
+            return make_hvp(loss.f, loss.chosen, rows(index), mode=self.mode, chunk_size=width)
 
         # dattri's recursion is h = v + (1 - damping) h - H h / scaling: a shift of damping · scaling.
         solution = lissa(sample_mv, test_rep, max_steps=self.recursion_depth, scale=self.scaling,
@@ -346,15 +400,17 @@ class IFAttributorArnoldi(_FullTrainingLoss):
     _cache_fields = BaseInnerProductAttributor._cache_fields + ('_projectors',)
 
     def _prepare(self, ckpt_idx: int) -> None:
-        f, chosen, data = self._training_objective(ckpt_idx)
-        n = examples_in(data)
+        loss = self._training_objective(ckpt_idx)
+        data = loss.batches
+        n = sum(examples_in(batch) for batch in data)
         keep = max(1, round(self.precompute_data_ratio * n))
-        if keep < n:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[:keep].to(self.device)
-            data = take(data, order)
-        dim = sum(v.numel() for v in chosen.values())
-        result = arnoldi(make_hvp(f, chosen, data), dim, max_steps=self.max_iter, top_k=self.proj_dim,
-                         seed=self.seed, tol=self.tol, device=self.device)
+        if keep < n:  # the Hessian of a seeded random subset of the training examples
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[:keep]
+            data = Selected(data, order)
+        dim = sum(v.numel() for v in loss.chosen.values())
+        mv = full_hvp(loss.f, loss.chosen, data, reduction=loss.reduction)
+        result = arnoldi(mv, dim, max_steps=self.max_iter, top_k=self.proj_dim, seed=self.seed, tol=self.tol,
+                         device=self.device)
         projector = spectral_projector(result.eigenvalues, result.eigenvectors, damping=self.regularization)
         if projector.n_negative or projector.n_small:
             warn(
@@ -435,18 +491,17 @@ class IFAttributorEKFAC(BaseInnerProductAttributor):
 
     def _prepare(self, ckpt_idx: int) -> None:
         params = {k: v.to(self.device) for k, v in self.task.params(ckpt_idx).items()}
-        data = list(itertools.islice(batches(self.full_train_dataloader, self.device), self.max_iter))
-        if self.fisher == "sampled":
-            generator = torch.Generator().manual_seed(self.seed + ckpt_idx)
-            data = [self._with_sampled_labels(params, batch, generator) for batch in data]
+        data = Batches(self.full_train_dataloader, self.device, limit=self.max_iter)  # two passes, one batch held
+        if self.fisher == "sampled":  # the same labels on both passes: batch i's draw is seeded by i
+            data = Mapped(data, lambda i, batch: self._with_sampled_labels(params, batch, (self.seed, ckpt_idx, i)))
         fit = ekfac(self.task.get_model(), self.task.loss_func, params, data, layers=self._modules)
         self._fits[ckpt_idx] = fit
 
-    def _with_sampled_labels(self, params, batch, generator):
+    def _with_sampled_labels(self, params, batch, key):
         with torch.no_grad():
             logits = functional_call(self.task.get_model(), params, (batch[0],))
-        labels = torch.multinomial(torch.softmax(logits.float(), dim=-1).cpu(), 1, generator=generator)
-        return (*batch[:-1], labels.reshape(-1).to(batch[-1].device, batch[-1].dtype))
+        labels = sample_labels(logits, seed=key)
+        return (*batch[:-1], labels.to(batch[-1].device, batch[-1].dtype))
 
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
         fit = self._fits[ckpt_idx]

@@ -1,0 +1,223 @@
+"""Training-set statistics as mergeable accumulators: ``init``, ``update(state, batch)``, ``merge``, ``finalize``.
+
+Attribution reduces over the training set: curvature (the Hessian, its products,
+K-FAC covariances, EK-FAC's eigenvalue correction) and gradient moments are sums
+over examples. Each is an :class:`Accumulator`, a NamedTuple of four pure
+functions over a NamedTuple state, as optax's transforms are pairs of pure
+functions: folding ``update`` over all batches and merging the states of any
+split of them give the same state (up to float summation order), so a
+statistic can be computed batch by batch in constant memory, or on several
+ranks whose states ``merge`` combines (what ``torch.distributed.all_reduce``
+computes for sums).
+
+How a batch statistic combines follows the loss's own normalisation: for a loss
+that is a mean over its batch (``reduction="mean"``) the full training set's
+statistic is ``Σ_b n_b c_b / Σ_b n_b``; for a sum (``"sum"``) it is ``Σ_b c_b``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+from ._checks import as_block, check_callable, check_nonnegative
+from .curvature import _CHUNK_BYTES, Operator, _rows_within, hessian, make_gnvp, make_hvp
+from .gradients import per_sample_grad
+from .trees import examples_in
+
+__all__ = [
+    "Accumulator",
+    "SumState",
+    "accumulate",
+    "add_states",
+    "batch_sum",
+    "hessian_sum",
+    "hvp_sum",
+    "gnvp_sum",
+    "second_moments",
+    "full_hvp",
+    "full_gnvp",
+    "full_hessian",
+]
+
+_REDUCTIONS = ("mean", "sum")
+
+
+class Accumulator(NamedTuple):
+    """A training-set statistic as four pure functions (``State`` is a NamedTuple).
+
+    ``init() -> State``; ``update(State, batch) -> State``; ``merge(State, State) -> State``,
+    associative and commutative, with ``init()`` its identity; ``finalize(State) -> result``.
+    """
+
+    init: Callable[[], Any]
+    update: Callable[[Any, Any], Any]
+    merge: Callable[[Any, Any], Any]
+    finalize: Callable[[Any], Any]
+
+
+class SumState(NamedTuple):
+    """A weighted sum of batch statistics: ``total`` (a tensor or a tree of them; None before
+    the first batch), the examples seen, and the batches seen."""
+
+    total: Any
+    examples: int
+    batches: int
+
+
+def add_states(a: NamedTuple, b: NamedTuple) -> NamedTuple:
+    """The ``merge`` of states that are NamedTuples of per-layer tuples of sums: field by field, entry by entry."""
+    return type(a)(*(tuple(x + y for x, y in zip(fa, fb)) for fa, fb in zip(a, b)))
+
+
+def accumulate(accumulator: Accumulator, batches: Iterable[Any]) -> Any:
+    """Fold ``accumulator.update`` over ``batches`` from ``init()`` and finalize: the statistic of all of them."""
+    state = accumulator.init()
+    for batch in batches:
+        state = accumulator.update(state, batch)
+    return accumulator.finalize(state)
+
+
+def batch_sum(statistic: Callable[[Any], Any], *, reduction: str = "mean") -> Accumulator:
+    """The training-set total of a per-batch ``statistic(batch)`` normalised like the loss.
+
+    With ``reduction="mean"`` (``statistic`` a mean over the batch's examples, as the
+    loss is) the result is ``Σ_b n_b c_b / Σ_b n_b``, the statistic of one batch
+    holding every example; with ``"sum"`` it is ``Σ_b c_b``. The state is a
+    :class:`SumState`; ``merge`` adds.
+    """
+    check_callable(statistic, "statistic")
+    _check_reduction(reduction)
+
+    def update(state: SumState, batch: Any) -> SumState:
+        n = examples_in(batch)
+        value = statistic(batch)
+        weighted = _tree_scale(value, n) if reduction == "mean" else value
+        return SumState(_tree_add(state.total, weighted), state.examples + n, state.batches + 1)
+
+    def merge(a: SumState, b: SumState) -> SumState:
+        return SumState(_tree_add(a.total, b.total), a.examples + b.examples, a.batches + b.batches)
+
+    def finalize(state: SumState) -> Any:
+        if state.batches == 0:
+            raise ValueError("batches: no batch was given")
+        return _tree_scale(state.total, 1.0 / state.examples) if reduction == "mean" else state.total
+
+    return Accumulator(lambda: SumState(None, 0, 0), update, merge, finalize)
+
+
+def hessian_sum(f: Callable, params: Mapping[str, Tensor], *, reduction: str = "mean", mode: str = "rev-rev",
+                max_bytes: int = 128 << 20) -> Accumulator:
+    """The dense Hessian ``(P, P)`` of the full training loss, one batch's :func:`hessian` at a time.
+
+    Memory: the running ``(P, P)`` sum and one batch's Hessian, whatever the number of batches.
+    """
+    return batch_sum(lambda batch: hessian(f, params, batch, mode=mode, max_bytes=max_bytes), reduction=reduction)
+
+
+def hvp_sum(f: Callable, params: Mapping[str, Tensor], V: Tensor, *, reduction: str = "mean",
+            mode: str = "rev-rev", chunk_size: Optional[int] = None) -> Accumulator:
+    """``V H`` ``(k, P)`` with ``H`` the Hessian of the full training loss, one batch's product at a time."""
+    return batch_sum(lambda batch: make_hvp(f, params, batch, mode=mode, chunk_size=chunk_size)(V),
+                     reduction=reduction)
+
+
+def gnvp_sum(out_fn: Callable, loss_fn: Callable, params: Mapping[str, Tensor], V: Tensor, *,
+             reduction: str = "mean", chunk_size: Optional[int] = None) -> Accumulator:
+    """``V G`` ``(k, P)`` with ``G`` the Gauss-Newton matrix of the full training loss (see :func:`make_gnvp`)."""
+    return batch_sum(lambda batch: make_gnvp(out_fn, loss_fn, params, batch, chunk_size=chunk_size)(V),
+                     reduction=reduction)
+
+
+def second_moments(f: Callable, params: Mapping[str, Tensor]) -> Accumulator:
+    """``E_i[g_i ⊙ g_i]`` ``(P,)``: the per-coordinate second moment of per-example gradients.
+
+    The diagonal of the empirical Fisher (a diagonal or Adam-style preconditioner),
+    and, summed over a layer's coordinates, the trace DataInf's damping heuristic
+    needs. ``g_i`` is example ``i``'s gradient as a batch of one (:func:`per_sample_grad`),
+    so the mean is over examples whatever ``f`` normalises by.
+    """
+    grads = per_sample_grad(f)
+
+    def moment(batch: Any) -> Tensor:
+        g = grads(params, batch)
+        g = g.to(torch.promote_types(g.dtype, torch.float32))
+        return g.pow(2).mean(0)
+
+    return batch_sum(moment, reduction="mean")
+
+
+def full_hvp(f: Callable, params: Mapping[str, Tensor], batches: Iterable[Any], *, reduction: str = "mean",
+             mode: str = "rev-rev", damping: float = 0.0, chunk_size: Optional[int] = None) -> Operator:
+    """The Hessian of the full training loss over ``batches`` as an operator, never joining them.
+
+    ``mv(V) = V H + damping V`` with ``H = Σ_b w_b H_b`` (``w_b = n_b / N`` for a mean
+    loss, 1 for a sum): each call folds :func:`hvp_sum` over ``batches`` (which must be
+    re-iterable: a list, or an object whose ``__iter__`` starts over), so memory is that
+    of one batch's product, whatever the number of batches.
+    """
+    chunk = {"size": chunk_size}
+
+    def products(V: Tensor) -> Accumulator:
+        if chunk["size"] is None and V.shape[0] > 1:  # measured once, on the first batch, not once per batch
+            chunk["size"] = _rows_within(_CHUNK_BYTES, f, params, next(iter(batches)))
+        return hvp_sum(f, params, V, reduction=reduction, mode=mode, chunk_size=chunk["size"])
+
+    return _summed_operator(products, params, batches, damping)
+
+
+def full_gnvp(out_fn: Callable, loss_fn: Callable, params: Mapping[str, Tensor], batches: Iterable[Any], *,
+              reduction: str = "mean", damping: float = 0.0, chunk_size: Optional[int] = None) -> Operator:
+    """The Gauss-Newton matrix of the full training loss over ``batches`` as an operator (see :func:`full_hvp`)."""
+    chunk = {"size": chunk_size}
+
+    def products(V: Tensor) -> Accumulator:
+        if chunk["size"] is None and V.shape[0] > 1:
+            chunk["size"] = _rows_within(_CHUNK_BYTES, out_fn, params, next(iter(batches)))
+        return gnvp_sum(out_fn, loss_fn, params, V, reduction=reduction, chunk_size=chunk["size"])
+
+    return _summed_operator(products, params, batches, damping)
+
+
+def full_hessian(f: Callable, params: Mapping[str, Tensor], batches: Iterable[Any], *, reduction: str = "mean",
+                 mode: str = "rev-rev") -> Tensor:
+    """The dense Hessian ``(P, P)`` of the full training loss over ``batches`` (:func:`hessian_sum`)."""
+    return accumulate(hessian_sum(f, params, reduction=reduction, mode=mode), batches)
+
+
+def _summed_operator(make: Callable[[Tensor], Accumulator], params: Mapping[str, Tensor],
+                     batches: Iterable[Any], damping: float) -> Operator:
+    damping = check_nonnegative(damping, "damping")
+    if iter(batches) is batches:
+        raise TypeError("batches: every product passes over the data again; give a list or a re-iterable "
+                        "loader, not an iterator")
+    width = sum(p.numel() for p in params.values())
+
+    def mv(V: Tensor) -> Tensor:
+        block, single = as_block(V, width)
+        out = accumulate(make(block), batches)
+        if damping:
+            out = out + damping * block.to(out.dtype)
+        return out[0] if single else out
+
+    return mv
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
+
+
+def _tree_add(a: Any, b: Any) -> Any:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return pytree.tree_map(lambda x, y: x + y, a, b)
+
+
+def _tree_scale(tree: Any, factor: float) -> Any:
+    return pytree.tree_map(lambda x: x * factor, tree)
