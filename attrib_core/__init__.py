@@ -22,7 +22,7 @@ from .accumulators import (
 )
 from .arnoldi import ArnoldiResult, ArnoldiState, SpectralProjector, arnoldi, spectral_projector
 from .cg import CGState, cg
-from .curvature import fvp, gnvp, hessian, hvp, make_fvp, make_gnvp, make_hvp
+from .curvature import fvp, gnvp, hessian, hvp, make_fvp, make_gnvp, make_hvp, saved_activation_bytes
 from .datainf import datainf, datainf_damping
 from .diagonal import hutchinson_diagonal, jacobi
 from .factored import (
@@ -81,6 +81,7 @@ __all__ = [
     "fvp",
     "make_fvp",
     "hessian",
+    "saved_activation_bytes",
     "Accumulator",
     "SumState",
     "accumulate",

@@ -89,3 +89,20 @@ def as_operator(mv: Any, width: int, name: str = "mv") -> Callable[[Tensor], Ten
         return lambda V: V @ matrix.T.to(V.dtype)
     check_callable(mv, name)
     return mv
+
+
+def linear_system(mv: Any, B: Any, name: str = "B") -> tuple[Callable[[Tensor], Tensor], Tensor, bool]:
+    """The shared entry step of the solvers: ``(operator, block (k, P), single)`` from ``mv`` and ``B``.
+
+    A matrix operator fixes ``P`` and ``B`` is checked against it (an error names ``B``);
+    a callable operator takes its width from ``B``.
+    """
+    if isinstance(mv, Tensor) and mv.dim() == 2 and mv.shape[0] == mv.shape[1]:
+        width = mv.shape[0]
+        if isinstance(B, Tensor) and B.dim() in (1, 2) and B.shape[-1] != width:
+            raise ValueError(f"{name}: expected width P={width}, the size of the matrix mv {tuple(mv.shape)}; "
+                             f"got shape {tuple(B.shape)}")
+    else:
+        width = block_width(B, name)
+    block, single = as_block(B, width, name=name)
+    return as_operator(mv, width), block, single

@@ -24,9 +24,9 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from ._checks import as_block, check_callable, check_nonnegative
-from .curvature import _CHUNK_BYTES, Operator, _rows_within, hessian, make_gnvp, make_hvp
+from .curvature import _CHUNK_BYTES, Operator, _rows_within, add_hessian_rows_, make_gnvp, make_hvp, symmetrise_
 from .gradients import per_sample_grad
-from .trees import examples_in
+from .trees import examples_in, ravel
 
 __all__ = [
     "Accumulator",
@@ -51,6 +51,9 @@ class Accumulator(NamedTuple):
 
     ``init() -> State``; ``update(State, batch) -> State``; ``merge(State, State) -> State``,
     associative and commutative, with ``init()`` its identity; ``finalize(State) -> result``.
+    ``update`` may add into the storage of the state it is given (the state is donated,
+    as with ``jax.jit``'s ``donate_argnums``): keep the returned state, not the old one.
+    ``merge`` and ``finalize`` leave their inputs as they are.
     """
 
     init: Callable[[], Any]
@@ -94,28 +97,54 @@ def batch_sum(statistic: Callable[[Any], Any], *, reduction: str = "mean") -> Ac
 
     def update(state: SumState, batch: Any) -> SumState:
         n = examples_in(batch)
+        weight = n if reduction == "mean" else 1
         value = statistic(batch)
-        weighted = _tree_scale(value, n) if reduction == "mean" else value
-        return SumState(_tree_add(state.total, weighted), state.examples + n, state.batches + 1)
-
-    def merge(a: SumState, b: SumState) -> SumState:
-        return SumState(_tree_add(a.total, b.total), a.examples + b.examples, a.batches + b.batches)
+        if state.total is None:
+            total = _tree_scale(value, weight)
+        else:  # the running sum is the state's own storage, added to in place (the state is donated)
+            total = pytree.tree_map(lambda t, v: t.add_(v.to(t.dtype), alpha=weight), state.total, value)
+        return SumState(total, state.examples + n, state.batches + 1)
 
     def finalize(state: SumState) -> Any:
         if state.batches == 0:
             raise ValueError("batches: no batch was given")
         return _tree_scale(state.total, 1.0 / state.examples) if reduction == "mean" else state.total
 
-    return Accumulator(lambda: SumState(None, 0, 0), update, merge, finalize)
+    return Accumulator(lambda: SumState(None, 0, 0), update, _merge_sums, finalize)
+
+
+def _merge_sums(a: SumState, b: SumState) -> SumState:
+    return SumState(_tree_add(a.total, b.total), a.examples + b.examples, a.batches + b.batches)
 
 
 def hessian_sum(f: Callable, params: Mapping[str, Tensor], *, reduction: str = "mean", mode: str = "rev-rev",
                 max_bytes: int = 128 << 20) -> Accumulator:
-    """The dense Hessian ``(P, P)`` of the full training loss, one batch's :func:`hessian` at a time.
+    """The dense Hessian ``(P, P)`` of the full training loss, one batch's rows at a time.
 
-    Memory: the running ``(P, P)`` sum and one batch's Hessian, whatever the number of batches.
+    Each batch's Hessian is added into the running ``(P, P)`` sum block of rows by
+    block of rows (:func:`add_hessian_rows_`), so memory is that one matrix and one
+    block, whatever the number of batches; ``finalize`` symmetrises once.
     """
-    return batch_sum(lambda batch: hessian(f, params, batch, mode=mode, max_bytes=max_bytes), reduction=reduction)
+    _check_reduction(reduction)
+    flat, _ = ravel(params)
+    dtype = torch.promote_types(flat.dtype, torch.float32)
+
+    def update(state: SumState, batch: Any) -> SumState:
+        n = examples_in(batch)
+        total = state.total
+        if total is None:
+            total = torch.zeros(flat.numel(), flat.numel(), dtype=dtype, device=flat.device)
+        add_hessian_rows_(total, f, params, batch, weight=n if reduction == "mean" else 1, mode=mode,
+                          max_bytes=max_bytes)
+        return SumState(total, state.examples + n, state.batches + 1)
+
+    def finalize(state: SumState) -> Tensor:
+        if state.batches == 0:
+            raise ValueError("batches: no batch was given")
+        H = state.total / state.examples if reduction == "mean" else state.total.clone()
+        return symmetrise_(H)
+
+    return Accumulator(lambda: SumState(None, 0, 0), update, _merge_sums, finalize)
 
 
 def hvp_sum(f: Callable, params: Mapping[str, Tensor], V: Tensor, *, reduction: str = "mean",

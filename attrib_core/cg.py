@@ -7,7 +7,7 @@ from typing import Callable, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from ._checks import as_block, as_operator, block_width, check_callable, check_count, check_nonnegative
+from ._checks import as_block, check_callable, check_count, check_nonnegative, linear_system
 from .fold import fold
 from .solution import Solution, Status, solution
 
@@ -65,8 +65,7 @@ def cg(
         may still reach the threshold, but ``A + damping I`` is not positive definite),
         else ``CONVERGED`` within the threshold, ``MAX_STEPS`` otherwise.
     """
-    operator = as_operator(mv, block_width(B, "B"))
-    block, single = as_block(B, block_width(B, "B"), name="B")
+    operator, block, single = linear_system(mv, B)
     tol = check_nonnegative(tol, "tol")
     atol = check_nonnegative(atol, "atol")
     damping = check_nonnegative(damping, "damping")

@@ -25,7 +25,7 @@ from .trees import ravel
 
 Operator = Callable[[Tensor], Tensor]
 
-__all__ = ["hvp", "make_hvp", "gnvp", "make_gnvp", "fvp", "make_fvp", "hessian"]
+__all__ = ["hvp", "make_hvp", "gnvp", "make_gnvp", "fvp", "make_fvp", "hessian", "saved_activation_bytes"]
 
 _MODES = ("rev-rev", "rev-fwd")
 _CHUNK_BYTES = 128 << 20
@@ -219,21 +219,32 @@ def hessian(
     _flat_objective(f, params, batch)
     _check_mode(mode)
     check_count(max_bytes, "max_bytes")
-    rows = _rows_within(max_bytes, f, params, batch)
-    mv = make_hvp(f, params, batch, mode=mode, chunk_size=rows)
     flat, _ = ravel(params)
     p = flat.numel()
-    dtype = torch.promote_types(flat.dtype, torch.float32)
-    H = torch.empty(p, p, dtype=dtype, device=flat.device)
+    H = torch.zeros(p, p, dtype=torch.promote_types(flat.dtype, torch.float32), device=flat.device)
+    add_hessian_rows_(H, f, params, batch, mode=mode, max_bytes=max_bytes)
+    return symmetrise_(H, _rows_within(max_bytes, f, params, batch))
+
+
+def add_hessian_rows_(H: Tensor, f: Callable[[Mapping[str, Tensor], Any], Tensor], params: Mapping[str, Tensor],
+                      batch: Any, *, weight: float = 1.0, mode: str = "rev-rev", max_bytes: int = 128 << 20) -> Tensor:
+    """``H += weight · ∇²f(params, batch)`` in place, one block of rows at a time (no ``(P, P)`` temporary).
+
+    Blocks are sized as in :func:`hessian`; the result is not symmetrised (the
+    caller does that once, after the last batch).
+    """
+    rows = _rows_within(max_bytes, f, params, batch)
+    mv = make_hvp(f, params, batch, mode=mode, chunk_size=rows)
+    p = H.shape[0]
     for start in range(0, p, rows):
         stop = min(p, start + rows)
-        unit = torch.zeros(stop - start, p, dtype=dtype, device=flat.device)
+        unit = torch.zeros(stop - start, p, dtype=H.dtype, device=H.device)
         unit[torch.arange(stop - start), torch.arange(start, stop)] = 1
-        H[start:stop] = mv(unit)
-    return _symmetrise_(H, rows)
+        H[start:stop].add_(mv(unit).to(H.dtype), alpha=weight)
+    return H
 
 
-def _symmetrise_(H: Tensor, block: int) -> Tensor:
+def symmetrise_(H: Tensor, block: int = 1024) -> Tensor:
     """``H ← (H + Hᵀ) / 2`` in place, one pair of blocks at a time (no ``(P, P)`` temporaries)."""
     p = H.shape[0]
     for i in range(0, p, block):
@@ -258,11 +269,12 @@ def _rows_within(max_bytes: int, f: Callable, params: Mapping[str, Tensor], batc
     several tensors of that size per row).
     """
     flat, _ = ravel(params)
-    per_row = 4 * flat.numel() * flat.element_size() + 4 * _saved_activation_bytes(f, params, batch)
+    per_row = 4 * flat.numel() * flat.element_size() + 4 * saved_activation_bytes(f, params, batch)
     return max(1, min(flat.numel(), max_bytes // max(per_row, 1)))
 
 
-def _saved_activation_bytes(f: Callable, params: Mapping[str, Tensor], batch: Any) -> int:
+def saved_activation_bytes(f: Callable, params: Mapping[str, Tensor], batch: Any) -> int:
+    """Bytes of the tensors autograd saves in one forward pass of ``f(params, batch)``: what a product holds per row."""
     total = 0
 
     def pack(t: Tensor) -> Tensor:

@@ -133,16 +133,32 @@ class Batches:
     """A loader's batches on ``device``, re-iterable: each ``iter`` is a fresh pass over the loader.
 
     For statistics that pass over the training set more than once (every CG step, both
-    passes of EK-FAC) without holding it: one batch is in memory at a time.
-    ``limit`` keeps the first ``limit`` batches only.
+    passes of EK-FAC) without holding it: one batch (or group) is in memory at a time.
+    ``limit`` keeps the first ``limit`` batches only; ``max_examples`` joins consecutive
+    batches into groups of at most that many examples (a batch larger than that stays
+    whole), so that a statistic pays its fixed cost per group, not per loader batch.
     """
 
-    def __init__(self, loader: Iterable[Any], device: torch.device, *, limit: Optional[int] = None) -> None:
-        self.loader, self.device, self.limit = loader, device, limit
+    def __init__(self, loader: Iterable[Any], device: torch.device, *, limit: Optional[int] = None,
+                 max_examples: Optional[int] = None) -> None:
+        self.loader, self.device, self.limit, self.max_examples = loader, device, limit, max_examples
 
     def __iter__(self) -> Iterator[Any]:
         passes = batches(self.loader, self.device)
-        return passes if self.limit is None else itertools.islice(passes, self.limit)
+        passes = passes if self.limit is None else itertools.islice(passes, self.limit)
+        return passes if self.max_examples is None else self._grouped(passes)
+
+    def _grouped(self, passes: Iterator[Any]) -> Iterator[Any]:
+        group, size = [], 0
+        for batch in passes:
+            n = batch_size(batch)
+            if group and size + n > self.max_examples:
+                yield group[0] if len(group) == 1 else concatenate(group, self.device)
+                group, size = [], 0
+            group.append(batch)
+            size += n
+        if group:
+            yield group[0] if len(group) == 1 else concatenate(group, self.device)
 
 
 class Mapped:

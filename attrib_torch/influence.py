@@ -33,6 +33,7 @@ from attrib_core import (
     lissa,
     make_hvp,
     sample_labels,
+    saved_activation_bytes,
     spectral_projector,
 )
 
@@ -64,6 +65,7 @@ __all__ = [
 ]
 
 LayerName = Union[None, str, Sequence[str]]
+_GROUP_BYTES = 32 << 20  # saved activations of one group of training batches in a curvature product
 
 
 def _first_batches(loader: Any, ratio: float) -> list:
@@ -99,8 +101,7 @@ class _FullTrainingLoss(BaseInnerProductAttributor):
         """
         chosen, fixed = self._split_params(ckpt_idx)
         f = self._restricted(self.task.loss_func, fixed)
-        data = Batches(self.full_train_dataloader, self.device)
-        passes = iter(data)
+        passes = iter(Batches(self.full_train_dataloader, self.device))
         first, second = next(passes), next(passes, None)
         # One forward pass before any Hessian work, so that a loss that cannot run says why.
         with explained(f, chosen, first, "loss_func"), torch.no_grad():
@@ -108,7 +109,12 @@ class _FullTrainingLoss(BaseInnerProductAttributor):
         reduction = "mean" if second is None else _reduction(f, chosen, first, second, self.device)
         if reduction is None:
             return _TrainingLoss(f, chosen, [concatenate(self.full_train_dataloader, self.device)], "sum")
-        return _TrainingLoss(f, chosen, data, reduction)
+        # Groups of batches whose forward pass saves at most _GROUP_BYTES: a fixed bound on memory, and
+        # the per-product fixed cost (graph building) paid per group rather than per loader batch.
+        per_example = saved_activation_bytes(f, chosen, first) / max(examples_in(first), 1)
+        group = max(1, int(_GROUP_BYTES // max(per_example, 1)))
+        return _TrainingLoss(f, chosen, Batches(self.full_train_dataloader, self.device, max_examples=group),
+                             reduction)
 
 
 def _reduction(f: Any, chosen: Dict[str, Tensor], first: Any, second: Any, device: torch.device) -> Optional[str]:

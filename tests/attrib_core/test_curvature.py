@@ -144,16 +144,16 @@ def test_bad_input_is_rejected_before_computing():
 
 
 def test_hessian_with_a_partial_last_block_of_several_rows():
-    from attrib_core.curvature import _saved_activation_bytes
+    from attrib_core.curvature import saved_activation_bytes
 
     model, params, f, batch, flat, unravel, V = setting((5, 6, 4, 5, 3, 1))
     P = flat.numel()  # 43: blocks of 3 rows leave a last block of 1
-    per_row = 4 * P * 8 + 4 * _saved_activation_bytes(f, params, batch)
+    per_row = 4 * P * 8 + 4 * saved_activation_bytes(f, params, batch)
     H = hessian(f, params, batch, max_bytes=3 * per_row)
     torch.testing.assert_close(H, dense_hessian(f, unravel, flat, batch), rtol=1e-8, atol=1e-8)
     model, params, f, batch, flat, unravel, V = setting((5, 6, 4, 4, 3, 1))
     P = flat.numel()  # 35: blocks of 4 leave a last block of 3
-    per_row = 4 * P * 8 + 4 * _saved_activation_bytes(f, params, batch)
+    per_row = 4 * P * 8 + 4 * saved_activation_bytes(f, params, batch)
     H = hessian(f, params, batch, max_bytes=4 * per_row)
     torch.testing.assert_close(H, dense_hessian(f, unravel, flat, batch), rtol=1e-8, atol=1e-8)
 

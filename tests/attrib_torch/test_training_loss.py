@@ -1,8 +1,9 @@
-"""The full training loss of the curvature attributors: a sum over batches, never the batches joined.
+"""The full training loss of the curvature attributors: a sum over batches, never the training set joined.
 
 For a mean loss and for a sum loss the attributors pass over the loader batch by
-batch, and score exactly as on one batch holding every example; a loss that is
-neither (a summed loss plus a weight penalty) is evaluated on the joined set.
+batch (in groups whose saved activations stay within a fixed budget; here one
+batch each), and score exactly as on one batch holding every example; a loss
+that is neither (a summed loss plus a weight penalty) is evaluated on the joined set.
 """
 
 import pytest
@@ -62,6 +63,8 @@ def test_batches_combine_as_the_loss_does(problem, monkeypatch, method, kind):
         return out
 
     monkeypatch.setattr(attrib_torch.influence, "concatenate", watched)
+    monkeypatch.setattr(attrib_torch.data, "concatenate", watched)
+    monkeypatch.setattr(attrib_torch.influence, "_GROUP_BYTES", 1)  # groups of one loader batch
     task = AttributionTask(loss, problem.model, problem.state)
     test = problem.loader("test")
     scale = 1 if reduction == "mean" else len(problem.y_train)
