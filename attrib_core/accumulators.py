@@ -123,19 +123,25 @@ def hessian_sum(f: Callable, params: Mapping[str, Tensor], *, reduction: str = "
 
     Each batch's Hessian is added into the running ``(P, P)`` sum block of rows by
     block of rows (:func:`add_hessian_rows_`), so memory is that one matrix and one
-    block, whatever the number of batches; ``finalize`` symmetrises once.
+    block, whatever the number of batches; ``finalize`` symmetrises once. The block
+    size is measured once, on the first batch, and scaled by each batch's size
+    (measuring every batch grew resident memory by about 1 MB a batch: allocator
+    fragmentation from the measuring pass between the blocks).
     """
     _check_reduction(reduction)
     flat, _ = ravel(params)
     dtype = torch.promote_types(flat.dtype, torch.float32)
+    measured: dict = {}
 
     def update(state: SumState, batch: Any) -> SumState:
         n = examples_in(batch)
+        if not measured:
+            measured.update(rows=_rows_within(max_bytes, f, params, batch), examples=n)
+        rows = max(1, min(flat.numel(), measured["rows"] * measured["examples"] // n))
         total = state.total
         if total is None:
             total = torch.zeros(flat.numel(), flat.numel(), dtype=dtype, device=flat.device)
-        add_hessian_rows_(total, f, params, batch, weight=n if reduction == "mean" else 1, mode=mode,
-                          max_bytes=max_bytes)
+        add_hessian_rows_(total, f, params, batch, rows=rows, weight=n if reduction == "mean" else 1, mode=mode)
         return SumState(total, state.examples + n, state.batches + 1)
 
     def finalize(state: SumState) -> Tensor:

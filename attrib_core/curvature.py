@@ -222,25 +222,28 @@ def hessian(
     flat, _ = ravel(params)
     p = flat.numel()
     H = torch.zeros(p, p, dtype=torch.promote_types(flat.dtype, torch.float32), device=flat.device)
-    add_hessian_rows_(H, f, params, batch, mode=mode, max_bytes=max_bytes)
-    return symmetrise_(H, _rows_within(max_bytes, f, params, batch))
+    rows = _rows_within(max_bytes, f, params, batch)
+    add_hessian_rows_(H, f, params, batch, rows=rows, mode=mode)
+    return symmetrise_(H, rows)
 
 
 def add_hessian_rows_(H: Tensor, f: Callable[[Mapping[str, Tensor], Any], Tensor], params: Mapping[str, Tensor],
-                      batch: Any, *, weight: float = 1.0, mode: str = "rev-rev", max_bytes: int = 128 << 20) -> Tensor:
-    """``H += weight · ∇²f(params, batch)`` in place, one block of rows at a time (no ``(P, P)`` temporary).
+                      batch: Any, *, rows: int, weight: float = 1.0, mode: str = "rev-rev") -> Tensor:
+    """``H += weight · ∇²f(params, batch)`` in place, ``rows`` rows at a time (no ``(P, P)`` temporary).
 
-    Blocks are sized as in :func:`hessian`; the result is not symmetrised (the
-    caller does that once, after the last batch).
+    ``rows`` bounds each vectorised block (see :func:`hessian`, which sizes it from a
+    memory budget); the result is not symmetrised (the caller does that once, after
+    the last batch).
     """
-    rows = _rows_within(max_bytes, f, params, batch)
-    mv = make_hvp(f, params, batch, mode=mode, chunk_size=rows)
     p = H.shape[0]
+    blocks = -(-p // rows)
+    rows = -(-p // blocks)  # balanced blocks, the last padded with zero rows to the same size
+    mv = make_hvp(f, params, batch, mode=mode, chunk_size=rows)
     for start in range(0, p, rows):
         stop = min(p, start + rows)
-        unit = torch.zeros(stop - start, p, dtype=H.dtype, device=H.device)
+        unit = torch.zeros(rows, p, dtype=H.dtype, device=H.device)
         unit[torch.arange(stop - start), torch.arange(start, stop)] = 1
-        H[start:stop].add_(mv(unit).to(H.dtype), alpha=weight)
+        H[start:stop].add_(mv(unit)[: stop - start].to(H.dtype), alpha=weight)
     return H
 
 
