@@ -6,7 +6,7 @@ import math
 import numbers
 from typing import Any
 
-__all__ = ["nonnegative", "positive", "positive_int", "flag"]
+__all__ = ["nonnegative", "positive", "positive_int", "nonnegative_int", "flag"]
 
 
 def _real(value: Any, name: str) -> float:
@@ -37,6 +37,15 @@ def positive_int(value: Any, name: str) -> int:
         raise TypeError(f"{name}: expected an integer >= 1, got {type(value).__name__} {value!r}")
     if value < 1:
         raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def nonnegative_int(value: Any, name: str) -> int:
+    """``value``, which must be an integer ``>= 0`` (a seed)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer >= 0, got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
     return int(value)
 
 

@@ -12,46 +12,18 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Dict, NamedTuple, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from attrib_core import (
-    EKFAC,
-    ExplicitFactor,
-    SpectralProjector,
-    arnoldi,
-    cg,
-    datainf,
-    ekfac,
-    factor_explicit,
-    full_hessian,
-    full_hvp,
-    layer_specs,
-    lissa,
-    make_hvp,
-    sample_labels,
-    saved_activation_bytes,
-    spectral_projector,
-)
+from attrib_core import EKFAC, SpectralProjector, datainf, ekfac, layer_specs, sample_labels
 
 from .base import BaseInnerProductAttributor
 from .checks import nonnegative, positive, positive_int
-from .data import (
-    Batches,
-    Mapped,
-    Selected,
-    batch_size as examples_in,
-    batches,
-    check_loader,
-    concatenate,
-    explained,
-    random_access,
-    take,
-)
-from .solver_reports import record
+from .data import Batches, Mapped, check_loader
+from .inverses import ArnoldiInverse, CGInverse, ExplicitInverse, LiSSAInverse, TrainingLoss, solved, training_loss
 from .task import AttributionTask
 from .user_warning import warn
 
@@ -65,7 +37,6 @@ __all__ = [
 ]
 
 LayerName = Union[None, str, Sequence[str]]
-_GROUP_BYTES = 32 << 20  # saved activations of one group of training batches in a curvature product
 
 
 def _first_batches(loader: Any, ratio: float) -> list:
@@ -78,57 +49,14 @@ def _first_batches(loader: Any, ratio: float) -> list:
     return list(itertools.islice(iter(loader), count))
 
 
-class _TrainingLoss(NamedTuple):
-    """The training loss over the cached training set: ``f(chosen, batch)``, its batches, how they combine."""
-
-    f: Any
-    chosen: Dict[str, Tensor]
-    batches: Any  # re-iterable: every pass starts over
-    reduction: str  # "mean" or "sum": the full loss is Σ_b n_b f_b / N, or Σ_b f_b
-
-
 class _FullTrainingLoss(BaseInnerProductAttributor):
     """Shared by the solvers that need the training loss over the whole cached training set."""
 
-    def _training_objective(self, ckpt_idx: int) -> _TrainingLoss:
-        """The training loss over the cached loader, batch by batch, never its batches joined into one.
-
-        How batch losses combine into the full loss is read off the loss itself: on the
-        first two batches, the loss of both joined must equal the example-weighted mean
-        of theirs (a mean loss) or their sum (a sum). A loss that is neither (a sum plus
-        a weight penalty, a per-token mean) cannot be split exactly, so it is evaluated
-        on the joined training set as before.
-        """
+    def _training_objective(self, ckpt_idx: int) -> TrainingLoss:
+        """The task's loss over the cached loader, batch by batch (see :func:`inverses.training_loss`)."""
         chosen, fixed = self._split_params(ckpt_idx)
         f = self._restricted(self.task.loss_func, fixed)
-        passes = iter(Batches(self.full_train_dataloader, self.device))
-        first, second = next(passes), next(passes, None)
-        # One forward pass before any Hessian work, so that a loss that cannot run says why.
-        with explained(f, chosen, first, "loss_func"), torch.no_grad():
-            f(chosen, first)
-        reduction = "mean" if second is None else _reduction(f, chosen, first, second, self.device)
-        if reduction is None:
-            return _TrainingLoss(f, chosen, [concatenate(self.full_train_dataloader, self.device)], "sum")
-        # Groups of batches whose forward pass saves at most _GROUP_BYTES: a fixed bound on memory, and
-        # the per-product fixed cost (graph building) paid per group rather than per loader batch.
-        per_example = saved_activation_bytes(f, chosen, first) / max(examples_in(first), 1)
-        group = max(1, int(_GROUP_BYTES // max(per_example, 1)))
-        return _TrainingLoss(f, chosen, Batches(self.full_train_dataloader, self.device, max_examples=group),
-                             reduction)
-
-
-def _reduction(f: Any, chosen: Dict[str, Tensor], first: Any, second: Any, device: torch.device) -> Optional[str]:
-    """``"mean"`` or ``"sum"``: how ``f`` of two batches joined follows from theirs; None if neither does."""
-    with torch.no_grad():
-        a, b = float(f(chosen, first)), float(f(chosen, second))
-        joined = float(f(chosen, concatenate([first, second], device)))
-    na, nb = examples_in(first), examples_in(second)
-    tolerance = 1e-4 * max(abs(a), abs(b), abs(joined), 1e-30)
-    if abs(joined - (na * a + nb * b) / (na + nb)) <= tolerance:
-        return "mean"
-    if abs(joined - (a + b)) <= tolerance:
-        return "sum"
-    return None
+        return training_loss(f, chosen, self.full_train_dataloader, self.device)
 
 
 class _RelatIF(_FullTrainingLoss):
@@ -197,21 +125,17 @@ class IFAttributorExplicit(_RelatIF):
     def __init__(self, task: AttributionTask, layer_name: LayerName = None, device: Optional[str] = "cpu",
                  regularization: float = 0.0, show_progress: bool = True) -> None:
         super().__init__(task, layer_name, device, show_progress)
-        self.regularization = nonnegative(regularization, "regularization")
-        self.factors: Dict[int, ExplicitFactor] = {}
+        self.inverse = ExplicitInverse(regularization)
+        self.regularization = self.inverse.regularization
+        self.factors: Dict[int, Any] = {}
 
     _cache_fields = BaseInnerProductAttributor._cache_fields + ('factors',)
 
     def _prepare(self, ckpt_idx: int) -> None:
-        loss = self._training_objective(ckpt_idx)
-        H = full_hessian(loss.f, loss.chosen, loss.batches, reduction=loss.reduction)
-        self.factors[ckpt_idx] = factor_explicit(H, damping=self.regularization)
+        self.factors[ckpt_idx] = self.inverse.factor(self._training_objective(ckpt_idx))
 
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
-        solution = self.factors[ckpt_idx].solve(test_rep)
-        record(self, solution, solver="the explicit solve", where=f"checkpoint {ckpt_idx}",
-               advice=f"H + {self.regularization}·I is not positive definite; raise regularization.")
-        return solution.x
+        return solved(self, self.factors[ckpt_idx].solve, test_rep, self.inverse, f"checkpoint {ckpt_idx}")
 
 
 class IFAttributorCG(_RelatIF):
@@ -228,29 +152,18 @@ class IFAttributorCG(_RelatIF):
                  max_iter: int = 10, tol: float = 1e-7, mode: str = "rev-rev", regularization: float = 0.0,
                  show_progress: bool = True) -> None:
         super().__init__(task, layer_name, device, show_progress)
-        self.max_iter = positive_int(max_iter, "max_iter")
-        self.tol = nonnegative(tol, "tol")
-        if mode not in ("rev-rev", "rev-fwd"):
-            raise ValueError(f"mode: expected 'rev-rev' or 'rev-fwd', got {mode!r}")
-        self.mode = mode
-        self.regularization = nonnegative(regularization, "regularization")
-        self._operators: Dict[int, Any] = {}
-        self.last_solution = None
+        self.inverse = CGInverse(max_iter, tol, mode, regularization)
+        self.max_iter, self.tol, self.mode = self.inverse.max_iter, self.inverse.tol, self.inverse.mode
+        self.regularization = self.inverse.regularization
+        self._solvers: Dict[int, Any] = {}
 
-    _cache_fields = BaseInnerProductAttributor._cache_fields + ('_operators',)
+    _cache_fields = BaseInnerProductAttributor._cache_fields + ('_solvers',)
 
     def _prepare(self, ckpt_idx: int) -> None:
-        loss = self._training_objective(ckpt_idx)
-        self._operators[ckpt_idx] = full_hvp(loss.f, loss.chosen, loss.batches, reduction=loss.reduction,
-                                             mode=self.mode)
+        self._solvers[ckpt_idx] = self.inverse.fit(self._training_objective(ckpt_idx))
 
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
-        solution = cg(self._operators[ckpt_idx], test_rep, tol=0.0, atol=self.tol, max_steps=self.max_iter,
-                      damping=self.regularization)
-        self.last_solution = solution
-        record(self, solution, solver="CG", where=f"checkpoint {ckpt_idx}",
-               advice=f"Raise max_iter (now {self.max_iter}) or regularization (now {self.regularization:g}).")
-        return solution.x
+        return solved(self, self._solvers[ckpt_idx], test_rep, self.inverse, f"checkpoint {ckpt_idx}")
 
 
 class IFAttributorLiSSA(_RelatIF):
@@ -275,46 +188,18 @@ class IFAttributorLiSSA(_RelatIF):
                  batch_size: int = 1, num_repeat: int = 1, recursion_depth: int = 5000, damping: float = 0.0,
                  scaling: float = 50.0, mode: str = "rev-rev", seed: int = 0, show_progress: bool = True) -> None:
         super().__init__(task, layer_name, device, show_progress)
-        self.batch_size = positive_int(batch_size, "batch_size")
-        self.num_repeat = positive_int(num_repeat, "num_repeat")
-        self.recursion_depth = positive_int(recursion_depth, "recursion_depth")
-        self.damping = nonnegative(damping, "damping")
-        if self.damping >= 2:
-            raise ValueError(f"damping: must be < 2, got {damping}; the recursion h = v + (1 - damping) h - H h / "
-                             "scaling cannot contract otherwise")
-        self.scaling = positive(scaling, "scaling")
-        if mode not in ("rev-rev", "rev-fwd"):
-            raise ValueError(f"mode: expected 'rev-rev' or 'rev-fwd', got {mode!r}")
-        self.mode = mode
-        self.seed = seed
-        self._objectives: Dict[int, Any] = {}
+        self.inverse = LiSSAInverse(batch_size, num_repeat, recursion_depth, damping, scaling, mode, seed)
+        for name in ("batch_size", "num_repeat", "recursion_depth", "damping", "scaling", "mode", "seed"):
+            setattr(self, name, getattr(self.inverse, name))
+        self._solvers: Dict[int, Any] = {}
 
-    _cache_fields = BaseInnerProductAttributor._cache_fields + ('_objectives',)
+    _cache_fields = BaseInnerProductAttributor._cache_fields + ('_solvers',)
 
     def _prepare(self, ckpt_idx: int) -> None:
-        loss = self._training_objective(ckpt_idx)
-        access = None if isinstance(loss.batches, list) else random_access(self.full_train_dataloader, self.device)
-        if access is None:  # an iterable dataset (or a loss only the joined set gives): draw from it joined
-            joined = loss.batches[0] if isinstance(loss.batches, list) else \
-                concatenate(self.full_train_dataloader, self.device)
-            access = (lambda index: take(joined, index.to(self.device)), examples_in(joined))
-        self._objectives[ckpt_idx] = (loss, *access)
+        self._solvers[ckpt_idx] = self.inverse.fit(self._training_objective(ckpt_idx))
 
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
-        loss, rows, n = self._objectives[ckpt_idx]
-        width = test_rep.shape[0]
-
-        def sample_mv(generator: torch.Generator):
-            index = torch.randperm(n, generator=generator)[: self.batch_size]
-            return make_hvp(loss.f, loss.chosen, rows(index), mode=self.mode, chunk_size=width)
-
-        # dattri's recursion is h = v + (1 - damping) h - H h / scaling: a shift of damping · scaling.
-        solution = lissa(sample_mv, test_rep, max_steps=self.recursion_depth, scale=self.scaling,
-                         damping=self.damping * self.scaling, repeats=self.num_repeat, seed=self.seed)
-        record(self, solution, solver="LiSSA", where=f"checkpoint {ckpt_idx}",
-               advice="Raise scaling (above the largest Hessian eigenvalue) against divergence, recursion_depth "
-                      "against the step cap, or damping.")
-        return solution.x
+        return solved(self, self._solvers[ckpt_idx], test_rep, self.inverse, f"checkpoint {ckpt_idx}")
 
 
 class IFAttributorDataInf(BaseInnerProductAttributor):
@@ -387,41 +272,22 @@ class IFAttributorArnoldi(_FullTrainingLoss):
                  norm_constant: float = 1.0, tol: float = 1e-7, regularization: float = 0.0, seed: int = 0,
                  show_progress: bool = True) -> None:
         super().__init__(task, layer_name, device, show_progress)
-        self.precompute_data_ratio = positive(precompute_data_ratio, "precompute_data_ratio")
-        if self.precompute_data_ratio > 1:
-            raise ValueError(f"precompute_data_ratio: expected a number in (0, 1], got {precompute_data_ratio!r}")
-        self.proj_dim = positive_int(proj_dim, "proj_dim")
-        self.max_iter = positive_int(max_iter, "max_iter")
-        if self.max_iter < self.proj_dim:
-            raise ValueError(f"max_iter: must be >= proj_dim={proj_dim} to produce that many eigenpairs, got {max_iter}")
-        dim = sum(task.params(0)[n].numel() for n in self.names)
-        if self.proj_dim > dim:
-            raise ValueError(f"proj_dim: cannot exceed the number of parameters ({dim}), got {proj_dim}")
+        self.inverse = ArnoldiInverse(proj_dim, max_iter, tol, regularization, seed, precompute_data_ratio)
+        self.inverse.check_width(sum(task.params(0)[n].numel() for n in self.names))
+        for name in ("proj_dim", "max_iter", "tol", "regularization", "seed", "precompute_data_ratio"):
+            setattr(self, name, getattr(self.inverse, name))
         self.norm_constant = positive(norm_constant, "norm_constant")
-        self.tol = nonnegative(tol, "tol")
-        self.regularization = nonnegative(regularization, "regularization")
-        self.seed = seed
         self._projectors: Dict[int, SpectralProjector] = {}
 
     _cache_fields = BaseInnerProductAttributor._cache_fields + ('_projectors',)
 
     def _prepare(self, ckpt_idx: int) -> None:
-        loss = self._training_objective(ckpt_idx)
-        data = loss.batches
-        n = sum(examples_in(batch) for batch in data)
-        keep = max(1, round(self.precompute_data_ratio * n))
-        if keep < n:  # the Hessian of a seeded random subset of the training examples
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[:keep]
-            data = Selected(data, order)
-        dim = sum(v.numel() for v in loss.chosen.values())
-        mv = full_hvp(loss.f, loss.chosen, data, reduction=loss.reduction)
-        result = arnoldi(mv, dim, max_steps=self.max_iter, top_k=self.proj_dim, seed=self.seed, tol=self.tol,
-                         device=self.device)
-        projector = spectral_projector(result.eigenvalues, result.eigenvectors, damping=self.regularization)
+        projector = self.inverse.fit(self._training_objective(ckpt_idx))
         if projector.n_negative or projector.n_small:
             warn(
-                f"checkpoint {ckpt_idx}: of {len(result.eigenvalues)} eigenpairs, dropped {projector.n_negative} "
-                f"negative and {projector.n_small} near-zero ones (after regularization {self.regularization})"
+                f"checkpoint {ckpt_idx}: of {len(projector.eigenvalues) + projector.n_negative + projector.n_small} "
+                f"eigenpairs, dropped {projector.n_negative} negative and {projector.n_small} near-zero ones "
+                f"(after regularization {self.regularization})"
             )
         self._projectors[ckpt_idx] = projector
 

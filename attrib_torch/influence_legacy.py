@@ -1,9 +1,11 @@
 """dattri's earlier influence entry point, ``IFAttributor(target_func, params, ihvp_solver, ...)``.
 
 Here ``target_func(params, dataloader)`` computes the loss over a whole loader.
-The class is a thin front over the same solvers as the task-based attributors:
-the Hessian (or its products) of ``target_func`` on the cached training loader,
-and per-example gradients of ``target_func`` on one-example loaders.
+The class is a thin front over the same code as the task-based attributors: the
+same settings objects (:mod:`attrib_torch.inverses`: dattri's argument names,
+defaults and checks), fitted on the same batch-by-batch training loss (here
+``target_func`` on a loader of one batch), reporting through the same warning;
+test and training gradients are those of ``target_func`` on one-example loaders.
 """
 
 from __future__ import annotations
@@ -13,20 +15,11 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import torch
 from torch import Tensor
 
-from attrib_core import (
-    arnoldi,
-    cg,
-    factor_explicit,
-    hessian,
-    lissa,
-    make_hvp,
-    ravel,
-    spectral_projector,
-)
+from attrib_core import ravel
 
 from .base import BaseAttributor
 from .data import batch_size, batches, check_loader, take
-from .solver_reports import record
+from .inverses import INVERSES, settings_of, solved, training_loss
 
 __all__ = ["IFAttributor"]
 
@@ -40,9 +33,12 @@ class IFAttributor(BaseAttributor):
         target_func: ``(params, dataloader) -> scalar``; ``params`` is a dict.
         params: the parameters to attribute with respect to.
         ihvp_solver: ``"explicit"``, ``"cg"``, ``"arnoldi"`` or ``"lissa"``.
-        ihvp_kwargs: the solver's settings: ``regularization`` (all), ``max_iter``, ``tol``,
-            ``mode`` (cg), ``proj_dim``, ``max_iter``, ``tol``, ``seed`` (arnoldi),
-            ``recursion_depth``, ``scaling``, ``damping``, ``num_repeat``, ``seed`` (lissa).
+        ihvp_kwargs: the solver's settings, named and defaulted as the arguments of
+            ``IFAttributorExplicit`` / ``CG`` / ``Arnoldi`` / ``LiSSA``: ``regularization``;
+            ``max_iter``, ``tol``, ``mode``, ``regularization`` (cg); ``proj_dim``, ``max_iter``,
+            ``tol``, ``regularization``, ``seed``, ``precompute_data_ratio`` (arnoldi);
+            ``batch_size``, ``num_repeat``, ``recursion_depth``, ``damping``, ``scaling``,
+            ``mode``, ``seed`` (lissa).
         device: where to compute.
     """
 
@@ -57,69 +53,26 @@ class IFAttributor(BaseAttributor):
         self.params = {k: v.detach().to(self.device) for k, v in params.items()}
         self.ihvp_solver = ihvp_solver
         self.ihvp_kwargs = dict(ihvp_kwargs or {})
-        allowed = {
-            "explicit": {"regularization"},
-            "cg": {"regularization", "max_iter", "tol", "mode"},
-            "arnoldi": {"regularization", "proj_dim", "max_iter", "tol", "seed"},
-            "lissa": {"recursion_depth", "scaling", "damping", "num_repeat", "seed", "mode"},
-        }[ihvp_solver]
-        unknown = set(self.ihvp_kwargs) - allowed
+        allowed = settings_of(INVERSES[ihvp_solver])
+        unknown = set(self.ihvp_kwargs) - set(allowed)
         if unknown:
-            raise ValueError(f"ihvp_kwargs: {sorted(unknown)} are not settings of {ihvp_solver!r}; allowed: {sorted(allowed)}")
+            raise ValueError(f"ihvp_kwargs: {sorted(unknown)} are not settings of {ihvp_solver!r}; "
+                             f"allowed: {sorted(allowed)}")
+        self.inverse = INVERSES[ihvp_solver](**self.ihvp_kwargs)  # the IFAttributor* classes' checks and defaults
         self._inverse: Optional[Callable[[Tensor], Tensor]] = None
         self.full_train_dataloader = None
 
     def cache(self, full_train_dataloader: Any) -> None:
-        """Build ``(H + λI)⁻¹`` (or its action) from the full training loader."""
+        """Fit ``(H + λI)⁻¹`` (or its action) on the full training loader, as the ``IFAttributor*`` classes do."""
         check_loader(full_train_dataloader, "full_train_dataloader")
         self.full_train_dataloader = full_train_dataloader
-        kw = self.ihvp_kwargs
-        loader, f, params = full_train_dataloader, self.target_func, self.params
-        dim = ravel(params)[0].numel()
-        if self.ihvp_solver == "explicit":
-            factor = factor_explicit(hessian(f, params, loader), damping=kw.get("regularization", 0.0))
-            def solve_direct(V: Tensor) -> Tensor:
-                solution = factor.solve(V)
-                record(self, solution, solver="the explicit solve", where="IFAttributor",
-                       advice="H + regularization·I is not positive definite; raise regularization.")
-                return solution.x
 
-            self._inverse = solve_direct
-        elif self.ihvp_solver == "cg":
-            mv = make_hvp(f, params, loader, mode=kw.get("mode", "rev-rev"))
-            def solve_cg(V: Tensor) -> Tensor:
-                solution = cg(mv, V, tol=0.0, atol=kw.get("tol", 1e-7), max_steps=kw.get("max_iter", 10),
-                              damping=kw.get("regularization", 0.0))
-                record(self, solution, solver="CG", where="IFAttributor",
-                       advice="Raise max_iter or regularization.")
-                return solution.x
+        def loss(params: Mapping[str, Tensor], batch: Any) -> Tensor:
+            return self.target_func(params, [batch])
 
-            self._inverse = solve_cg
-        elif self.ihvp_solver == "arnoldi":
-            top = kw.get("proj_dim", 100)
-            result = arnoldi(make_hvp(f, params, loader), dim, max_steps=max(kw.get("max_iter", 100), top),
-                             top_k=min(top, dim), tol=kw.get("tol", 1e-7), seed=kw.get("seed", 0),
-                             device=self.device)
-            projector = spectral_projector(result.eigenvalues, result.eigenvectors,
-                                           damping=kw.get("regularization", 0.0))
-            self._inverse = lambda V: projector.solve(V).x
-        else:
-            parts = [[batch] for batch in batches(loader, self.device)]
-
-            def sample_mv(generator: torch.Generator):
-                index = int(torch.randint(0, len(parts), (1,), generator=generator))
-                return make_hvp(f, params, parts[index], mode=kw.get("mode", "rev-rev"))
-
-            def solve_lissa(V: Tensor) -> Tensor:
-                scale = kw.get("scaling", 50.0)
-                solution = lissa(sample_mv, V, max_steps=kw.get("recursion_depth", 5000), scale=scale,
-                                 damping=kw.get("damping", 0.0) * scale, repeats=kw.get("num_repeat", 1),
-                                 seed=kw.get("seed", 0))
-                record(self, solution, solver="LiSSA", where="IFAttributor",
-                       advice="Raise scaling, recursion_depth or damping.")
-                return solution.x
-
-            self._inverse = solve_lissa
+        fitted = self.inverse.fit(training_loss(loss, self.params, full_train_dataloader, self.device))
+        solve = getattr(fitted, "solve", fitted)  # Arnoldi's spectral projector, or a solve
+        self._inverse = lambda V: solved(self, solve, V, self.inverse, "IFAttributor")
 
     def clear_cache(self) -> None:
         """Forget the cached loader and the inverse built from it."""

@@ -39,7 +39,7 @@ BATCH = 64
 
 def one(stat: str, path: str, n: int) -> dict:
     import attrib_torch
-    import attrib_torch.influence
+    import attrib_torch.inverses
     from attrib_core import per_sample_grad
 
     torch.manual_seed(0)
@@ -49,7 +49,7 @@ def one(stat: str, path: str, n: int) -> dict:
     batch = n if path == "joined" else BATCH
     loader = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
     if path != "joined":
-        attrib_torch.influence._GROUP_BYTES = max(1, int(float(path) * 2**20))
+        attrib_torch.inverses._GROUP_BYTES = max(1, int(float(path) * 2**20))
 
     def loss(p, data):
         return nn.functional.cross_entropy(functional_call(model, p, (data[0],)), data[1])

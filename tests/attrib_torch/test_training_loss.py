@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import functional_call
 
 import attrib_torch.data
-import attrib_torch.influence
+import attrib_torch.inverses
 from attrib_torch import (
     AttributionTask,
     IFAttributorArnoldi,
@@ -62,9 +62,9 @@ def test_batches_combine_as_the_loss_does(problem, monkeypatch, method, kind):
         joined_sizes.append(len(out[1]))
         return out
 
-    monkeypatch.setattr(attrib_torch.influence, "concatenate", watched)
+    monkeypatch.setattr(attrib_torch.inverses, "concatenate", watched)
     monkeypatch.setattr(attrib_torch.data, "concatenate", watched)
-    monkeypatch.setattr(attrib_torch.influence, "_GROUP_BYTES", 1)  # groups of one loader batch
+    monkeypatch.setattr(attrib_torch.inverses, "_GROUP_BYTES", 1)  # groups of one loader batch
     task = AttributionTask(loss, problem.model, problem.state)
     test = problem.loader("test")
     scale = 1 if reduction == "mean" else len(problem.y_train)
@@ -80,6 +80,6 @@ def test_batches_combine_as_the_loss_does(problem, monkeypatch, method, kind):
         assert len(problem.y_train) in joined_sizes
     else:  # the first two batches are joined once, to read the reduction off the loss
         assert max(joined_sizes, default=0) <= 64, joined_sizes
-        assert attrib_torch.influence._reduction(
+        assert attrib_torch.inverses._reduction(
             loss, problem.params, *list(attrib_torch.data.batches(problem.loader(), torch.device("cpu")))[:2],
             torch.device("cpu")) == reduction
