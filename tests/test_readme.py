@@ -25,3 +25,15 @@ def test_readme_test_command_is_the_one_ci_runs():
     assert steps[-1] == "python -m pytest" and 'pip install torch==2.13.0 -e ".[test]"' in steps
     assert all(step in lines for step in steps)  # every step of the README's command, verbatim, as a line of CI
     assert commands[0].endswith("python -m benchmarks.run --quick")
+
+
+def test_the_library_tests_do_not_import_the_benchmarks():
+    """tests/attrib_core, tests/attrib_torch and tests/kernels stand on the installed packages alone."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).parent
+    offenders = [str(path.relative_to(root)) for folder in ("attrib_core", "attrib_torch", "kernels")
+                 for path in (root / folder).rglob("*.py")
+                 if re.search(r"^\s*(from|import)\s+benchmarks\b", path.read_text(), re.MULTILINE)]
+    assert offenders == []
