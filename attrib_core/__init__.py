@@ -66,10 +66,12 @@ from .sampled_fisher import sample_labels
 from .scores import TopK, cosine, inner_products, self_scores, topk_scores
 from .solution import Factorisation, Solution, Status
 from .solve_explicit import ExplicitFactor, factor_explicit, solve_explicit
-from .trees import ravel, select, split_by_module
+from .trak import trak_kernel, trak_train_features, trak_weights
+from .trees import examples_in, ravel, select, split_by_module
 
 __all__ = [
     "ravel",
+    "examples_in",
     "select",
     "split_by_module",
     "per_sample_grad",
@@ -146,6 +148,9 @@ __all__ = [
     "topk_scores",
     "self_scores",
     "TopK",
+    "trak_kernel",
+    "trak_train_features",
+    "trak_weights",
     "lds",
     "LDSResult",
     "loo_correlation",

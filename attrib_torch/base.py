@@ -229,6 +229,10 @@ class BaseInnerProductAttributor(BaseAttributor):
         self._train_reps[ckpt_idx] = (train_dataloader, key, reps)
         return reps
 
+    def _keep_train_reps(self, ckpt_idx: int, train_dataloader: Any, reps: Any) -> None:
+        """Keep transformed training representations a subclass computed itself (as :meth:`train_reps` keeps its own)."""
+        self._train_reps[ckpt_idx] = (train_dataloader, fingerprint(train_dataloader), reps)
+
     def _grouped(self, loader: Any, ckpt_idx: int, *, train: bool, transform: Any = None) -> Iterator[Tensor]:
         """Transformed representations of a loader's examples, transformed a group of rows at a time.
 
@@ -290,6 +294,14 @@ class BaseInnerProductAttributor(BaseAttributor):
         check_loader(train_dataloader, "train_dataloader")
         check_loader(test_dataloader, "test_dataloader")
         self._ensure_cached(train_dataloader)
+        return self._scores(train_dataloader, test_dataloader)
+
+    def _scores(self, train_dataloader: Any, test_dataloader: Any) -> Tensor:
+        """``(n_train, n_test)`` combined over checkpoints, for checked loaders with the cache in place.
+
+        What every front end's ``attribute`` computes, whatever order its public
+        signature takes the loaders in (TRAK's takes the test loader first).
+        """
         return self._combined(lambda ckpt_idx: self._checkpoint_scores(ckpt_idx, train_dataloader, test_dataloader))
 
     def _checkpoint_scores(self, ckpt_idx: int, train_dataloader: Any, test_dataloader: Any) -> Tensor:

@@ -7,19 +7,20 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 from torch import Tensor
 
-from attrib_core import solve_explicit
+from attrib_core import trak_kernel, trak_train_features, trak_weights
 
 from .base import BaseInnerProductAttributor
 from .checks import nonnegative
-from .data import batch_size, batches, check_loader, explained, fingerprint, take
+from .data import batch_size, batches, check_loader, explained, take
 from .projection import projector_from_kwargs
+from .solver_reports import record
 from .task import AttributionTask
 
 __all__ = ["TRAKAttributor"]
 
 
 class TRAKAttributor(BaseInnerProductAttributor):
-    """``τ = diag(Q̄) · mean_c[Φ_c (Φ_cᵀ Φ_c + λI)⁻¹ Φ_{test,c}ᵀ]``, ``(n_train, n_test)``.
+    """``τ = diag(Q̄) · mean_c[Φ_c (Φ_cᵀ Φ_c + λI)⁻¹ Φ_{test,c}ᵀ]``, ``(n_train, n_test)`` (:mod:`attrib_core.trak`).
 
     For each checkpoint ``c``: ``Φ_c`` are the projected per-example gradients of the
     task's ``loss_func`` on the training set and ``Φ_{test,c}`` those of its
@@ -69,17 +70,22 @@ class TRAKAttributor(BaseInnerProductAttributor):
         """
         check_loader(full_train_dataloader, "full_train_dataloader")
         self.check_checkpoints()
-        q = {c: 1.0 - self._probabilities(c, full_train_dataloader) for c in range(len(self.task))}
+        q = {c: self._weights(c, full_train_dataloader) for c in range(len(self.task))}
         super().cache(full_train_dataloader)
         self._q.update(q)
 
     def _prepare(self, ckpt_idx: int) -> None:
-        features = self._features(ckpt_idx, self.full_train_dataloader).double()
-        gram = features.T @ features
-        self._kernels[ckpt_idx] = gram
-        # The training representations of the cached set, from the same features.
-        transformed = solve_explicit(gram, features, damping=self.regularization).x
-        self._train_reps[ckpt_idx] = (self.full_train_dataloader, fingerprint(self.full_train_dataloader), transformed)
+        features = self._features(ckpt_idx, self.full_train_dataloader)
+        self._kernels[ckpt_idx] = trak_kernel(features, damping=self.regularization)
+        # The cached set's training representations, from the features the kernel was built of.
+        self._keep_train_reps(ckpt_idx, self.full_train_dataloader, self._kernel_solved(ckpt_idx, features))
+
+    def _kernel_solved(self, ckpt_idx: int, features: Tensor) -> Tensor:
+        solution = trak_train_features(self._kernels[ckpt_idx], features)
+        record(self, solution, solver="TRAK's kernel solve", where=f"checkpoint {ckpt_idx}",
+               advice=f"ΦᵀΦ + {self.regularization}·I is singular (fewer training examples than projected "
+                      "dimensions); raise regularization or lower proj_dim.")
+        return solution.x
 
     def _probabilities(self, ckpt_idx: int, loader: Any) -> Tensor:
         params = {k: v.to(self.device) for k, v in self.task.params(ckpt_idx).items()}
@@ -97,10 +103,17 @@ class TRAKAttributor(BaseInnerProductAttributor):
                 if p.numel() != batch_size(batch):
                     raise ValueError(f"correct_probability_func: returned {p.numel()} probabilities for a batch "
                                      f"of {batch_size(batch)} examples; expected one per example")
-            if not bool(((p >= 0) & (p <= 1)).all()):  # p = 1 (a confident model) gives Q = 0, as in TRAK
-                raise ValueError("correct_probability_func: returned probabilities outside [0, 1] (or NaN)")
             parts.append(p.double())
         return torch.cat(parts)
+
+    def _weights(self, ckpt_idx: int, loader: Any) -> Tensor:
+        """``Q = 1 - p`` of a loader's training examples at one checkpoint."""
+        p = self._probabilities(ckpt_idx, loader)
+        try:
+            return trak_weights(p)
+        except ValueError as error:
+            raise ValueError(f"correct_probability_func: returned probabilities outside [0, 1] (or NaN) "
+                             f"at checkpoint {ckpt_idx}") from error
 
     def _features(self, ckpt_idx: int, loader: Any) -> Tensor:
         """Projected training gradients ``Φ`` of a loader (of ``loss_func``: the margin), ``(n, k)``."""
@@ -111,8 +124,7 @@ class TRAKAttributor(BaseInnerProductAttributor):
 
     def transform_train_rep(self, ckpt_idx: int, train_rep: Tensor) -> Tensor:
         """``Φ (ΦᵀΦ + λI)⁻¹`` with the kernel of the cached training set."""
-        features = self._project(train_rep).double()
-        return solve_explicit(self._kernels[ckpt_idx], features, damping=self.regularization).x
+        return self._kernel_solved(ckpt_idx, self._project(train_rep))
 
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
         return self._project(test_rep).double()
@@ -120,8 +132,7 @@ class TRAKAttributor(BaseInnerProductAttributor):
     def _row_scale(self, train_dataloader: Any) -> Tensor:
         """``Q̄``: ``1 - p`` of the training examples, averaged over checkpoints."""
         return sum(
-            w * (self._q[c] if train_dataloader is self.full_train_dataloader
-                 else 1.0 - self._probabilities(c, train_dataloader))
+            w * (self._q[c] if train_dataloader is self.full_train_dataloader else self._weights(c, train_dataloader))
             for c, w in enumerate(self.checkpoint_weights())
         )
 
@@ -133,8 +144,7 @@ class TRAKAttributor(BaseInnerProductAttributor):
         check_loader(test_dataloader, "test_dataloader")
         loader = self._training_loader(train_dataloader)
         q = self._row_scale(loader)  # probabilities checked before any gradient
-        scores = super().attribute(loader, test_dataloader)
-        return (scores * q.unsqueeze(1)).to(torch.float32)
+        return (self._scores(loader, test_dataloader) * q.unsqueeze(1)).to(torch.float32)
 
     def self_attribute(self, train_dataloader: Any = None) -> Tensor:
         """``(n_train,)``: the diagonal of ``attribute(train, train)``."""
