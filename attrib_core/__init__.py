@@ -62,6 +62,14 @@ from .metrics import (
 )
 from .nystrom import NystromApprox, nystrom
 from .projector import Projector, projector
+from .representer import (
+    fit_final_layer,
+    label_columns,
+    representer_scores,
+    representer_self_scores,
+    representer_targets,
+    representer_weights,
+)
 from .sampled_fisher import sample_labels
 from .scores import TopK, cosine, inner_products, self_scores, topk_scores
 from .solution import Factorisation, Solution, Status
@@ -148,6 +156,12 @@ __all__ = [
     "topk_scores",
     "self_scores",
     "TopK",
+    "fit_final_layer",
+    "representer_weights",
+    "representer_targets",
+    "label_columns",
+    "representer_scores",
+    "representer_self_scores",
     "trak_kernel",
     "trak_train_features",
     "trak_weights",

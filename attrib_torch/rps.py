@@ -9,6 +9,14 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import kernels
+from attrib_core import (
+    fit_final_layer,
+    label_columns,
+    representer_scores,
+    representer_self_scores,
+    representer_targets,
+    representer_weights,
+)
 from kernels import TopK
 
 from .base import BaseAttributor
@@ -22,7 +30,7 @@ _FIT_TO = ("labels", "predictions")
 
 
 class RPSAttributor(BaseAttributor):
-    """Scores ``α_i[y_t] · ⟨f_i, f_t⟩``: the representer decomposition of the final layer.
+    """Scores ``α_i[y_t] · ⟨f_i, f_t⟩``: the representer decomposition of the final layer (:mod:`attrib_core.representer`).
 
     The final linear layer (``W``, and its bias as the weight of an appended 1) is
     fine-tuned on the training features ``f_i`` (the layer's inputs) to a stationary
@@ -78,7 +86,6 @@ class RPSAttributor(BaseAttributor):
         self.epoch = epoch
         self.fit_to = fit_to
         self.device = torch.device(device)
-        self.binary = layer.out_features == 1  # one logit: BCE-with-logits on labels 0/1
         self.full_train_dataloader: Any = None
         self.weight: Tensor | None = None  # fine-tuned [W | b], (C, d + 1); W alone without a bias
         self.alpha: Tensor | None = None  # (n_train, C)
@@ -125,7 +132,7 @@ class RPSAttributor(BaseAttributor):
             labels.append(batch[-1])
             outputs.append(seen["out"].reshape(f.shape[0], -1).double())
         labels = torch.cat(labels)
-        return torch.cat(feats), labels, self._targets(labels, torch.cat(outputs))
+        return torch.cat(feats), labels, representer_targets(labels, torch.cat(outputs), fit_to=self.fit_to)
 
     def cache(self, full_train_dataloader: Any) -> None:
         """Fine-tune the final layer on the training features and compute the representer weights ``α``."""
@@ -140,23 +147,8 @@ class RPSAttributor(BaseAttributor):
         if self.has_bias:
             bias = layer_params[prefix + "bias"].to(self.device).double()
             weight = torch.cat([weight, bias[:, None]], dim=1)
-        weight = weight.clone().requires_grad_(True)
-        lam = self.l2_strength
-
-        def objective() -> Tensor:
-            return self.task.target_func(features @ weight.T, targets) + lam * weight.pow(2).sum()
-
-        optimizer = torch.optim.LBFGS([weight], lr=1.0, max_iter=self.epoch, tolerance_grad=1e-12,
-                                      tolerance_change=1e-15, history_size=50, line_search_fn="strong_wolfe")
-
-        def closure() -> Tensor:
-            optimizer.zero_grad()
-            value = objective()
-            value.backward()
-            return value
-
-        optimizer.step(closure)
-        self.weight = weight.detach()
+        self.weight = fit_final_layer(self.task.target_func, features, targets, weight, l2=self.l2_strength,
+                                      max_steps=self.epoch)
         self._train_features = features
         self.alpha = self._alpha_for(features, targets)
 
@@ -173,26 +165,7 @@ class RPSAttributor(BaseAttributor):
         self._ensure_cached(train_dataloader)
         train_features, alpha = self._train_side(train_dataloader)
         test_features, test_labels = self._features(test_dataloader)
-        return ((train_features @ test_features.T) * self._label_columns(alpha, test_labels)).to(torch.float32)
-
-    def _label_columns(self, alpha: Tensor, labels: Tensor) -> Tensor:
-        """``(n_train, len(labels))``: the representer weights of each label's logit.
-
-        A binary head has one logit ``s``, the evidence for label 1; the evidence for
-        label 0 is ``-s``, so a label-0 example takes ``-α`` (a positive score always
-        supports the example's own label).
-        """
-        labels = labels.reshape(-1).long()
-        if not self.binary:
-            return alpha[:, labels]
-        return alpha[:, :1] * self._label_signs(labels).to(alpha.dtype)[None, :]
-
-    def _label_signs(self, labels: Tensor) -> Tensor:
-        """``+1`` for label 1 and ``-1`` for label 0: a binary head's logit is the evidence for label 1."""
-        labels = labels.reshape(-1).long()
-        if bool(((labels != 0) & (labels != 1)).any()):
-            raise ValueError("labels: a binary head (one output) needs labels 0 or 1")
-        return 2 * labels - 1
+        return representer_scores(train_features, alpha, test_features, test_labels).to(torch.float32)
 
     def _train_side(self, loader: Any) -> Tuple[Tensor, Tensor]:
         """Features and representer weights of a training loader (kept for the cached one)."""
@@ -201,20 +174,10 @@ class RPSAttributor(BaseAttributor):
         features, _, targets = self._layer_io(loader)
         return features, self._alpha_for(features, targets)
 
-    def _targets(self, labels: Tensor, outputs: Tensor) -> Tensor:
-        """What the fine-tuning fits: the labels, or the distribution the layer's original ``outputs`` predict."""
-        if self.fit_to == "labels":  # a binary head's BCE takes float labels shaped like its (n, 1) logits
-            return labels.reshape(-1, 1).to(outputs.dtype) if self.binary else labels
-        return torch.sigmoid(outputs) if outputs.shape[1] == 1 else torch.softmax(outputs, dim=1)
-
     def _alpha_for(self, features: Tensor, targets: Tensor) -> Tensor:
-        """``α_i = -∂L_i/∂(W f_i) / (2 · l2_strength · n)`` for each row, ``n`` the cached training set's size."""
-        n = self._train_features.shape[0]
-        logits = (features @ self.weight.T).requires_grad_(True)
-        # The loss is a mean: times the rows, each row's gradient is its own.
-        loss = self.task.target_func(logits, targets) * len(targets)
-        (grad,) = torch.autograd.grad(loss, logits)
-        return -grad / (2 * self.l2_strength * n)
+        """The representer weights of a loader's rows, ``n`` the cached training set's size."""
+        return representer_weights(self.task.target_func, features, targets, self.weight, l2=self.l2_strength,
+                                   n=self._train_features.shape[0])
 
     def self_attribute(self, train_dataloader: Any = None) -> Tensor:
         """``(n_train,)``: each training example's share of its own label logit."""
@@ -223,12 +186,7 @@ class RPSAttributor(BaseAttributor):
             raise ValueError("train_dataloader: none given and cache() has not been called")
         self._ensure_cached(loader)
         features, labels, targets = self._layer_io(loader)
-        alpha = self._alpha_for(features, targets)
-        if self.binary:
-            own = alpha[:, 0] * self._label_signs(labels).to(alpha.dtype)
-        else:
-            own = alpha.gather(1, labels.reshape(-1, 1).long()).squeeze(1)
-        return ((features * features).sum(1) * own).to(torch.float32)
+        return representer_self_scores(features, self._alpha_for(features, targets), labels).to(torch.float32)
 
     def topk(self, test_dataloader: Any, k: int, proponents: bool = True, train_dataloader: Any = None) -> TopK:
         """For each test example, the ``k`` training examples with the largest (smallest) representer values.
@@ -249,7 +207,7 @@ class RPSAttributor(BaseAttributor):
         indices = torch.empty(len(test_labels), k, dtype=torch.long, device=train_features.device)
         for label in test_labels.unique().tolist():
             rows = (test_labels == label).nonzero().flatten()
-            weights = self._label_columns(alpha, torch.tensor([label]))
+            weights = label_columns(alpha, torch.tensor([label]))
             top = kernels.topk_inner(train_features * weights, test_features[rows], k, largest=proponents)
             values[rows], indices[rows] = top.values, top.indices
         return TopK(values.to(torch.float32), indices)
