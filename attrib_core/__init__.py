@@ -70,6 +70,16 @@ from .representer import (
     representer_targets,
     representer_weights,
 )
+from .representations import (
+    Representation,
+    factored_plan,
+    rep_concat,
+    rep_inner,
+    rep_normalized,
+    rep_rows,
+    rep_rowwise,
+    rep_slice,
+)
 from .sampled_fisher import sample_labels
 from .scores import TopK, cosine, inner_products, self_scores, topk_scores
 from .solution import Factorisation, Solution, Status
@@ -133,6 +143,8 @@ __all__ = [
     "EKFAC",
     "EKFACLayer",
     "capture",
+    "capture_per_example",
+    "DirectParameterUse",
     "Captured",
     "layer_specs",
     "LayerSpec",
@@ -142,6 +154,14 @@ __all__ = [
     "factored_dense",
     "factored_cost",
     "concat_captured",
+    "Representation",
+    "rep_rows",
+    "rep_concat",
+    "rep_slice",
+    "rep_inner",
+    "rep_rowwise",
+    "rep_normalized",
+    "factored_plan",
     "project_factors",
     "project_gradient",
     "side_seed",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Mapping, NamedTuple, Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import torch
 from torch import Tensor

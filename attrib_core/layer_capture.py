@@ -25,7 +25,6 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils import _pytree as pytree
 
 from ._checks import check_finite_params
 from .gradients import _add_dim, _expand_in_dims, _take

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 import kernels
 from attrib_core import per_sample_grad, per_sample_grad_loop
+from attrib_core import rep_concat, rep_inner, rep_rows, rep_rowwise, rep_slice
 from kernels import TopK
 
 from .data import batches, check_loader, explained, fingerprint
@@ -225,7 +226,7 @@ class BaseInnerProductAttributor(BaseAttributor):
         # The loader itself is held, so its id in the key cannot be reused by another loader.
         if kept is not None and kept[0] is train_dataloader and kept[1] == key:
             return kept[2]
-        reps = self._concat(list(self._grouped(train_dataloader, ckpt_idx, train=True)))
+        reps = rep_concat(list(self._grouped(train_dataloader, ckpt_idx, train=True)))
         self._train_reps[ckpt_idx] = (train_dataloader, key, reps)
         return reps
 
@@ -254,34 +255,12 @@ class BaseInnerProductAttributor(BaseAttributor):
         named = bool(train and self.progress_desc)  # a front end's bar stays on screen, as captum's does
         for batch in batches(loader, self.device, desc=desc, show_progress=self.show_progress, leave=named):
             pending.append(generate(ckpt_idx, batch))
-            rows += self._rows(pending[-1])
+            rows += rep_rows(pending[-1])
             if rows >= limit:
-                yield transform(ckpt_idx, self._concat(pending))
+                yield transform(ckpt_idx, rep_concat(pending))
                 pending, rows = [], 0
         if pending:
-            yield transform(ckpt_idx, self._concat(pending))
-
-    # -- what a representation is: a (n, P') tensor here; TracIn's factored gradients differ -----
-
-    def _concat(self, parts: List[Any]) -> Any:
-        """Representations of consecutive examples joined (no copy for one part)."""
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def _rows(self, rep: Any) -> int:
-        return rep.shape[0]
-
-    def _inner(self, train: Any, test: Any) -> Tensor:
-        """``(n_train, n_test)`` inner products of two representations."""
-        return kernels.inner(train, test)
-
-    def _diag(self, train: Any, test: Any) -> Tensor:
-        """``(n,)`` inner products of matching rows."""
-        dtype = torch.promote_types(torch.promote_types(train.dtype, test.dtype), torch.float32)
-        return (train.to(dtype) * test.to(dtype)).sum(1)
-
-    def _slice(self, rep: Any, start: int, stop: int) -> Any:
-        """Rows ``start .. stop - 1`` of a representation."""
-        return rep[start:stop]
+            yield transform(ckpt_idx, rep_concat(pending))
 
     # -- answers ---------------------------------------------------------------------------------
 
@@ -307,7 +286,7 @@ class BaseInnerProductAttributor(BaseAttributor):
     def _checkpoint_scores(self, ckpt_idx: int, train_dataloader: Any, test_dataloader: Any) -> Tensor:
         """``(n_train, n_test)`` scores of one checkpoint."""
         train = self.train_reps(ckpt_idx, train_dataloader)
-        blocks = [self._inner(train, test) for test in self._grouped(test_dataloader, ckpt_idx, train=False)]
+        blocks = [rep_inner(train, test) for test in self._grouped(test_dataloader, ckpt_idx, train=False)]
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
 
     def _combined(self, per_checkpoint: Any) -> Tensor:
@@ -346,7 +325,7 @@ class BaseInnerProductAttributor(BaseAttributor):
             parts = []
             pairs = zip(self._grouped(loader, ckpt_idx, train=True), self._grouped(loader, ckpt_idx, train=False))
             for train, test in pairs:  # the same loader, so the same groups of rows
-                parts.append(self._diag(train, test))
+                parts.append(rep_rowwise(train, test))
             values = weight * torch.cat(parts)
             total = values if total is None else total + values
         return total
@@ -372,11 +351,11 @@ class BaseInnerProductAttributor(BaseAttributor):
         check_loader(test_dataloader, "test_dataloader")
         weights = self.checkpoint_weights()
         train = [self.train_reps(c, loader) for c in range(len(weights))]
-        n = self._rows(train[0])
+        n = rep_rows(train[0])
         if k > n:  # known once the training representations (kept for later calls) exist, before the test's
             raise ValueError(f"k: expected an integer in [1, {n}] (the training examples), got {k}")
-        test = [self._concat(list(self._grouped(test_dataloader, c, train=False))) for c in range(len(weights))]
-        m = self._rows(test[0])
+        test = [rep_concat(list(self._grouped(test_dataloader, c, train=False))) for c in range(len(weights))]
+        m = rep_rows(test[0])
         scale = self._row_scale(loader)
         block = max(k, (1 << 24) // max(m, 1))
         running = None
@@ -385,7 +364,7 @@ class BaseInnerProductAttributor(BaseAttributor):
             starts = tqdm(starts, desc=self.progress_desc, disable=not self.show_progress, leave=True)
         for start in starts:
             stop = min(n, start + block)
-            scores = sum(w * self._inner(self._slice(tr, start, stop), te) for tr, te, w in zip(train, test, weights))
+            scores = sum(w * rep_inner(rep_slice(tr, start, stop), te) for tr, te, w in zip(train, test, weights))
             if scale is not None:
                 scores = scores * scale[start:stop, None].to(scores.dtype)
             if running is None:

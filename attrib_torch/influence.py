@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from attrib_core import EKFAC, SpectralProjector, datainf, ekfac, layer_specs, sample_labels
+from attrib_core import rep_concat, rep_rowwise
 
 from .base import BaseInnerProductAttributor
 from .checks import nonnegative, positive, positive_int
@@ -100,7 +101,7 @@ class _RelatIF(_FullTrainingLoss):
             solved = self._grouped(loader, ckpt_idx, train=True, transform=self.transform_test_rep)
             return torch.cat([rows.double().norm(dim=1) for rows in solved])
         pairs = zip(self._grouped(loader, ckpt_idx, train=True), self._grouped(loader, ckpt_idx, train=False))
-        self_influence = torch.cat([self._diag(train, test) for train, test in pairs]).double()
+        self_influence = torch.cat([rep_rowwise(train, test) for train, test in pairs]).double()
         negative = int((self_influence < 0).sum())
         if negative:
             raise ValueError(
@@ -238,7 +239,7 @@ class IFAttributorDataInf(BaseInnerProductAttributor):
         if self.fim_estimate_data_ratio == 1:
             grads = self.train_reps(ckpt_idx, self.full_train_dataloader)
         else:  # the first batches, as dattri takes them
-            grads = self._concat(list(self._grouped(_first_batches(self.full_train_dataloader,
+            grads = rep_concat(list(self._grouped(_first_batches(self.full_train_dataloader,
                                                                    self.fim_estimate_data_ratio), ckpt_idx,
                                                     train=True)))
         self._train_layers[ckpt_idx] = list(torch.split(grads, self.layer_sizes, dim=1))

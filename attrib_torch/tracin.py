@@ -8,17 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from attrib_core import (
-    Captured,
-    capture_per_example,
-    concat_captured,
-    factored_cost,
-    factored_dense,
-    factored_inner,
-    factored_rowwise,
-    factored_sq_norms,
-    layer_specs,
-)
+from attrib_core import capture_per_example, factored_dense, factored_plan, rep_normalized
 
 from .base import BaseInnerProductAttributor
 from .checks import flag
@@ -102,28 +92,12 @@ class TracInAttributor(BaseInnerProductAttributor):
     # -- factored gradients -----------------------------------------------------------------
 
     def _decide_factored(self, ckpt_idx: int, data: tuple) -> None:
-        """Take the factored path if every chosen parameter is factored, the factors capture, and it is cheaper."""
-        self._factored = False
-        model = self.task.get_model()
+        """Take the factored path where :func:`attrib_core.factored_plan` finds it exact and cheaper."""
         chosen, fixed = self._split_params(ckpt_idx)
-        try:
-            specs = layer_specs(model, chosen, None)
-        except ValueError:  # no Linear/Conv2d layer among the chosen parameters
-            return
-        covered = {s.weight for s in specs} | {s.bias for s in specs if s.bias is not None}
-        if set(self.names) - covered:
-            return
-        rows = min(8, batch_size(data))
-        head = take(data, slice(0, rows))
-        for func in (self.task.loss_func, self.task.target_func):
-            try:
-                captured = capture_per_example(model, func, {**fixed, **chosen}, head, specs)
-            except Exception:  # noqa: BLE001 - a direct use of a weight, shared weights, vmap cannot trace: no factors
-                return
-            cost, dense_cost = factored_cost(specs, {m: c.a.shape[1] for m, c in captured.items()})
-            if cost > dense_cost:
-                return
-        self._factored = specs
+        head = take(data, slice(0, min(8, batch_size(data))))
+        plan = factored_plan(self.task.get_model(), (self.task.loss_func, self.task.target_func),
+                             {**fixed, **chosen}, self.names, head)
+        self._factored = plan if plan is not None else False
 
     def _generate(self, ckpt_idx: int, data: tuple, which: str) -> Any:
         if self._factored is None:
@@ -157,25 +131,6 @@ class TracInAttributor(BaseInnerProductAttributor):
             self._train_reps.clear()
             return None
 
-    def _concat(self, parts: List[Any]) -> Any:
-        return concat_captured(parts) if isinstance(parts[0], dict) else super()._concat(parts)
-
-    def _rows(self, rep: Any) -> int:
-        return next(iter(rep.values())).a.shape[0] if isinstance(rep, dict) else super()._rows(rep)
-
-    def _inner(self, train: Any, test: Any) -> Tensor:
-        return factored_inner(train, test) if isinstance(train, dict) else super()._inner(train, test)
-
-    def _diag(self, train: Any, test: Any) -> Tensor:
-        return factored_rowwise(train, test) if isinstance(train, dict) else super()._diag(train, test)
-
-    def _slice(self, rep: Any, start: int, stop: int) -> Any:
-        if isinstance(rep, dict):
-            # positions: every row of the slice (products never read it; masked rows are zeros)
-            return {m: Captured(c.a[start:stop], c.ds[start:stop], (stop - start) * c.a.shape[1])
-                    for m, c in rep.items()}
-        return super()._slice(rep, start, stop)
-
     def gradients(self, ckpt_idx: int, loader: Any) -> Tensor:
         """``(n, D)``: the explicit training-loss gradients of a loader's examples, as the scores use them.
 
@@ -188,24 +143,16 @@ class TracInAttributor(BaseInnerProductAttributor):
         with untouched(self.task):
             for batch in batches(loader, self.device):
                 rep = self.generate_train_rep(ckpt_idx, batch)
-                if isinstance(rep, dict):
+                if self._factored:
                     rep = factored_dense(rep, self._factored, self.names)
                 parts.append(self._represent(rep))
         return torch.cat(parts)
 
     def _represent(self, rep: Any) -> Any:
-        if isinstance(rep, dict):
-            if not self.normalized_grad:
-                return rep
-            # Scaling every output gradient of an example by 1/‖g‖ scales its gradient by 1/‖g‖.
-            scale = factored_sq_norms(rep).sqrt().clamp(min=torch.finfo(torch.float32).tiny).reciprocal()
-            return {m: Captured(c.a, c.ds * scale.to(c.ds.dtype)[:, None, None], c.positions)
-                    for m, c in rep.items()}
+        """Projected (never on the factored path: it exists only without a projection), then unit rows for cosines."""
         if self.projector is not None:
             rep = self.projector(rep)
-        if self.normalized_grad:
-            rep = rep / rep.norm(dim=1, keepdim=True).clamp(min=torch.finfo(rep.dtype).tiny)
-        return rep
+        return rep_normalized(rep) if self.normalized_grad else rep
 
     def transform_train_rep(self, ckpt_idx: int, train_rep: Tensor) -> Tensor:
         return self._represent(train_rep)
