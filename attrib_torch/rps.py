@@ -56,13 +56,16 @@ class RPSAttributor(BaseAttributor):
             probabilities as targets (``nn.functional.cross_entropy`` does).
 
     Raises:
-        ValueError: the named module is missing or is not an ``nn.Linear``; ``l2_strength <= 0``;
-            ``fit_to`` is neither choice.
+        ValueError: the task has more than one checkpoint; the named module is missing or
+            is not an ``nn.Linear``; ``l2_strength <= 0``; ``fit_to`` is neither choice.
     """
 
     def __init__(self, task: AttributionTask, final_linear_layer_name: str, normalize_preactivate: bool = False,
                  l2_strength: float = 0.003, epoch: int = 3000, device: str = "cpu",
                  fit_to: str = "labels") -> None:
+        if len(task) != 1:
+            raise ValueError(f"task: RPS explains one model, so it takes one checkpoint; got {len(task)} ; the "
+                             "representer decomposition of an ensemble is not the mean of its members'")
         modules = dict(task.get_model().named_modules())
         if final_linear_layer_name not in modules:
             raise ValueError(

@@ -1,6 +1,7 @@
 """Every attributor class with small settings, on one small model: what the contract sweeps run over.
 
-``ATTRIBUTORS_UNDER_TEST`` maps a name to ``build(model) -> attributor``; the model
+``ATTRIBUTORS_UNDER_TEST`` maps a name to ``build(model, checkpoints=None) -> attributor``
+(``checkpoints``: a list of state dicts for an ensemble; by default one); the model
 (:func:`make_model`) is in train mode with Dropout and BatchNorm, holds a frozen layer
 and a user hook, and the tasks' checkpoints differ from its weights. :func:`call`
 runs one public method the way each class takes its arguments.
@@ -59,7 +60,12 @@ def data():
                                                                                 batch_size=4)
 
 
-def task_for(model, margin=False):
+def checkpoint(model, scale=0.9):
+    """The model's state with every floating-point tensor scaled: weights other than the model's own."""
+    return {k: v.clone() * (scale if v.is_floating_point() else 1) for k, v in model.state_dict().items()}
+
+
+def task_for(model, margin=False, checkpoints=None):
     def loss(params, batch):
         logits = functional_call(model, params, (batch[0],))
         if margin:  # TRAK's output to explain
@@ -67,8 +73,7 @@ def task_for(model, margin=False):
             return (torch.log(p) - torch.log1p(-p)).sum()
         return nn.functional.cross_entropy(logits, batch[1])
 
-    checkpoint = {k: v.clone() * (0.9 if v.is_floating_point() else 1) for k, v in model.state_dict().items()}
-    return AttributionTask(loss, model, checkpoint)
+    return AttributionTask(loss, model, checkpoint(model) if checkpoints is None else checkpoints)
 
 
 def probability(model):
@@ -79,26 +84,36 @@ def probability(model):
     return p
 
 
-def rps_task(model):
-    return AttributionTask(lambda params, batch: None, model, model.state_dict(),
+def rps_task(model, checkpoints=None):
+    return AttributionTask(lambda params, batch: None, model, model.state_dict() if checkpoints is None else checkpoints,
                            target_func=lambda logits, labels: nn.functional.cross_entropy(logits, labels))
 
 
+def learning_rates(checkpoints):
+    """TracIn's weight per checkpoint: 1 for one, 0.3 and 0.7 (and so on) for an ensemble."""
+    return [1.0] if checkpoints is None else [0.3 + 0.4 * i for i in range(len(checkpoints))]
+
+
 ATTRIBUTORS_UNDER_TEST = {
-    "explicit": lambda m: IFAttributorExplicit(task_for(m), regularization=1e-2, show_progress=False),
-    "cg": lambda m: IFAttributorCG(task_for(m), regularization=1.0, max_iter=100, tol=1e-10, show_progress=False),
-    "lissa": lambda m: IFAttributorLiSSA(task_for(m), recursion_depth=20, damping=0.1, scaling=50.0,
-                                         show_progress=False),
-    "datainf": lambda m: IFAttributorDataInf(task_for(m), show_progress=False),
-    "arnoldi": lambda m: IFAttributorArnoldi(task_for(m), proj_dim=5, max_iter=10, regularization=1e-2,
+    "explicit": lambda m, c=None: IFAttributorExplicit(task_for(m, checkpoints=c), regularization=1e-2,
+                                                       show_progress=False),
+    "cg": lambda m, c=None: IFAttributorCG(task_for(m, checkpoints=c), regularization=1.0, max_iter=100, tol=1e-10,
+                                           show_progress=False),
+    "lissa": lambda m, c=None: IFAttributorLiSSA(task_for(m, checkpoints=c), recursion_depth=20, damping=0.1,
+                                                 scaling=50.0, show_progress=False),
+    "datainf": lambda m, c=None: IFAttributorDataInf(task_for(m, checkpoints=c), show_progress=False),
+    "arnoldi": lambda m, c=None: IFAttributorArnoldi(task_for(m, checkpoints=c), proj_dim=5, max_iter=10,
+                                                     regularization=1e-2, show_progress=False),
+    "ekfac": lambda m, c=None: IFAttributorEKFAC(task_for(m, checkpoints=c), damping=1e-2, show_progress=False),
+    "tracin": lambda m, c=None: TracInAttributor(task_for(m, checkpoints=c), learning_rates(c), normalized_grad=False,
+                                                 show_progress=False),
+    "grad-cos": lambda m, c=None: TracInAttributor(task_for(m, checkpoints=c), learning_rates(c),
+                                                   normalized_grad=True, projector_kwargs={"proj_dim": 4},
+                                                   show_progress=False),
+    "trak": lambda m, c=None: TRAKAttributor(task_for(m, margin=True, checkpoints=c), probability(m),
+                                             projector_kwargs={"proj_dim": 8}, regularization=1e-2,
                                              show_progress=False),
-    "ekfac": lambda m: IFAttributorEKFAC(task_for(m), damping=1e-2, show_progress=False),
-    "tracin": lambda m: TracInAttributor(task_for(m), [1.0], normalized_grad=False, show_progress=False),
-    "grad-cos": lambda m: TracInAttributor(task_for(m), [1.0], normalized_grad=True,
-                                           projector_kwargs={"proj_dim": 4}, show_progress=False),
-    "trak": lambda m: TRAKAttributor(task_for(m, margin=True), probability(m), projector_kwargs={"proj_dim": 8},
-                                     regularization=1e-2, show_progress=False),
-    "rps": lambda m: RPSAttributor(rps_task(m), "head", epoch=50),
+    "rps": lambda m, c=None: RPSAttributor(rps_task(m, c), "head", epoch=50),
 }
 
 
