@@ -247,10 +247,9 @@ def _check_reduction(reduction: str) -> None:
 
 
 def _tree_add(a: Any, b: Any) -> Any:
-    if a is None:
-        return b
-    if b is None:
-        return a
+    """``a + b`` in new storage (a merged state never shares a tensor with the states it came from)."""
+    if a is None or b is None:
+        return None if a is None and b is None else pytree.tree_map(torch.clone, b if a is None else a)
     return pytree.tree_map(lambda x, y: x + y, a, b)
 
 
