@@ -62,7 +62,7 @@ class Adapter(nn.Module):
 def test_dict_batches_score_as_tuples(name, monkeypatch):
     import tests.attrib_torch.attributors_under_test as sweep
 
-    def task_for(model, margin=False):
+    def task_for(model, margin=False, checkpoints=None):
         def loss(params, batch):
             if isinstance(batch, dict):
                 inputs, labels = (batch["input_ids"], batch["attention_mask"]), batch["labels"]
@@ -78,7 +78,7 @@ def test_dict_batches_score_as_tuples(name, monkeypatch):
                 return (torch.log(p) - torch.log1p(-p)).sum()
             return nn.functional.cross_entropy(logits, labels)
 
-        return sweep.AttributionTask(loss, model, model.state_dict())
+        return sweep.AttributionTask(loss, model, model.state_dict() if checkpoints is None else checkpoints)
 
     def probability(model):
         def p(params, batch):
