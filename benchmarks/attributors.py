@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import time
 from typing import Dict, Optional
 
 import torch
@@ -32,10 +31,14 @@ from torch.utils.data import DataLoader, TensorDataset
 import attrib_torch
 
 from .digits import fit, load_digits_split, margin_and_probability, mlp
+from .measure import pearson, timed
+from .methods import METHODS as REGISTRY
 
 L2 = 1e-3
 DAMPING = 1e-3
-METHODS = ("explicit", "cg", "lissa", "datainf", "arnoldi", "ekfac")
+# The registry's influence functions, by their attributor classes (dattri's have the same names).
+CLASSES = {name: m.attributor for name, m in REGISTRY.items() if m.attributor.startswith("IFAttributor")}
+METHODS = tuple(CLASSES)
 
 # Settings shared by ours and dattri's: the issue's workload (CG with 20 steps).
 SETTINGS: Dict[str, Dict] = {
@@ -45,14 +48,6 @@ SETTINGS: Dict[str, Dict] = {
     "datainf": {"regularization": 0.0},
     "arnoldi": {"proj_dim": 100, "max_iter": 100, "regularization": DAMPING},  # needs P >= 100
     "ekfac": {"damping": DAMPING},
-}
-CLASSES = {
-    "explicit": "IFAttributorExplicit",
-    "cg": "IFAttributorCG",
-    "lissa": "IFAttributorLiSSA",
-    "datainf": "IFAttributorDataInf",
-    "arnoldi": "IFAttributorArnoldi",
-    "ekfac": "IFAttributorEKFAC",
 }
 
 
@@ -72,17 +67,20 @@ def build(seed: int, n_train: int = 1000, hidden: int = 128):
 
 
 def run(module, method: str, model, loss, state, train, test) -> tuple[float, torch.Tensor]:
-    """Construct, cache and attribute with ``module``'s class for ``method``; seconds and scores."""
-    start = time.perf_counter()
-    task = module.AttributionTask(loss_func=loss, model=model, checkpoints=state)
-    cls = getattr(module, CLASSES[method])
-    kwargs = dict(SETTINGS[method])
-    if module is attrib_torch:
-        kwargs["show_progress"] = False
-    attributor = cls(task, **kwargs)
-    attributor.cache(train)
-    scores = attributor.attribute(train, test)
-    return time.perf_counter() - start, scores.detach().float().cpu()
+    """Construct, cache and attribute with ``module``'s class for ``method``; seconds (one cold run) and scores."""
+
+    def attribute():
+        task = module.AttributionTask(loss_func=loss, model=model, checkpoints=state)
+        cls = getattr(module, CLASSES[method])
+        kwargs = dict(SETTINGS[method])
+        if module is attrib_torch:
+            kwargs["show_progress"] = False
+        attributor = cls(task, **kwargs)
+        attributor.cache(train)
+        return attributor.attribute(train, test)
+
+    seconds, scores = timed(attribute, warmup=False)
+    return seconds, scores.detach().float().cpu()
 
 
 def checkpoints_of(state, count: int):
@@ -101,21 +99,20 @@ def run_data_methods(module, model, loss, state, train, test) -> list[tuple[str,
     quiet = {"show_progress": False} if ours else {}
     out = []
 
-    def timed(name, make, call):
-        start = time.perf_counter()
-        attributor = make()
-        scores = call(attributor)
-        out.append((name, time.perf_counter() - start, scores.detach().float()))
+    def time_one(name, make, call):
+        """One cold run, construction (``make``) through scores (``call``)."""
+        seconds, scores = timed(lambda: call(make()), warmup=False)
+        out.append((name, seconds, scores.detach().float()))
 
     five = checkpoints_of(state, 5)
-    timed("tracin (5 checkpoints)",
-          lambda: module.TracInAttributor(module.AttributionTask(loss, model, five), torch.tensor([0.1] * 5), False,
-                                          **quiet),
-          lambda a: a.attribute(train, test))
+    time_one("tracin (5 checkpoints)",
+             lambda: module.TracInAttributor(module.AttributionTask(loss, model, five), torch.tensor([0.1] * 5),
+                                             False, **quiet),
+             lambda a: a.attribute(train, test))
     for name, normalized in (("grad-dot", False), ("grad-cos", True)):
-        timed(name, lambda: module.TracInAttributor(module.AttributionTask(loss, model, state), torch.tensor([1.0]),
-                                                    normalized, **quiet),
-              lambda a: a.attribute(train, test))
+        time_one(name, lambda: module.TracInAttributor(module.AttributionTask(loss, model, state),
+                                                       torch.tensor([1.0]), normalized, **quiet),
+                 lambda a: a.attribute(train, test))
     for count in (1, 5, 10):
         checkpoints = state if count == 1 else checkpoints_of(state, count)
 
@@ -125,7 +122,8 @@ def run_data_methods(module, model, loss, state, train, test) -> list[tuple[str,
             attributor.cache(train)
             return attributor
 
-        timed(f"trak, 512 dimensions, {count} checkpoint{'s' if count > 1 else ''}", make, lambda a: a.attribute(test))
+        time_one(f"trak, 512 dimensions, {count} checkpoint{'s' if count > 1 else ''}", make,
+                 lambda a: a.attribute(test))
 
     def make_rps():
         task = module.AttributionTask(loss, model, state, target_func=nn.functional.cross_entropy)
@@ -133,15 +131,9 @@ def run_data_methods(module, model, loss, state, train, test) -> list[tuple[str,
         rps.cache(train)
         return rps
 
-    timed("rps", make_rps, lambda a: a.attribute(train, test))
+    time_one("rps", make_rps, lambda a: a.attribute(train, test))
     model.load_state_dict(state)
     return out
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    if not bool(torch.isfinite(a).all()):
-        return float("nan")
-    return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
 
 
 def dattri_module():
@@ -170,7 +162,7 @@ def dattri_module():
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--dattri-methods", default="cg,lissa,datainf,arnoldi,ekfac",
+    parser.add_argument("--dattri-methods", default=",".join(m for m in METHODS if m != "explicit"),
                         help="dattri methods to run when dattri is installed (its explicit takes ~300 s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-train", type=int, default=1000)

@@ -16,9 +16,7 @@ reports how far the batch-scaled factors are from the exact ones (on the first 1
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -26,17 +24,9 @@ from torch.func import functional_call
 
 from attrib_core import capture, capture_per_example, factored_dense, layer_specs
 
+from .measure import timed
+
 SHAPES = ((250, 128), (1000, 512), (256, 2048))
-
-
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def workload(batch: int, width: int, seed: int = 0):
@@ -69,8 +59,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         def weighted_loss(p, b):
             return nn.functional.cross_entropy(functional_call(model, p, (b[0],)), b[1], weight=weight)
 
-        scaled = timed(lambda: capture(model, mean_loss, params, data, specs), args.repeats)
-        exact = timed(lambda: capture_per_example(model, mean_loss, params, data, specs), args.repeats)
+        scaled = timed(lambda: capture(model, mean_loss, params, data, specs), args.repeats).seconds
+        exact = timed(lambda: capture_per_example(model, mean_loss, params, data, specs), args.repeats).seconds
         names = list(params)
         head = tuple(t[:16] for t in data)  # explicit gradients of 16 rows: (16, P) stays small for wide layers
         wrong = factored_dense(capture(model, weighted_loss, params, head, specs), specs, names)

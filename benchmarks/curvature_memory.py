@@ -25,13 +25,13 @@ import json
 import resource
 import subprocess
 import sys
-import time
 
 import torch
 from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
+from .measure import timed
 from .scale import tiled_digits
 
 BATCH = 64
@@ -56,22 +56,24 @@ def one(stat: str, path: str, n: int) -> dict:
 
     task = attrib_torch.AttributionTask(loss, model, state)
     base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    if stat == "explicit":
-        attributor = attrib_torch.IFAttributorExplicit(task, regularization=1e-3, show_progress=False)
-        attributor.cache(loader)
-        out = attributor.factors[0].factor
-    elif stat == "cg":
-        attributor = attrib_torch.IFAttributorCG(task, max_iter=10, tol=0.0, regularization=1e-3,
-                                                 show_progress=False)
-        attributor.cache(loader)
-        params = {k: v.detach() for k, v in model.named_parameters()}
-        out = attributor.transform_test_rep(0, per_sample_grad(loss)(params, (x[:8], y[:8])))
-    else:
+
+    def fit():
+        """The statistic fitted through the attributor's ``cache``; a tensor of it, to check it is finite."""
+        if stat == "explicit":
+            attributor = attrib_torch.IFAttributorExplicit(task, regularization=1e-3, show_progress=False)
+            attributor.cache(loader)
+            return attributor.factors[0].factor
+        if stat == "cg":
+            attributor = attrib_torch.IFAttributorCG(task, max_iter=10, tol=0.0, regularization=1e-3,
+                                                     show_progress=False)
+            attributor.cache(loader)
+            params = {k: v.detach() for k, v in model.named_parameters()}
+            return attributor.transform_test_rep(0, per_sample_grad(loss)(params, (x[:8], y[:8])))
         attributor = attrib_torch.IFAttributorEKFAC(task, damping=1e-3, show_progress=False)
         attributor.cache(loader)
-        out = attributor._fits[0].layers[0].eigenvalues
-    seconds = time.perf_counter() - start
+        return attributor._fits[0].layers[0].eigenvalues
+
+    seconds, out = timed(fit, warmup=False)  # one cold run: a warm-up would fit it twice and raise the peak
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"stat": stat, "path": path, "n": n, "seconds": seconds, "peak_mib": peak_kib / 1024,
             "before_mib": base_kib / 1024, "finite": bool(torch.isfinite(out).all())}

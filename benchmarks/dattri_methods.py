@@ -40,10 +40,10 @@ from torch.func import functional_call
 from attrib_core import ekfac
 
 from .digits import cross_entropy, margin_and_probability
-from .methods import arnoldi_iterations, loaders
+from .methods import METHODS, arnoldi_iterations, loaders
 from .settings import Setting, states
 
-NAMES = ("explicit", "cg", "lissa", "datainf", "arnoldi", "ekfac", "tracin", "grad-dot", "grad-cos", "trak-1", "rps")
+NAMES = tuple(name for name, method in METHODS.items() if method.dattri)  # the registry's methods dattri also has
 
 
 def available() -> bool:
@@ -120,15 +120,10 @@ def _attribute(setting: Setting, name: str, hyper: Dict[str, Any]) -> Tensor:
     train, test = loaders(setting)
     one = named([setting.params])[0]
     task = AttributionTask(loss_func=_loss(model), model=model, checkpoints=one)
-    influence = {"explicit": (inf.IFAttributorExplicit, {}), "cg": (inf.IFAttributorCG, {"max_iter": 20}),
-                 "lissa": (inf.IFAttributorLiSSA, {"batch_size": 50, "recursion_depth": 100}),
-                 "datainf": (inf.IFAttributorDataInf, {}),
-                 "arnoldi": (inf.IFAttributorArnoldi, {}),
-                 "ekfac": (inf.IFAttributorEKFAC, {})}
-    if name in influence:
-        cls, fixed = influence[name]
-        kwargs = {**fixed, **_dattri_hyper(setting, name, hyper)}
-        attributor = cls(task, **kwargs)
+    method = METHODS[name] if name in NAMES else None
+    if method is not None and method.attributor.startswith("IFAttributor"):  # the class of the same name, ours' fixed
+        kwargs = {**method.fixed, **_dattri_hyper(setting, name, hyper)}
+        attributor = getattr(inf, method.attributor)(task, **kwargs)
         attributor.cache(train)
         return attributor.attribute(train, test).detach()
     if name in ("tracin", "grad-dot", "grad-cos"):

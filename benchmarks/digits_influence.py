@@ -16,7 +16,6 @@ prediction (removing it raises the test loss).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -25,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from attrib_torch import AttributionTask, IFAttributorExplicit
 
 from .digits import accuracy, cross_entropy, fit, load_digits_split, softmax_regression
+from .measure import pearson, timed
 
 _SHADES = " .:-=+*#%@"
 
@@ -67,9 +67,7 @@ def leave_one_out_check(model, params, split, scores, *, l2, test_index, count, 
         actual.append(float(loss(refit, test)) - base)
     predicted = column[chosen] / n
     actual_t = torch.tensor(actual, dtype=predicted.dtype)
-    pearson = float(torch.corrcoef(torch.stack([predicted, actual_t]))[0, 1])
-    spearman = float(torch.corrcoef(torch.stack([_ranks(predicted), _ranks(actual_t)]))[0, 1])
-    return pearson, spearman, len(chosen)
+    return pearson(predicted, actual_t), pearson(_ranks(predicted), _ranks(actual_t)), len(chosen)
 
 
 def first_of_each_label(labels: torch.Tensor, count: int) -> list[int]:
@@ -113,15 +111,17 @@ def main(argv: list[str] | None = None) -> None:
 
     split = load_digits_split(args.n_train, seed=args.seed)
     model = softmax_regression(seed=args.seed)
-    start = time.perf_counter()
-    params = fit(model, split.x_train, split.y_train, l2=args.l2)
-    fitted = time.perf_counter()
-    attributor = influence_attributor(model, params, split, l2=args.l2)
-    train, test = loaders(split)
-    scores = attributor.attribute(train, test)
-    proponents = attributor.topk(test, args.top, proponents=True)
-    opponents = attributor.topk(test, args.top, proponents=False)
-    scored = time.perf_counter()
+    t_fit, params = timed(lambda: fit(model, split.x_train, split.y_train, l2=args.l2), warmup=False)
+
+    def explain():
+        attributor = influence_attributor(model, params, split, l2=args.l2)
+        train, test = loaders(split)
+        scores = attributor.attribute(train, test)
+        proponents = attributor.topk(test, args.top, proponents=True)
+        opponents = attributor.topk(test, args.top, proponents=False)
+        return attributor, scores, proponents, opponents
+
+    t_score, (attributor, scores, proponents, opponents) = timed(explain, warmup=False)
     method = attributor.factors[0].method
     n_params = sum(p.numel() for p in params.values())
     print(
@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> None:
         f"({n_params} parameters), test accuracy {accuracy(model, params, split.x_test, split.y_test):.3f}"
     )
     print(
-        f"fit {fitted - start:.2f} s; explicit influence (per-sample gradients, {n_params}x{n_params} "
-        f"Hessian, {method} solve, scores and top-{args.top} lists) {scored - fitted:.2f} s -> scores {tuple(scores.shape)}"
+        f"fit {t_fit:.2f} s; explicit influence (per-sample gradients, {n_params}x{n_params} "
+        f"Hessian, {method} solve, scores and top-{args.top} lists) {t_score:.2f} s -> scores {tuple(scores.shape)}"
     )
     for j in first_of_each_label(split.y_test, args.show):
         column = scores[:, j]
@@ -146,13 +146,12 @@ def main(argv: list[str] | None = None) -> None:
             [f"test {int(split.y_test[j])}", f"pro {int(split.y_train[pro[0]])}", f"con {int(split.y_train[con[0]])}"],
         ))
     if args.loo > 0:
-        start = time.perf_counter()
-        pearson, spearman, count = leave_one_out_check(
+        t_loo, (r, rho, count) = timed(lambda: leave_one_out_check(
             model, params, split, scores, l2=args.l2, test_index=0, count=args.loo, seed=args.seed
-        )
+        ), warmup=False)
         print(
-            f"\nleave-one-out check on test image 0 ({count} refits, {time.perf_counter() - start:.1f} s): "
-            f"predicted vs actual change in test loss, Pearson {pearson:.3f}, Spearman {spearman:.3f}"
+            f"\nleave-one-out check on test image 0 ({count} refits, {t_loo:.1f} s): "
+            f"predicted vs actual change in test loss, Pearson {r:.3f}, Spearman {rho:.3f}"
         )
 
 

@@ -13,26 +13,13 @@ script says so and runs the CPU part only.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from typing import Callable
 
 import torch
 
 import kernels
 from kernels import reference
 
-
-def timed(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from .measure import timed
 
 
 def materialise(P: int, k: int, kind: str, seed: int, device: torch.device) -> torch.Tensor:
@@ -57,7 +44,7 @@ def cpu_part(args) -> None:
     flops = 2.0 * B * P * k
     lines = []
     R = materialise(P, k, "rademacher", 0, x.device)
-    t_mat = timed(lambda: x @ R, args.repeats)
+    t_mat = timed(lambda: x @ R, args.repeats).seconds
     check = kernels.project(x[:, : min(P, 4096)], k, kind="rademacher")
     torch.testing.assert_close(check, x[:, : min(P, 4096)] @ R[: min(P, 4096)], rtol=1e-4, atol=1e-4)
     R = None  # free the materialised matrix before the next measurements
@@ -65,26 +52,27 @@ def cpu_part(args) -> None:
                      f"matrix {P * k * 4 / 2**30:.2f} GiB held"))
     tile_mib = reference.TILE_ENTRIES * 4 / 2**20
     for kind in ("rademacher", "gaussian"):
-        t = timed(lambda: kernels.project(x, k, kind=kind), args.repeats)
+        t = timed(lambda: kernels.project(x, k, kind=kind), args.repeats).seconds
         lines.append(row(f"project, {kind}", t, flops, t_mat, f"one {tile_mib:.0f} MiB tile at a time"))
-    t_dense = timed(lambda: kernels.project(x, k, kind="rademacher"), 1)
+    t_dense = timed(lambda: kernels.project(x, k, kind="rademacher"), 1).seconds
     for nnz in (1, 4):
-        t = timed(lambda: kernels.project(x, k, kind="sjlt", nnz=nnz), args.repeats)
+        t = timed(lambda: kernels.project(x, k, kind="sjlt", nnz=nnz), args.repeats).seconds
         lines.append(row(f"project, sjlt nnz={nnz}", t, 0, t_mat, f"{t_dense / t:.1f}x faster than dense rademacher"))
 
     n, m = args.n_train, args.n_test
     a = torch.randn(n, k, generator=torch.Generator().manual_seed(1))
     b = torch.randn(m, k, generator=torch.Generator().manual_seed(2))
     inner_flops = 2.0 * n * m * k
-    t_mm = timed(lambda: a @ b.T, args.repeats)
+    t_mm = timed(lambda: a @ b.T, args.repeats).seconds
     lines.append(row(f"inner {n}x{m}x{k}: matmul (baseline)", t_mm, inner_flops, t_mm))
-    lines.append(row("inner", timed(lambda: kernels.inner(a, b), args.repeats), inner_flops, t_mm))
-    lines.append(row("inner, normalize=True", timed(lambda: kernels.inner(a, b, normalize=True), args.repeats),
-                     inner_flops, t_mm))
-    t_full = timed(lambda: torch.topk(a @ b.T, 10, dim=0), args.repeats)
+    t_inner = timed(lambda: kernels.inner(a, b), args.repeats).seconds
+    lines.append(row("inner", t_inner, inner_flops, t_mm))
+    t_cosine = timed(lambda: kernels.inner(a, b, normalize=True), args.repeats).seconds
+    lines.append(row("inner, normalize=True", t_cosine, inner_flops, t_mm))
+    t_full = timed(lambda: torch.topk(a @ b.T, 10, dim=0), args.repeats).seconds
     lines.append(row("top-10: matmul + torch.topk (baseline)", t_full, inner_flops, t_full,
                      f"holds {n * m * 4 / 2**20:.0f} MiB of scores"))
-    t_stream = timed(lambda: kernels.topk_inner(a, b, 10), args.repeats)
+    t_stream = timed(lambda: kernels.topk_inner(a, b, 10), args.repeats).seconds
     lines.append(row("top-10: topk_inner (streaming)", t_stream, inner_flops, t_full, "never holds (n, m)"))
 
     print(f"\nCPU, {torch.get_num_threads()} threads; projection B={B}, P={P:,}, k={k}; medians of {args.repeats}\n")
@@ -107,13 +95,13 @@ def gpu_part(args) -> None:
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(B, P, device=device).to(dtype)
         R = materialise(P, k, "rademacher", 0, device).to(dtype)
-        t = timed(lambda: x @ R, args.repeats, sync)
+        t = timed(lambda: x @ R, args.repeats, sync=sync).seconds
         print(f"| matmul, materialised | {dtype} | {t * 1e3:.2f} | {flops / t / 1e12:.1f} |")
         R = None  # free it before the next kind
         for kind in ("rademacher", "gaussian"):
-            t = timed(lambda: kernels.project(x, k, kind=kind), args.repeats, sync)
+            t = timed(lambda: kernels.project(x, k, kind=kind), args.repeats, sync=sync).seconds
             print(f"| project {kind}, Triton | {dtype} | {t * 1e3:.2f} | {flops / t / 1e12:.1f} |")
-            t = timed(lambda: reference.project_dense(x, k, kind, 0, 0), args.repeats, sync)
+            t = timed(lambda: reference.project_dense(x, k, kind, 0, 0), args.repeats, sync=sync).seconds
             print(f"| project {kind}, torch reference | {dtype} | {t * 1e3:.2f} | {flops / t / 1e12:.1f} |")
 
 

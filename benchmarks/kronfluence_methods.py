@@ -37,10 +37,13 @@ from typing import Any, Dict
 import torch
 from torch import Tensor, nn
 
-from .methods import loaders
+from .methods import METHODS, loaders
 from .settings import Setting, states
 
-NAMES = ("ekfac", "kfac")
+# kronfluence's strategies, each with the registry's method it is run beside (its K-FAC beside our EK-FAC: the
+# same factors without the eigenvalue correction).
+OURS = {strategy: name for name, method in METHODS.items() for strategy in method.kronfluence}
+NAMES = tuple(OURS)
 
 
 def available() -> bool:

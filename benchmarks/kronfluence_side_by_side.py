@@ -18,12 +18,12 @@ benchmark's, cached on disk (``$ATTRIB_CACHE``, default ``~/.cache/attrib``).
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
 from . import kronfluence_methods
+from .measure import timed
 from .methods import METHODS, attribute
 from .retrain import retrain_lds
 from .run import lds_with_interval, split_truth
@@ -41,9 +41,7 @@ def rows(name: str) -> List[str]:
     validation, report = split_truth(truth, N_VAL)
 
     def row(label: str, hyper: Dict[str, Any], scores_of: Callable[[], torch.Tensor]) -> str:
-        start = time.perf_counter()
-        scores = scores_of().double()
-        seconds = time.perf_counter() - start
+        seconds, scores = timed(lambda: scores_of().double(), warmup=False)
         val = lds_with_interval(scores, validation)[0]
         mean, half = lds_with_interval(scores, report)
         settings = ", ".join(f"{k}={v}" for k, v in hyper.items()) or "damping=heuristic"
@@ -51,13 +49,15 @@ def rows(name: str) -> List[str]:
         print(line, flush=True)
         return line
 
-    ours = METHODS["ekfac"].settings_for(name)
-    lines = [row("ours ekfac", ours, lambda: attribute(setting, "ekfac", ours))]
-    for method in kronfluence_methods.NAMES:
-        for damping in DAMPINGS:
-            hyper = {} if damping is None else {"damping": damping}
-            lines.append(row(f"kronfluence {method}", hyper,
-                             lambda: kronfluence_methods.attribute(setting, method, hyper)))
+    lines = []
+    for ours in dict.fromkeys(kronfluence_methods.OURS.values()):  # the registry's methods kronfluence also has
+        shipped = METHODS[ours].settings_for(name)
+        lines.append(row(f"ours {ours}", shipped, lambda: attribute(setting, ours, shipped)))
+        for method in (strategy for strategy, of in kronfluence_methods.OURS.items() if of == ours):
+            for damping in DAMPINGS:
+                hyper = {} if damping is None else {"damping": damping}
+                lines.append(row(f"kronfluence {method}", hyper,
+                                 lambda: kronfluence_methods.attribute(setting, method, hyper)))
     return lines
 
 

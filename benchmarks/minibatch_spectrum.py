@@ -18,7 +18,6 @@ first), and the smallest ``scaling`` that contracts on every batch seen::
 from __future__ import annotations
 
 import argparse
-import time
 import warnings
 from typing import List, NamedTuple, Optional
 
@@ -27,6 +26,7 @@ import torch
 from attrib_core import arnoldi, make_hvp
 
 from .digits import cross_entropy
+from .measure import timed
 from .settings import SETTINGS, Setting, make_setting
 
 
@@ -79,10 +79,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     setting = make_setting(args.setting)
-    start = time.perf_counter()
-    found = spectrum(setting, batches=args.batches, batch_size=args.batch_size, steps=args.steps, seed=args.seed)
+    seconds, found = timed(lambda: spectrum(setting, batches=args.batches, batch_size=args.batch_size,
+                                            steps=args.steps, seed=args.seed), warmup=False)
     print(f"digits + {args.setting}: Hessian of the mean cross-entropy at the fitted model, "
-          f"{args.steps} Lanczos steps ({time.perf_counter() - start:.0f} s)\n")
+          f"{args.steps} Lanczos steps ({seconds:.0f} s)\n")
     print("| batch | λ_max | λ_min |\n|---|---:|---:|")
     for e in found:
         print(f"| {e.batch} ({e.size}) | {e.largest:.4g} | {e.smallest:.4g} |")

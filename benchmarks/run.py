@@ -14,7 +14,8 @@ their LDS is printed beside ours.
 
 Hyperparameters are never chosen on the models the reported LDS uses: the first
 ``--n-val`` retrained models are a validation split, ``--tune`` searches each method's
-grid on them, and the defaults that ship (``benchmarks/methods.py``) are its winners.
+grid on them, and the values that ship (``benchmarks/tuned.json``, read by the registry
+in ``benchmarks/methods.py``) are its winners.
 
     python -m benchmarks.run [--setting logreg|mlp|cnn|all] [--methods explicit,cg,...] [--quick] [--tune]
 
@@ -41,6 +42,7 @@ from attrib_core import lds, mislabel_auc
 
 from . import dattri_methods
 from .digits_influence import first_of_each_label, render
+from .measure import timed
 from .methods import METHODS, attribute, self_influence
 from .retrain import LDSTruth, retrain_lds
 from .settings import CONVEX, SETTINGS, Setting, make_setting, minus_test_loss
@@ -165,9 +167,7 @@ def evaluate(setting: Setting, noisy: Setting, name: str, hyper: Dict[str, Any],
              with_dattri: bool, rows: Optional[torch.Tensor] = None) -> Row:
     """One table row; the AUC over the training positions ``rows`` (all when None)."""
     with PeakMemory() as memory:
-        start = time.perf_counter()
-        scores = attribute(setting, name, hyper)
-        seconds = time.perf_counter() - start
+        seconds, scores = timed(lambda: attribute(setting, name, hyper), warmup=False)
     mean, half = lds_with_interval(scores, report)
     flipped = noisy.is_noisy if rows is None else noisy.is_noisy[rows]
     auc = mislabel_auc(self_influence(noisy, name, hyper, rows), flipped).auc
@@ -177,12 +177,10 @@ def evaluate(setting: Setting, noisy: Setting, name: str, hyper: Dict[str, Any],
 
 def versus_dattri(setting: Setting, name: str, hyper: Dict[str, Any], report: LDSTruth) -> str:
     """dattri's LDS and time with the same hyperparameters on the same inputs, or how it failed."""
-    start = time.perf_counter()
     try:
-        scores = dattri_methods.attribute(setting, name, hyper)
+        seconds, scores = timed(lambda: dattri_methods.attribute(setting, name, hyper), warmup=False)
     except Exception as error:  # noqa: BLE001 - dattri failing is a result to report
         return f"failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:60]}"
-    seconds = time.perf_counter() - start
     if not bool(torch.isfinite(scores).all()):
         return f"NaN/Inf scores ({seconds:.2f} s)"
     mean, half = lds_with_interval(scores.double(), report)

@@ -17,12 +17,13 @@ import json
 import resource
 import subprocess
 import sys
-import time
 
 import torch
 from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
+
+from .measure import timed
 
 N_TEST = 200
 PROJ_DIM = 2048
@@ -61,17 +62,18 @@ def one(method: str, kind: str, n: int) -> dict:
         return torch.softmax(functional_call(model, params, (data[0],)), dim=1).gather(1, data[1][:, None]).squeeze(1)
 
     kwargs = {"proj_dim": PROJ_DIM, "proj_type": kind}
-    start = time.perf_counter()
-    if method == "grad-dot":
-        task = attrib_torch.AttributionTask(loss, model, state)
-        scores = attrib_torch.TracInAttributor(task, [1.0], False, projector_kwargs=kwargs,
-                                               show_progress=False).attribute(train, test)
-    else:
+
+    def attribute():
+        if method == "grad-dot":
+            task = attrib_torch.AttributionTask(loss, model, state)
+            return attrib_torch.TracInAttributor(task, [1.0], False, projector_kwargs=kwargs,
+                                                 show_progress=False).attribute(train, test)
         task = attrib_torch.AttributionTask(margin, model, state)
         trak = attrib_torch.TRAKAttributor(task, probability, projector_kwargs=kwargs, show_progress=False)
         trak.cache(train)
-        scores = trak.attribute(test)
-    seconds = time.perf_counter() - start
+        return trak.attribute(test)
+
+    seconds, scores = timed(attribute, warmup=False)  # one cold run, as a user's first call
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"method": method, "kind": kind, "n": n, "seconds": seconds, "peak_gib": peak_kib / 2**20,
             "finite": bool(torch.isfinite(scores).all()), "shape": list(scores.shape)}

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .digits import cnn, fit, fit_sgd, load_digits_split, mlp, softmax_regression
+from .digits import cnn, cross_entropy, fit, fit_sgd, l2_objective, load_digits_split, mlp, softmax_regression
 from .retrain import Data, Params, digest
 
 class Recipe(NamedTuple):
@@ -82,6 +82,26 @@ class Setting(NamedTuple):
     key: str
     is_noisy: Optional[Tensor]
 
+    @property
+    def loss(self) -> Callable[[Params, tuple], Tensor]:
+        """The mean cross-entropy of a batch ``(x, y)`` under parameters ``params``: ``loss(params, batch)``."""
+        return cross_entropy(self.model)
+
+    @property
+    def objective(self) -> Callable[[Params, tuple], Tensor]:
+        """What the model was fitted on: :attr:`loss` plus the setting's L2 term."""
+        return l2_objective(self.model, self.l2)
+
+    @property
+    def train_batch(self) -> tuple[Tensor, Tensor]:
+        """The whole training set as one batch ``(x, y)``."""
+        return self.data.x_train, self.data.y_train
+
+    @property
+    def test_batch(self) -> tuple[Tensor, Tensor]:
+        """The test images as one batch ``(x, y)``."""
+        return self.data.x_test, self.data.y_test
+
 
 def minus_test_loss(model: nn.Module) -> Callable[[Params, Tensor, Tensor], Tensor]:
     """The ground-truth target: ``-cross_entropy`` per test example (larger is a better prediction)."""
@@ -104,8 +124,12 @@ def flip_labels(y: Tensor, fraction: float, seed: int, classes: int = 10) -> tup
 
 
 def make_setting(name: str, *, n_train: int = 1000, n_test: int = 100, seed: int = 0, noisy: bool = False,
-                 ensemble: int = 1) -> Setting:
-    """Fit the setting's model; ``ensemble`` independently initialised fits for TRAK (the first is the model's)."""
+                 ensemble: int = 1, checkpoints: bool = True) -> Setting:
+    """Fit the setting's model; ``ensemble`` independently initialised fits for TRAK (the first is the model's).
+
+    ``checkpoints=False`` skips the extra L-BFGS fits of TracIn's earlier checkpoints
+    (an L-BFGS setting's ``checkpoints`` are then the final fit alone; SGD's come from
+    its one run anyway); the fitted model is the same."""
     if name not in _RECIPES:
         raise ValueError(f"setting: expected one of {SETTINGS}, got {name!r}")
     recipe = _RECIPES[name]
@@ -140,8 +164,8 @@ def make_setting(name: str, *, n_train: int = 1000, n_test: int = 100, seed: int
             return trajectory(x, y, fresh, final_only=True, order=draw)[-1]
         return train_fn(x, y)
 
-    checkpoints = trajectory(data.x_train, data.y_train)
-    params = checkpoints[-1]
+    fits = trajectory(data.x_train, data.y_train, final_only=not checkpoints)
+    params = fits[-1]
     others = []
     for member in range(1, ensemble):
         member_model = recipe.build(seed + 1000 * member, recipe.dtype)
@@ -150,7 +174,7 @@ def make_setting(name: str, *, n_train: int = 1000, n_test: int = 100, seed: int
     model.load_state_dict(params)
     model_name = name.split("-")[0]  # the recipe's tag tells the training apart
     key = f"{model_name}-n{n_train}-t{n_test}-seed{seed}-l2{recipe.l2}-{recipe.tag()}{'-noisy' if noisy else ''}"
-    return Setting(name, model, data, params, checkpoints, [params] + others, retrain_fn, recipe.l2,
+    return Setting(name, model, data, params, fits, [params] + others, retrain_fn, recipe.l2,
                    recipe.final_layer, key, is_noisy)
 
 

@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import statistics
 import tempfile
-import time
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -35,6 +33,7 @@ from torch.utils.data import TensorDataset
 import attrib_torch
 
 from .digits import fit, load_digits_split, mlp, softmax_regression
+from .measure import Timing, timed
 
 L2 = 1e-3
 RATE = 0.1
@@ -80,56 +79,48 @@ def brute_force(model: nn.Module, paths: List[str], train, test) -> torch.Tensor
     return total
 
 
-REPEAT = 5
+REPEAT = 5  # every time is the median of REPEAT runs, each from construction (no warm-up)
 
 
-def timed(fn):
-    """Median seconds of ``REPEAT`` runs (each from construction), and the last result."""
-    seconds = []
-    for _ in range(REPEAT):
-        start = time.perf_counter()
-        out = fn()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds), out
-
-
-def ours(model, directory, train, test) -> Dict[str, tuple]:
+def ours(model, directory, train, test) -> Dict[str, Timing]:
     data = TensorDataset(*train)
-    results = {}
     loss = nn.CrossEntropyLoss(reduction="none")
 
     def make():
         return attrib_torch.TracInCP(model, data, directory, checkpoints_load_func=load, loss_fn=loss, batch_size=1000)
 
-    results["scores"] = timed(lambda: make().influence(test))
-    results["self influence"] = timed(lambda: make().self_influence())
-    results["top-10"] = timed(lambda: make().influence(test, k=10))
     final = list(model.modules())[-1]  # the last Linear (the model itself for logistic regression)
-    results["fast (final layer) scores"] = timed(lambda: attrib_torch.TracInCPFast(
-        model, final, data, directory, checkpoints_load_func=load, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
-        batch_size=250).influence(test))
-    return results
+    calls = {
+        "scores": lambda: make().influence(test),
+        "self influence": lambda: make().self_influence(),
+        "top-10": lambda: make().influence(test, k=10),
+        "fast (final layer) scores": lambda: attrib_torch.TracInCPFast(
+            model, final, data, directory, checkpoints_load_func=load, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+            batch_size=250).influence(test),
+    }
+    return {what: timed(call, REPEAT, warmup=False) for what, call in calls.items()}
 
 
-def theirs(model, directory, train, test) -> Dict[str, tuple]:
+def theirs(model, directory, train, test) -> Dict[str, Timing]:
     from captum.influence import TracInCP, TracInCPFast
 
     data = TensorDataset(*train)
-    results = {}
     default = lambda: TracInCP(model, data, directory, checkpoints_load_func=load,  # noqa: E731
                                loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=250)
     fastest = lambda: TracInCP(model, data, directory, checkpoints_load_func=load,  # noqa: E731
                                loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=1000,
                                sample_wise_grads_per_batch=True)
-    results["scores"] = timed(lambda: default().influence(test))
-    results["scores, fastest setting"] = timed(lambda: fastest().influence(test))
-    results["self influence"] = timed(lambda: fastest().self_influence())
-    results["top-10"] = timed(lambda: fastest().influence(test, k=10))
     final = list(model.modules())[-1]  # the last Linear (the model itself for logistic regression)
-    results["fast (final layer) scores"] = timed(lambda: TracInCPFast(
-        model, final, data, directory, checkpoints_load_func=load, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
-        batch_size=250).influence(test))
-    return results
+    calls = {
+        "scores": lambda: default().influence(test),
+        "scores, fastest setting": lambda: fastest().influence(test),
+        "self influence": lambda: fastest().self_influence(),
+        "top-10": lambda: fastest().influence(test, k=10),
+        "fast (final layer) scores": lambda: TracInCPFast(
+            model, final, data, directory, checkpoints_load_func=load, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+            batch_size=250).influence(test),
+    }
+    return {what: timed(call, REPEAT, warmup=False) for what, call in calls.items()}
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> str:
@@ -157,9 +148,7 @@ def main(argv: Optional[list] = None) -> None:
             mine = ours(model, directory, train, test)
             print(f"\n### {name} ({sum(p.numel() for p in model.parameters()):,} parameters)\n")
             if args.loop:
-                start = time.perf_counter()
-                reference = brute_force(model, paths, train, test)
-                seconds = time.perf_counter() - start
+                seconds, reference = timed(lambda: brute_force(model, paths, train, test), warmup=False)
                 print(f"brute-force loop: {seconds:.2f} s; ours vs loop: {agreement(mine['scores'][1], reference)}, "
                       f"{seconds / mine['scores'][0]:.0f}x faster\n")
             other = theirs(model, directory, train, test) if captum else {}
