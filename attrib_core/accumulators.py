@@ -24,7 +24,16 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from ._checks import as_block, check_callable, check_nonnegative
-from .curvature import _CHUNK_BYTES, Operator, _rows_within, add_hessian_rows_, make_gnvp, make_hvp, symmetrise_
+from .curvature import (
+    _CHUNK_BYTES,
+    Operator,
+    _rows_within,
+    add_hessian_rows_,
+    make_gnvp,
+    make_hvp,
+    saved_activation_bytes,
+    symmetrise_,
+)
 from .gradients import per_sample_grad
 from .trees import examples_in, ravel
 
@@ -186,22 +195,57 @@ def second_moments(f: Callable, params: Mapping[str, Tensor]) -> Accumulator:
 
 
 def full_hvp(f: Callable, params: Mapping[str, Tensor], batches: Iterable[Any], *, reduction: str = "mean",
-             mode: str = "rev-rev", damping: float = 0.0, chunk_size: Optional[int] = None) -> Operator:
+             mode: str = "rev-rev", damping: float = 0.0, chunk_size: Optional[int] = None,
+             keep_bytes: int = 64 << 20) -> Operator:
     """The Hessian of the full training loss over ``batches`` as an operator, never joining them.
 
     ``mv(V) = V H + damping V`` with ``H = Σ_b w_b H_b`` (``w_b = n_b / N`` for a mean
-    loss, 1 for a sum): each call folds :func:`hvp_sum` over ``batches`` (which must be
-    re-iterable: a list, or an object whose ``__iter__`` starts over), so memory is that
-    of one batch's product, whatever the number of batches.
+    loss, 1 for a sum): each call folds the batches' products as :func:`hvp_sum` does
+    (``batches`` must be re-iterable: a list, or an object whose ``__iter__`` starts over).
+    With ``mode="rev-rev"`` the first batches' gradient graphs are kept between calls
+    while their estimated size (four times their forward pass's saved activations)
+    stays within ``keep_bytes``, so a training set that fits pays for its graph once,
+    as one batch's :func:`make_hvp` does; the other batches' graphs are rebuilt at every
+    call, so memory stays bounded by ``keep_bytes`` plus one batch's product, whatever
+    the number of batches.
     """
-    chunk = {"size": chunk_size}
+    _check_reduction(reduction)
+    measured: dict = {"chunk": chunk_size}
+    kept: dict = {}  # batch position -> its operator, graph included
+
+    def operator(position: int, batch: Any) -> Operator:
+        if position in kept:
+            return kept[position]
+        op = make_hvp(f, params, batch, mode=mode, chunk_size=measured["chunk"])
+        if mode == "rev-rev":
+            if "per_example" not in measured:
+                measured["per_example"] = 4 * saved_activation_bytes(f, params, batch) / examples_in(batch)
+            cost = measured["per_example"] * examples_in(batch)
+            if measured.get("kept_bytes", 0) + cost <= keep_bytes:
+                kept[position] = op
+                measured["kept_bytes"] = measured.get("kept_bytes", 0) + cost
+        return op
 
     def products(V: Tensor) -> Accumulator:
-        if chunk["size"] is None and V.shape[0] > 1:  # measured once, on the first batch, not once per batch
-            chunk["size"] = _rows_within(_CHUNK_BYTES, f, params, next(iter(batches)))
-        return hvp_sum(f, params, V, reduction=reduction, mode=mode, chunk_size=chunk["size"])
+        if measured["chunk"] is None and V.shape[0] > 1:  # measured once, on the first batch, not once per batch
+            measured["chunk"] = _rows_within(_CHUNK_BYTES, f, params, next(iter(batches)))
+        # the statistic of (position, batch): the batch's product, by its kept operator where there is one
+        return batch_sum(lambda item: operator(*item)(V), reduction=reduction)
 
-    return _summed_operator(products, params, batches, damping)
+    return _summed_operator(products, params, _Numbered(batches), damping)
+
+
+class _Numbered:
+    """``(position, batch)`` pairs of a re-iterable of batches, on every pass."""
+
+    def __init__(self, batches: Iterable[Any]) -> None:
+        if iter(batches) is batches:
+            raise TypeError("batches: every product passes over the data again; give a list or a re-iterable "
+                            "loader, not an iterator")
+        self.batches = batches
+
+    def __iter__(self):
+        return enumerate(self.batches)
 
 
 def full_gnvp(out_fn: Callable, loss_fn: Callable, params: Mapping[str, Tensor], batches: Iterable[Any], *,

@@ -67,7 +67,8 @@ def training_loss(f: Callable, chosen: Dict[str, Tensor], loader: Any, device: t
     a weight penalty, a per-token mean) cannot be split exactly, so it is evaluated
     on the joined training set. Batches are grouped so that a group's forward pass
     saves at most 32 MiB: a fixed bound on memory, with the fixed cost of every
-    product (building its graph) paid per group rather than per loader batch.
+    product (building its graph) paid per group rather than per loader batch; a
+    training set that fits one group is held as that one batch.
     """
     passes = iter(Batches(loader, device))
     first, second = next(passes), next(passes, None)
@@ -79,7 +80,12 @@ def training_loss(f: Callable, chosen: Dict[str, Tensor], loader: Any, device: t
         return TrainingLoss(f, chosen, [concatenate(loader, device)], "sum", loader, device)
     per_example = saved_activation_bytes(f, chosen, first) / max(examples_in(first), 1)
     group = max(1, int(_GROUP_BYTES // max(per_example, 1)))
-    return TrainingLoss(f, chosen, Batches(loader, device, max_examples=group), reduction, loader, device)
+    grouped = Batches(loader, device, max_examples=group)
+    groups = iter(grouped)
+    whole = next(groups)
+    if next(groups, None) is None:  # the training set is one group: held once (within the budget), not re-read
+        return TrainingLoss(f, chosen, [whole], reduction, loader, device)
+    return TrainingLoss(f, chosen, grouped, reduction, loader, device)
 
 
 def _reduction(f: Callable, chosen: Dict[str, Tensor], first: Any, second: Any,
@@ -197,10 +203,12 @@ class LiSSAInverse:
 def _draws(loss: TrainingLoss) -> tuple[Callable[[Tensor], Any], int]:
     """``(rows, n)``: the training examples at given positions as a batch, by random access where the loader
     allows it, else from the training set joined once (an iterable dataset, or a loss only the joined set gives)."""
-    access = None if isinstance(loss.batches, list) else random_access(loss.loader, loss.device)
+    if isinstance(loss.batches, list):  # the training set already held as one batch
+        return (lambda index: take(loss.batches[0], index.to(loss.device))), examples_in(loss.batches[0])
+    access = random_access(loss.loader, loss.device)
     if access is not None:
         return access
-    joined = loss.batches[0] if isinstance(loss.batches, list) else concatenate(loss.loader, loss.device)
+    joined = concatenate(loss.loader, loss.device)
     return (lambda index: take(joined, index.to(loss.device))), examples_in(joined)
 
 
