@@ -41,6 +41,12 @@ def check_positive(value: Any, name: str) -> float:
     return float(value)
 
 
+def check_reduction(reduction: Any) -> None:
+    """A loss's batch reduction: ``"mean"`` or ``"sum"``, else a ValueError naming ``reduction``."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
+
+
 def check_count(value: Any, name: str, minimum: int = 1) -> int:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise TypeError(f"{name}: expected an integer, got {type(value).__name__}")

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from ._checks import as_block, check_callable, check_nonnegative
+from ._checks import as_block, check_callable, check_nonnegative, check_reduction
 from .curvature import (
     _CHUNK_BYTES,
     Operator,
@@ -51,9 +51,6 @@ __all__ = [
     "full_gnvp",
     "full_hessian",
 ]
-
-_REDUCTIONS = ("mean", "sum")
-
 
 class Accumulator(NamedTuple):
     """A training-set statistic as four pure functions (``State`` is a NamedTuple).
@@ -102,7 +99,7 @@ def batch_sum(statistic: Callable[[Any], Any], *, reduction: str = "mean") -> Ac
     :class:`SumState`; ``merge`` adds.
     """
     check_callable(statistic, "statistic")
-    _check_reduction(reduction)
+    check_reduction(reduction)
 
     def update(state: SumState, batch: Any) -> SumState:
         n = examples_in(batch)
@@ -137,7 +134,7 @@ def hessian_sum(f: Callable, params: Mapping[str, Tensor], *, reduction: str = "
     (measuring every batch grew resident memory by about 1 MB a batch: allocator
     fragmentation from the measuring pass between the blocks).
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     flat, _ = ravel(params)
     dtype = torch.promote_types(flat.dtype, torch.float32)
     measured: dict = {}
@@ -209,7 +206,7 @@ def full_hvp(f: Callable, params: Mapping[str, Tensor], batches: Iterable[Any], 
     call, so memory stays bounded by ``keep_bytes`` plus one batch's product, whatever
     the number of batches.
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     measured: dict = {"chunk": chunk_size}
     kept: dict = {}  # batch position -> its operator, graph included
 
@@ -227,11 +224,12 @@ def full_hvp(f: Callable, params: Mapping[str, Tensor], batches: Iterable[Any], 
         return op
 
     def products(V: Tensor) -> Accumulator:
-        if measured["chunk"] is None and V.shape[0] > 1:  # measured once, on the first batch, not once per batch
-            measured["chunk"] = _rows_within(_CHUNK_BYTES, f, params, next(iter(batches)))
+        if measured["chunk"] is None:
+            measured["chunk"] = _chunk_rows(V, f, params, batches)
         # the statistic of (position, batch): the batch's product, by its kept operator where there is one
         return batch_sum(lambda item: operator(*item)(V), reduction=reduction)
 
+    _check_reiterable(batches)
     return _summed_operator(products, params, _Numbered(batches), damping)
 
 
@@ -239,25 +237,34 @@ class _Numbered:
     """``(position, batch)`` pairs of a re-iterable of batches, on every pass."""
 
     def __init__(self, batches: Iterable[Any]) -> None:
-        if iter(batches) is batches:
-            raise TypeError("batches: every product passes over the data again; give a list or a re-iterable "
-                            "loader, not an iterator")
         self.batches = batches
 
     def __iter__(self):
         return enumerate(self.batches)
 
 
+def _chunk_rows(V: Tensor, fn: Callable, params: Mapping[str, Tensor], batches: Iterable[Any]) -> Optional[int]:
+    """Rows per vectorised product, measured once on the first batch (None until a block of several rows)."""
+    return _rows_within(_CHUNK_BYTES, fn, params, next(iter(batches))) if V.shape[0] > 1 else None
+
+
+def _check_reiterable(batches: Iterable[Any]) -> None:
+    if iter(batches) is batches:
+        raise TypeError("batches: every product passes over the data again; give a list or a re-iterable "
+                        "loader, not an iterator")
+
+
 def full_gnvp(out_fn: Callable, loss_fn: Callable, params: Mapping[str, Tensor], batches: Iterable[Any], *,
               reduction: str = "mean", damping: float = 0.0, chunk_size: Optional[int] = None) -> Operator:
     """The Gauss-Newton matrix of the full training loss over ``batches`` as an operator (see :func:`full_hvp`)."""
-    chunk = {"size": chunk_size}
+    measured = {"chunk": chunk_size}
 
     def products(V: Tensor) -> Accumulator:
-        if chunk["size"] is None and V.shape[0] > 1:
-            chunk["size"] = _rows_within(_CHUNK_BYTES, out_fn, params, next(iter(batches)))
-        return gnvp_sum(out_fn, loss_fn, params, V, reduction=reduction, chunk_size=chunk["size"])
+        if measured["chunk"] is None:
+            measured["chunk"] = _chunk_rows(V, out_fn, params, batches)
+        return gnvp_sum(out_fn, loss_fn, params, V, reduction=reduction, chunk_size=measured["chunk"])
 
+    _check_reiterable(batches)
     return _summed_operator(products, params, batches, damping)
 
 
@@ -270,9 +277,6 @@ def full_hessian(f: Callable, params: Mapping[str, Tensor], batches: Iterable[An
 def _summed_operator(make: Callable[[Tensor], Accumulator], params: Mapping[str, Tensor],
                      batches: Iterable[Any], damping: float) -> Operator:
     damping = check_nonnegative(damping, "damping")
-    if iter(batches) is batches:
-        raise TypeError("batches: every product passes over the data again; give a list or a re-iterable "
-                        "loader, not an iterator")
     width = sum(p.numel() for p in params.values())
 
     def mv(V: Tensor) -> Tensor:
@@ -283,11 +287,6 @@ def _summed_operator(make: Callable[[Tensor], Accumulator], params: Mapping[str,
         return out[0] if single else out
 
     return mv
-
-
-def _check_reduction(reduction: str) -> None:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
 
 
 def _tree_add(a: Any, b: Any) -> Any:

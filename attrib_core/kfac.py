@@ -25,7 +25,7 @@ import torch
 from opt_einsum import contract
 from torch import Tensor, nn
 
-from ._checks import as_block, check_nonnegative
+from ._checks import as_block, check_nonnegative, check_reduction
 from .accumulators import Accumulator, accumulate, add_states
 from .layer_capture import Captured, LayerSpec, capture, capture_per_example, layer_specs
 from .solution import Solution, Status, solution
@@ -78,8 +78,7 @@ def kfac_accumulator(
     ``(d_out, d_out)`` per layer: its size does not depend on the number of
     batches, and ``merge`` adds. ``finalize`` returns :class:`KFACFactors`.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
+    check_reduction(reduction)
     specs = layer_specs(model, params, layers)
     device = next(iter(params.values())).device
 
@@ -166,6 +165,7 @@ def ekfac_correction(
     example's rotated gradient is formed as ``Σ_t (Q_Sᵀ ds)(Q_Aᵀ ã)ᵀ`` from the rotated
     activations and output gradients, never the unrotated ``dW̃_i``.
     """
+    check_reduction(reduction)
     specs = [layer.spec for layer in bases]
 
     def init() -> CorrectionState:

@@ -26,7 +26,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from ._checks import check_finite_params
+from ._checks import check_finite_params, check_reduction
 from .gradients import _add_dim, _expand_in_dims, _take
 from .trees import examples_in
 
@@ -168,8 +168,7 @@ def capture(
         positions for a convolution. Masked positions are zero in both and not
         counted in ``positions``.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
+    check_reduction(reduction)
     check_finite_params(params)
     modules = dict(model.named_modules())
     inputs: dict[str, Tensor] = {}

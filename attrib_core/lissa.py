@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Union
 
 import torch
 from torch import Tensor
@@ -29,10 +29,19 @@ _NOISE_ALIGNMENT = 0.5
 
 
 class LissaState(NamedTuple):
+    """The carry of one run; the update norms are kept as the sums the status needs, not as a history.
+
+    Every field with a row dimension has one entry per right-hand side; the run's
+    length ``max_steps`` is fixed, so its quarters are known from the start.
+    """
+
     h: Tensor  # (k, P) current h_j
     update: Tensor  # (k, P) h_j - h_{j-1}
-    updates: Tensor  # (j, k) ||h_i - h_{i-1}|| for i = 1..j
-    alignment: Tensor  # (j, k) cosine between successive updates (0 for the first)
+    first: Tensor  # (k,) ||h_1 - h_0||
+    last: Tensor  # (k,) ||h_j - h_{j-1}||
+    third: Tensor  # (k,) sum of the update norms over the third quarter of the run
+    fourth: Tensor  # (k,) sum of the update norms over the last quarter
+    aligned: Tensor  # (k,) sum over the last quarter of the cosines between successive updates
     step: int  # j, the steps taken; with ``key`` it seeds step j + 1's mini-batch
     key: int  # this run's seed, from the caller's seed and the repeat
 
@@ -115,20 +124,27 @@ def lissa(
         h = v + s.h - (mv(s.h) + damping * s.h) / scale
         update = h - s.h
         norm = update.norm(dim=1)
-        cosine = (update * s.update).sum(1) / (norm * s.update.norm(dim=1)).clamp(min=torch.finfo(norm.dtype).tiny)
-        return LissaState(h, update, torch.cat([s.updates, norm.unsqueeze(0)]),
-                          torch.cat([s.alignment, cosine.unsqueeze(0)]), s.step + 1, s.key)
+        third, fourth, aligned = s.third, s.fourth, s.aligned
+        if max_steps - 2 * quarter <= s.step < max_steps - quarter:
+            third = third + norm
+        elif s.step >= max_steps - quarter:
+            fourth = fourth + norm
+            tiny = torch.finfo(norm.dtype).tiny
+            aligned = aligned + (update * s.update).sum(1) / (norm * s.update.norm(dim=1)).clamp(min=tiny)
+        first = norm if s.step == 0 else s.first
+        return LissaState(h, update, first, norm, third, fourth, aligned, s.step + 1, s.key)
 
+    quarter = max_steps // 4
     total = torch.zeros_like(v)
     last = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
     status = torch.full((v.shape[0],), Status.CONVERGED, dtype=torch.long, device=v.device)
     steps = torch.zeros(v.shape[0], dtype=torch.long, device=v.device)
     for r in range(repeats):
-        empty = torch.zeros(0, v.shape[0], dtype=v.dtype, device=v.device)
-        start = LissaState(v, torch.zeros_like(v), empty, empty, 0, mix(seed, r))
+        zeros = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
+        start = LissaState(v, torch.zeros_like(v), zeros, zeros, zeros, zeros, zeros, 0, mix(seed, r))
         final = fold(step, start, max_steps)
         total += final.h
-        last = torch.maximum(last, final.updates[-1])
+        last = torch.maximum(last, final.last)
         status = torch.maximum(status, _status(final, tol))
         steps = torch.maximum(steps, torch.full_like(steps, final.step))
     return solution(total / (repeats * scale), status, steps, single=single, per_row={"last_update": last})
@@ -136,42 +152,23 @@ def lissa(
 
 def _status(final: LissaState, tol: float) -> Tensor:
     """Per row, the :class:`Status` of one run (see :func:`lissa`)."""
-    updates = final.updates
-    last, bound = updates[-1], tol * final.h.norm(dim=1)
-    quarters = _last_quarters(updates)
-    if quarters is None:
-        within = last <= bound
+    last, bound = final.last, tol * final.h.norm(dim=1)
+    quarter = final.step // 4
+    jumped = last > _GROWTH_LIMIT * final.first
+    if final.step < _TREND_MIN_STEPS:
+        within, growing = last <= bound, jumped
     else:
-        earlier, late = quarters
-        quarter = updates.shape[0] // 4
+        earlier, late = final.third / quarter, final.fourth / quarter
         rate = (late / earlier.clamp(min=torch.finfo(late.dtype).tiny)).pow(1.0 / quarter)
         tail = torch.where(rate < 1, last * rate / (1 - rate.clamp(max=1 - 1e-12)), torch.inf)
         # At the noise floor successive updates point in unrelated directions; while the
         # recursion still contracts they are nearly parallel (its slowest mode dominates).
-        noise = (late >= _LEVEL_LIMIT * earlier) & (final.alignment[-quarter:].mean(0) < _NOISE_ALIGNMENT)
+        noise = (late >= _LEVEL_LIMIT * earlier) & (final.aligned / quarter < _NOISE_ALIGNMENT)
         within = noise | (tail <= bound) | (last == 0)
+        growing = jumped | (late > _TREND_LIMIT * earlier)
     status = torch.where(within, Status.CONVERGED, Status.MAX_STEPS)
-    diverged = ~torch.isfinite(final.h).all(dim=1) | _growing(updates)
+    diverged = ~torch.isfinite(final.h).all(dim=1) | growing
     return torch.where(diverged, Status.DIVERGED, status)
-
-
-def _growing(updates: Tensor) -> Tensor:
-    """Per row, whether the update norms ``(depth, k)`` show divergence (see the limits above)."""
-    jumped = updates[-1] > _GROWTH_LIMIT * updates[0]
-    quarters = _last_quarters(updates)
-    if quarters is None:
-        return jumped
-    earlier, late = quarters
-    return jumped | (late > _TREND_LIMIT * earlier)
-
-
-def _last_quarters(updates: Tensor) -> Optional[tuple[Tensor, Tensor]]:
-    """Per row, the mean update norm over the third and over the last quarter of the run (None if too short)."""
-    depth = updates.shape[0]
-    if depth < _TREND_MIN_STEPS:
-        return None
-    quarter = depth // 4
-    return updates[depth - 2 * quarter: depth - quarter].mean(0), updates[depth - quarter:].mean(0)
 
 
 def _seed(seed: Union[int, torch.Generator]) -> int:

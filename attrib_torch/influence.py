@@ -24,7 +24,16 @@ from attrib_core import rep_concat, rep_rowwise
 from .base import BaseInnerProductAttributor
 from .checks import nonnegative, positive, positive_int
 from .data import Batches, Mapped, check_loader
-from .inverses import ArnoldiInverse, CGInverse, ExplicitInverse, LiSSAInverse, TrainingLoss, solved, training_loss
+from .inverses import (
+    ArnoldiInverse,
+    CGInverse,
+    ExplicitInverse,
+    InverseSetting,
+    LiSSAInverse,
+    TrainingLoss,
+    solved,
+    training_loss,
+)
 from .task import AttributionTask
 from .user_warning import warn
 
@@ -123,11 +132,12 @@ class IFAttributorExplicit(_RelatIF):
     (method, definiteness, count of negative eigenvalues) of each checkpoint.
     """
 
+    regularization = InverseSetting()
+
     def __init__(self, task: AttributionTask, layer_name: LayerName = None, device: Optional[str] = "cpu",
                  regularization: float = 0.0, show_progress: bool = True) -> None:
         super().__init__(task, layer_name, device, show_progress)
         self.inverse = ExplicitInverse(regularization)
-        self.regularization = self.inverse.regularization
         self.factors: Dict[int, Any] = {}
 
     _cache_fields = BaseInnerProductAttributor._cache_fields + ('factors',)
@@ -149,13 +159,13 @@ class IFAttributorCG(_RelatIF):
         regularization: ``λ >= 0`` added to the Hessian's diagonal.
     """
 
+    max_iter, tol, mode, regularization = (InverseSetting() for _ in range(4))
+
     def __init__(self, task: AttributionTask, layer_name: LayerName = None, device: Optional[str] = "cpu",
                  max_iter: int = 10, tol: float = 1e-7, mode: str = "rev-rev", regularization: float = 0.0,
                  show_progress: bool = True) -> None:
         super().__init__(task, layer_name, device, show_progress)
         self.inverse = CGInverse(max_iter, tol, mode, regularization)
-        self.max_iter, self.tol, self.mode = self.inverse.max_iter, self.inverse.tol, self.inverse.mode
-        self.regularization = self.inverse.regularization
         self._solvers: Dict[int, Any] = {}
 
     _cache_fields = BaseInnerProductAttributor._cache_fields + ('_solvers',)
@@ -185,13 +195,13 @@ class IFAttributorLiSSA(_RelatIF):
         seed: for the mini-batch draws (an addition to dattri's arguments).
     """
 
+    batch_size, num_repeat, recursion_depth, damping, scaling, mode, seed = (InverseSetting() for _ in range(7))
+
     def __init__(self, task: AttributionTask, layer_name: LayerName = None, device: Optional[str] = "cpu",
                  batch_size: int = 1, num_repeat: int = 1, recursion_depth: int = 5000, damping: float = 0.0,
                  scaling: float = 50.0, mode: str = "rev-rev", seed: int = 0, show_progress: bool = True) -> None:
         super().__init__(task, layer_name, device, show_progress)
         self.inverse = LiSSAInverse(batch_size, num_repeat, recursion_depth, damping, scaling, mode, seed)
-        for name in ("batch_size", "num_repeat", "recursion_depth", "damping", "scaling", "mode", "seed"):
-            setattr(self, name, getattr(self.inverse, name))
         self._solvers: Dict[int, Any] = {}
 
     _cache_fields = BaseInnerProductAttributor._cache_fields + ('_solvers',)
@@ -268,6 +278,8 @@ class IFAttributorArnoldi(_FullTrainingLoss):
         seed: of the start vector and the data subset.
     """
 
+    proj_dim, max_iter, tol, regularization, seed, precompute_data_ratio = (InverseSetting() for _ in range(6))
+
     def __init__(self, task: AttributionTask, layer_name: LayerName = None, device: Optional[str] = "cpu",
                  precompute_data_ratio: float = 1.0, proj_dim: int = 100, max_iter: int = 100,
                  norm_constant: float = 1.0, tol: float = 1e-7, regularization: float = 0.0, seed: int = 0,
@@ -275,8 +287,6 @@ class IFAttributorArnoldi(_FullTrainingLoss):
         super().__init__(task, layer_name, device, show_progress)
         self.inverse = ArnoldiInverse(proj_dim, max_iter, tol, regularization, seed, precompute_data_ratio)
         self.inverse.check_width(sum(task.params(0)[n].numel() for n in self.names))
-        for name in ("proj_dim", "max_iter", "tol", "regularization", "seed", "precompute_data_ratio"):
-            setattr(self, name, getattr(self.inverse, name))
         self.norm_constant = positive(norm_constant, "norm_constant")
         self._projectors: Dict[int, SpectralProjector] = {}
 

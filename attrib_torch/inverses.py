@@ -35,11 +35,29 @@ from .checks import nonnegative, nonnegative_int, positive, positive_int
 from .data import Batches, Selected, batch_size as examples_in, concatenate, explained, random_access, take
 from .solver_reports import record
 
-__all__ = ["TrainingLoss", "training_loss", "ExplicitInverse", "CGInverse", "LiSSAInverse", "ArnoldiInverse",
+__all__ = ["InverseSetting", "TrainingLoss", "training_loss", "ExplicitInverse", "CGInverse", "LiSSAInverse", "ArnoldiInverse",
            "INVERSES", "solved"]
 
 _GROUP_BYTES = 32 << 20  # saved activations of one group of training batches in a curvature product
 _MODES = ("rev-rev", "rev-fwd")
+
+
+class InverseSetting:
+    """An attributor's argument read from its inverse's settings, the one place it is kept.
+
+    Fixed at construction: what was fitted depends on it, so assigning it later
+    raises instead of being silently ignored.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: Optional[type] = None) -> Any:
+        return self if obj is None else getattr(obj.inverse, self.name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        raise AttributeError(f"{self.name}: is fixed at construction (the fit depends on it); build a new "
+                             f"attributor with {self.name}={value!r}")
 
 
 class TrainingLoss(NamedTuple):

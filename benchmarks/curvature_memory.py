@@ -23,15 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 
 import torch
 from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
-from .measure import timed
+from .measure import in_fresh_process, timed
 from .scale import tiled_digits
 
 BATCH = 64
@@ -100,11 +98,10 @@ def main(argv: list[str] | None = None) -> None:
         for path in args.paths.split(","):
             runs = []
             for n in sizes:
-                out = subprocess.run([sys.executable, "-m", "benchmarks.curvature_memory", "--single", stat, path,
-                                      str(n)], capture_output=True, text=True)
-                if out.returncode != 0:
-                    raise SystemExit(f"{stat} {path} {n} failed:\n{out.stderr}")
-                runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                try:
+                    runs.append(in_fresh_process("benchmarks.curvature_memory", stat, path, n))
+                except RuntimeError as error:
+                    raise SystemExit(f"{stat} {path} {n} failed: {error}") from error
             peaks = [r["peak_mib"] for r in runs]
             label = "joined (one batch)" if path == "joined" else ("per loader batch" if path == "0" else f"{path} MiB")
             print(f"| {stat} | {label} | " + " | ".join(f"{p:.0f}" for p in peaks) + f" | {peaks[-1] / peaks[0]:.2f} | "

@@ -1,8 +1,12 @@
-"""How the benchmark scripts measure: wall time (:func:`timed`) and agreement of scores (:func:`pearson`)."""
+"""How the benchmark scripts measure: wall time (:func:`timed`), agreement of scores (:func:`pearson`),
+and one configuration in a process of its own (:func:`in_fresh_process`), so its peak memory is its own."""
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -54,3 +58,17 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
         return float("nan")
     return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
+
+
+def in_fresh_process(module: str, *args: Any) -> dict:
+    """Run ``python -m <module> --single <args>`` and return the JSON record it prints last.
+
+    Raises:
+        RuntimeError: the run failed; its message is the run's last line of stderr.
+    """
+    out = subprocess.run([sys.executable, "-m", module, "--single", *map(str, args)], capture_output=True,
+                         text=True)
+    if out.returncode != 0:
+        lines = out.stderr.strip().splitlines()
+        raise RuntimeError(lines[-1] if lines else f"exit status {out.returncode}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 
 import torch
 from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
-from .measure import timed
+from .measure import in_fresh_process, timed
 
 N_TEST = 200
 PROJ_DIM = 2048
@@ -97,12 +95,11 @@ def main(argv: list[str] | None = None) -> None:
     for method in args.methods.split(","):
         for kind in args.kinds.split(","):
             for n in (int(v) for v in args.sizes.split(",")):
-                out = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--single", method, kind, str(n)],
-                                     capture_output=True, text=True)
-                if out.returncode != 0:
-                    print(f"| {method} | {kind} | {n} | failed: {out.stderr.strip().splitlines()[-1][:80]} | | |")
+                try:
+                    r = in_fresh_process("benchmarks.scale", method, kind, n)
+                except RuntimeError as error:
+                    print(f"| {method} | {kind} | {n} | failed: {str(error)[:80]} | | |")
                     continue
-                r = json.loads(out.stdout.strip().splitlines()[-1])
                 per = r["seconds"] / (n + N_TEST) * 1000
                 print(f"| {method} | {kind} | {n:,} | {r['seconds']:.1f} | {per:.2f} | {r['peak_gib']:.2f} |",
                       flush=True)

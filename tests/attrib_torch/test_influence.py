@@ -156,13 +156,21 @@ def test_checkpoints_as_paths_or_state_dicts_and_ensembles_average(problem, tmp_
     problem.model.load_state_dict(problem.state)
 
 
-def test_legacy_entry_point_equals_explicit(problem):
+def loader_loss(problem):
+    """The legacy entry point's ``target_func(params, loader)``: the example-weighted mean loss over a loader."""
+
     def target(params, loader):
         total, count = 0.0, 0
         for x, y in loader:
             total = total + problem.loss_func(params, (x, y)) * len(y)
             count += len(y)
         return total / count
+
+    return target
+
+
+def test_legacy_entry_point_equals_explicit(problem):
+    target = loader_loss(problem)
 
     legacy = IFAttributor(target, problem.params, ihvp_solver="explicit")
     legacy.cache(problem.loader())
@@ -184,12 +192,7 @@ def test_legacy_entry_point_is_the_task_based_class_with_the_same_settings(probl
     """Same settings (names, defaults, checks), same fit, same numbers: one code path behind both front ends."""
     from attrib_torch import IFAttributorArnoldi, IFAttributorLiSSA
 
-    def target(params, loader):
-        total, count = 0.0, 0
-        for x, y in loader:
-            total = total + problem.loss_func(params, (x, y)) * len(y)
-            count += len(y)
-        return total / count
+    target = loader_loss(problem)
 
     classes = {"explicit": IFAttributorExplicit, "cg": IFAttributorCG, "arnoldi": IFAttributorArnoldi,
                "lissa": IFAttributorLiSSA}
@@ -197,6 +200,10 @@ def test_legacy_entry_point_is_the_task_based_class_with_the_same_settings(probl
     modern = classes[solver](task, show_progress=False, **kwargs)
     legacy = IFAttributor(target, problem.params, ihvp_solver=solver, ihvp_kwargs=kwargs)
     assert legacy.inverse == modern.inverse
+    name, value = next(iter(kwargs.items()))
+    assert getattr(modern, name) == value  # dattri's attributes, read from the one settings object
+    with pytest.raises(AttributeError, match="fixed at construction"):
+        setattr(modern, name, value)  # what was fitted depends on it: never silently ignored
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the short LiSSA and CG runs say they stopped at their caps
         modern.cache(problem.loader())
