@@ -16,8 +16,10 @@ __all__ = ["ArnoldiState", "ArnoldiResult", "arnoldi", "SpectralProjector", "spe
 
 
 class ArnoldiState(NamedTuple):
-    basis: Tensor  # (j + 1, dim) orthonormal Krylov vectors q_0 .. q_j
-    columns: tuple  # j columns of the Hessenberg matrix, column i of length i + 2
+    basis: Tensor  # (max_steps + 1, dim); rows 0 .. size - 1 are the orthonormal Krylov vectors q_0 .. q_j
+    size: int  # rows of ``basis`` filled (j + 1)
+    hessenberg: Tensor  # (max_steps + 1, max_steps); column i (rows 0 .. i + 1) filled after step i
+    steps: int  # columns of ``hessenberg`` filled
     breakdown: bool  # the Krylov space became invariant
 
 
@@ -33,6 +35,8 @@ class ArnoldiResult(NamedTuple):
             (``|β_m s_{m,i}|``); small means converged.
         breakdown: the iteration stopped early on an invariant subspace (then the
             Ritz pairs are exact eigenpairs of ``A`` on that subspace).
+        orthogonality: ``max |QᵀQ - I|`` of the Krylov basis used: the loss of
+            orthogonality, near the working precision's epsilon when all went well.
     """
 
     eigenvalues: Tensor
@@ -40,6 +44,7 @@ class ArnoldiResult(NamedTuple):
     steps: int
     residuals: Tensor
     breakdown: bool
+    orthogonality: float
 
 
 def arnoldi(
@@ -88,46 +93,54 @@ def arnoldi(
     seed = check_count(seed, "seed", minimum=0)
     operator = as_operator(mv, dim)
     generator = torch.Generator().manual_seed(seed)
-    start = torch.randn(dim, generator=generator, dtype=dtype).to(device)
-    state = ArnoldiState((start / start.norm()).unsqueeze(0), (), False)
+    start = torch.randn(dim, generator=generator, dtype=torch.float64).to(device, dtype)  # one start in every dtype
+    # The basis and the Hessenberg matrix are preallocated and filled row by row: each step
+    # donates the state it is given (growing them by concatenation copied the whole basis per step).
+    basis = torch.zeros(max_steps + 1, dim, dtype=dtype, device=device)
+    basis[0] = start / start.norm()
+    state = ArnoldiState(basis, 1, torch.zeros(max_steps + 1, max_steps, dtype=dtype, device=device), 0, False)
 
     def step(s: ArnoldiState) -> ArnoldiState:
-        q = s.basis[-1:]
-        w = operator(q).to(dtype).reshape(dim)
+        done = s.basis[: s.size]
+        w = operator(done[-1:]).to(dtype).reshape(dim)
         check_finite(w, "mv(q)")
-        h = torch.zeros(s.basis.shape[0], dtype=dtype, device=w.device)
+        h = torch.zeros(s.size, dtype=dtype, device=w.device)
         for _ in range(2):  # twice is enough (Kahan's "twice is enough")
-            c = s.basis @ w
-            w = w - c @ s.basis
+            c = done @ w
+            w = w - c @ done
             h = h + c
         beta = w.norm()
-        column = torch.cat([h, beta.reshape(1)])
-        if beta <= tol * max(float(h.norm()), 1e-300) or s.basis.shape[0] == dim:
-            return ArnoldiState(s.basis, s.columns + (column,), True)
-        return ArnoldiState(torch.cat([s.basis, (w / beta).unsqueeze(0)]), s.columns + (column,), False)
+        j = s.steps
+        s.hessenberg[: s.size, j] = h
+        s.hessenberg[s.size, j] = beta
+        if beta <= tol * max(float(h.norm()), 1e-300) or s.size == dim:
+            return s._replace(steps=j + 1, breakdown=True)
+        s.basis[s.size] = w / beta
+        return s._replace(size=s.size + 1, steps=j + 1)
 
     final = fold(step, state, max_steps, done=lambda s: s.breakdown)
-    m = len(final.columns)
+    m = final.steps
     if m < top_k:
         warnings.warn(
             f"arnoldi: the Krylov space became invariant after {m} steps, so only {m} of the "
             f"top_k={top_k} eigenpairs exist in it; returning {m}",
             stacklevel=2,
         )
-    T = torch.zeros(m + 1, m, dtype=dtype, device=final.basis.device)
-    for j, column in enumerate(final.columns):
-        T[: j + 2, j] = column
+    T = final.hessenberg[: m + 1, :m]
     square = T[:m]
     evals, evecs = torch.linalg.eigh((square + square.T) / 2)
     order = torch.argsort(evals.abs(), descending=True)[: min(top_k, m)]
     basis = final.basis[:m]
     beta_m = 0.0 if final.breakdown else float(T[m, m - 1])
+    gram = basis @ basis.T
+    gram.diagonal().sub_(1)
     return ArnoldiResult(
         evals[order],
         evecs[:, order].T @ basis,
         m,
         (beta_m * evecs[m - 1, order]).abs(),
         final.breakdown,
+        float(gram.abs().max()),
     )
 
 
@@ -148,6 +161,11 @@ class SpectralProjector(NamedTuple):
     eigenvalues: Tensor
     n_negative: int
     n_small: int
+
+    def to(self, dtype: torch.dtype) -> "SpectralProjector":
+        """The same projector with its tensors in ``dtype`` (e.g. the gradients' precision, for speed)."""
+        return self._replace(vectors=self.vectors.to(dtype), scales=self.scales.to(dtype),
+                             eigenvalues=self.eigenvalues.to(dtype))
 
     def __call__(self, G: Tensor) -> Tensor:
         """Project ``G`` ``(n, dim)`` (or ``(dim,)``) to ``(n, r)``."""

@@ -176,8 +176,11 @@ def ekfac_correction(
         sums = []
         for layer in bases:
             rows = captured[layer.spec.module]
-            rotated = contract("bts,bta->bsa", rows.ds.double() @ layer.QS, rows.a.double() @ layer.QA)
-            sums.append(rotated.pow(2).sum(0))
+            ds, a = rows.ds.double() @ layer.QS, rows.a.double() @ layer.QA
+            if ds.shape[1] == 1:  # one position: the rotated gradient is an outer product, squared entrywise
+                sums.append(ds[:, 0].pow(2).T @ a[:, 0].pow(2))
+            else:
+                sums.append(contract("bts,bta->bsa", ds, a).pow(2).sum(0))
         counts = tuple(captured[spec.module].a.shape[0] for spec in specs)
         return add_states(state, CorrectionState(tuple(sums), counts))
 
@@ -262,16 +265,18 @@ class EKFAC(NamedTuple):
 
     def _apply(self, V: Tensor, scale: Callable[[Tensor, float], Tensor], dampings: Sequence[float]) -> Tensor:
         block, single = as_block(V, self.dim)
-        out_dtype = torch.promote_types(block.dtype, torch.float32)
+        # Rotated in the vectors' own precision (float32 or wider): a rotation's rounding error,
+        # eps·‖M‖, is that of storing M in this precision in the first place.
+        dtype = torch.promote_types(block.dtype, torch.float32)
         offsets = dict(zip(self.names, _offsets(self.sizes)))
-        out = torch.empty_like(block, dtype=out_dtype)
+        out = torch.empty_like(block, dtype=dtype)
         for layer, damping in zip(self.layers, dampings):
             spec = layer.spec
-            M = _gather(block, spec, offsets).to(layer.QA.dtype)  # (k, d_out, d_a)
-            rotated = contract("so,kst,ta->koa", layer.QS, M, layer.QA)
-            rotated = rotated * scale(layer.eigenvalues, damping)
-            back = contract("so,koa,ta->kst", layer.QS, rotated, layer.QA)
-            _scatter(out, back.to(out_dtype), spec, offsets)
+            QA, QS = layer.QA.to(dtype), layer.QS.to(dtype)
+            M = _gather(block, spec, offsets).to(dtype)  # (k, d_out, d_a)
+            rotated = contract("so,kst,ta->koa", QS, M, QA)
+            rotated = rotated * scale(layer.eigenvalues, damping).to(dtype)
+            _scatter(out, contract("so,koa,ta->kst", QS, rotated, QA), spec, offsets)
         return out[0] if single else out
 
 

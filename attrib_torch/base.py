@@ -226,7 +226,9 @@ class BaseInnerProductAttributor(BaseAttributor):
         # The loader itself is held, so its id in the key cannot be reused by another loader.
         if kept is not None and kept[0] is train_dataloader and kept[1] == key:
             return kept[2]
-        reps = rep_concat(list(self._grouped(train_dataloader, ckpt_idx, train=True)))
+        # Untransformed representations are joined once, not first into groups and then again.
+        identity = type(self).transform_train_rep is BaseInnerProductAttributor.transform_train_rep
+        reps = rep_concat(list(self._grouped(train_dataloader, ckpt_idx, train=True, group=not identity)))
         self._train_reps[ckpt_idx] = (train_dataloader, key, reps)
         return reps
 
@@ -234,7 +236,8 @@ class BaseInnerProductAttributor(BaseAttributor):
         """Keep transformed training representations a subclass computed itself (as :meth:`train_reps` keeps its own)."""
         self._train_reps[ckpt_idx] = (train_dataloader, fingerprint(train_dataloader), reps)
 
-    def _grouped(self, loader: Any, ckpt_idx: int, *, train: bool, transform: Any = None) -> Iterator[Tensor]:
+    def _grouped(self, loader: Any, ckpt_idx: int, *, train: bool, transform: Any = None,
+                 group: bool = True) -> Iterator[Tensor]:
         """Transformed representations of a loader's examples, transformed a group of rows at a time.
 
         Loader batches are gathered into groups of up to 256 rows (fewer for wide
@@ -242,7 +245,8 @@ class BaseInnerProductAttributor(BaseAttributor):
         1.5 GB where 512 MiB did not) before the transform, since a projection
         regenerates its matrix once per call: on a 1.1M-parameter model, projecting 128
         rows at once was 2.2x faster (dense) and 2x (SJLT) than 4 calls of 32.
-        ``transform(ckpt_idx, rep)`` replaces the train or test transform when given.
+        ``transform(ckpt_idx, rep)`` replaces the train or test transform when given;
+        ``group=False`` transforms and yields each loader batch on its own.
         """
         generate = self.generate_train_rep if train else self.generate_test_rep
         if transform is None:
@@ -256,7 +260,7 @@ class BaseInnerProductAttributor(BaseAttributor):
         for batch in batches(loader, self.device, desc=desc, show_progress=self.show_progress, leave=named):
             pending.append(generate(ckpt_idx, batch))
             rows += rep_rows(pending[-1])
-            if rows >= limit:
+            if rows >= limit or not group:
                 yield transform(ckpt_idx, rep_concat(pending))
                 pending, rows = [], 0
         if pending:

@@ -271,13 +271,25 @@ class ArnoldiInverse:
         dim = sum(v.numel() for v in loss.chosen.values())
         self.check_width(dim)
         mv = full_hvp(loss.f, loss.chosen, data, reduction=loss.reduction)
-        result = arnoldi(mv, dim, max_steps=self.max_iter, top_k=self.proj_dim, seed=self.seed, tol=self.tol,
-                         device=loss.device)
-        return spectral_projector(result.eigenvalues, result.eigenvectors, damping=self.regularization)
+        # The Krylov basis is built in the gradients' precision (float64 reorthogonalisation and
+        # projections took 4x as long on float32 models), and again in float64 should it lose its
+        # orthogonality there.
+        precision = torch.promote_types(next(iter(loss.chosen.values())).dtype, torch.float32)
+        for dtype in dict.fromkeys((precision, torch.float64)):
+            result = arnoldi(mv, dim, max_steps=self.max_iter, top_k=self.proj_dim, seed=self.seed, tol=self.tol,
+                             dtype=dtype, device=loss.device)
+            if result.orthogonality <= _ORTHOGONALITY:
+                break
+        projector = spectral_projector(result.eigenvalues.double(), result.eigenvectors, damping=self.regularization)
+        return projector.to(precision)
 
     def advice(self) -> str:
         return f"Raise regularization (now {self.regularization:g}) to keep the negative eigenpairs' directions."
 
+
+# Loss of orthogonality of a Krylov basis beyond which it is rebuilt in float64 (twice-iterated
+# Gram-Schmidt keeps it within a few hundred epsilons: about 1e-5 in float32).
+_ORTHOGONALITY = 1e-4
 
 INVERSES = {"explicit": ExplicitInverse, "cg": CGInverse, "lissa": LiSSAInverse, "arnoldi": ArnoldiInverse}
 

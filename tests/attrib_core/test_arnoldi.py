@@ -132,3 +132,13 @@ def test_bad_input():
         arnoldi(lambda V: V * float("nan"), 5, top_k=2)
     with pytest.raises(ValueError, match="negative"):
         spectral_projector(torch.ones(2), torch.eye(2), negative="clip")
+
+
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.float64, 1e-13)])
+def test_reports_the_loss_of_orthogonality_of_its_basis(dtype, bound):
+    evals = torch.cat([torch.tensor([50.0, 20.0, 10.0], dtype=torch.float64), torch.linspace(-1, 1, 117, dtype=torch.float64)])
+    A, _ = with_spectrum(evals, 5)
+    result = arnoldi(A.to(dtype), 120, max_steps=60, top_k=3, dtype=dtype)
+    assert 0 < result.orthogonality < bound
+    assert result.eigenvectors.dtype == dtype
+    torch.testing.assert_close(result.eigenvalues.double(), evals[:3], rtol=10 * torch.finfo(dtype).eps ** 0.5, atol=0)

@@ -303,3 +303,44 @@ def test_dattri_arguments(problem):
     arnoldi = IFAttributorArnoldi(task_of(problem), proj_dim=5, max_iter=10, show_progress=False)
     with pytest.raises(ValueError, match="call cache"):
         arnoldi.attribute(problem.loader(), problem.loader("test"))
+
+
+def test_arnoldi_builds_its_basis_in_the_models_precision_and_again_in_float64_when_it_loses_orthogonality(
+        problem, monkeypatch):
+    import attrib_torch.inverses as inverses
+    from torch import nn
+    from torch.func import functional_call
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = nn.Linear(64, 10)
+    model.load_state_dict({k: v.float() for k, v in problem.params.items()})
+
+    def loss(params, data):
+        return nn.functional.cross_entropy(functional_call(model, params, (data[0],)), data[1])
+
+    def loader(x, y):
+        return DataLoader(TensorDataset(x.float(), y), batch_size=50)
+
+    train, test = loader(problem.x_train, problem.y_train), loader(problem.x_test, problem.y_test)
+    dtypes = []
+
+    def watched(*args, dtype, **kwargs):
+        dtypes.append(dtype)
+        return real(*args, dtype=dtype, **kwargs)
+
+    real = inverses.arnoldi
+    monkeypatch.setattr(inverses, "arnoldi", watched)
+
+    def scores():
+        attributor = IFAttributorArnoldi(AttributionTask(loss, model, model.state_dict()), proj_dim=30, max_iter=60,
+                                         regularization=1e-3, show_progress=False)
+        attributor.cache(train)
+        return attributor.attribute(train, test)
+
+    in_float32 = scores()
+    assert dtypes == [torch.float32] and in_float32.dtype == torch.float32
+    dtypes.clear()
+    monkeypatch.setattr(inverses, "_ORTHOGONALITY", -1.0)  # no basis is orthogonal enough: rebuilt in float64
+    in_float64 = scores()
+    assert dtypes == [torch.float32, torch.float64]
+    assert relative_error(in_float32.double(), in_float64.double()) < 1e-4
