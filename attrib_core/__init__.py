@@ -48,7 +48,19 @@ from .kfac import (
     kfac_factors,
 )
 from .two_sided import project_factors, project_gradient, side_seed
-from .layer_capture import Captured, DirectParameterUse, LayerSpec, capture, capture_per_example, layer_specs
+from .layer_capture import (
+    MAX_EMBEDDING_ROWS,
+    Captured,
+    Coverage,
+    DirectParameterUse,
+    LayerSpec,
+    capture,
+    capture_per_example,
+    coverage,
+    layer_kind,
+    layer_specs,
+    untracked_reason,
+)
 from .lissa import LissaState, lissa
 from .metrics import (
     BrittlenessResult,
@@ -147,6 +159,11 @@ __all__ = [
     "DirectParameterUse",
     "Captured",
     "layer_specs",
+    "layer_kind",
+    "coverage",
+    "Coverage",
+    "untracked_reason",
+    "MAX_EMBEDDING_ROWS",
     "LayerSpec",
     "factored_inner",
     "factored_rowwise",

@@ -84,12 +84,13 @@ def factored_dense(x: Mapping[str, Captured], specs: Sequence[LayerSpec], names:
     """The per-example gradients themselves, ``(n, P)``, laid out as ``names`` (parameter names) in order.
 
     Each named parameter must be the weight or bias of one of ``specs``; weights are
-    flattened as ``weight.reshape(-1)`` (``(d_out, C_in, kh, kw)`` for a convolution).
+    flattened as ``weight.reshape(-1)`` in their own layout (``(d_out, C_in, kh, kw)`` for a
+    convolution, ``(d_in, d_out)`` for a Conv1D or an Embedding).
     """
     by_param = {}
     for spec in specs:
         grad = torch.einsum("ntd,nta->nda", _wide(x[spec.module].ds), _wide(x[spec.module].a))
-        by_param[spec.weight] = grad[:, :, : spec.d_in].reshape(grad.shape[0], -1)
+        by_param[spec.weight] = spec.as_weight(grad[:, :, : spec.d_in])
         if spec.bias is not None:
             by_param[spec.bias] = grad[:, :, spec.d_in]
     missing = [n for n in names if n not in by_param]

@@ -356,7 +356,7 @@ def _offsets(sizes: Sequence[int]) -> list[int]:
 def _gather(block: Tensor, spec: LayerSpec, offsets: Mapping[str, int]) -> Tensor:
     k = block.shape[0]
     start = offsets[spec.weight]
-    W = block[:, start : start + spec.d_out * spec.d_in].reshape(k, spec.d_out, spec.d_in)
+    W = spec.as_matrix(block[:, start : start + spec.d_out * spec.d_in])
     if spec.bias is None:
         return W
     b = block[:, offsets[spec.bias] : offsets[spec.bias] + spec.d_out].reshape(k, spec.d_out, 1)
@@ -364,8 +364,7 @@ def _gather(block: Tensor, spec: LayerSpec, offsets: Mapping[str, int]) -> Tenso
 
 
 def _scatter(out: Tensor, M: Tensor, spec: LayerSpec, offsets: Mapping[str, int]) -> None:
-    k = out.shape[0]
     start = offsets[spec.weight]
-    out[:, start : start + spec.d_out * spec.d_in] = M[:, :, : spec.d_in].reshape(k, -1)
+    out[:, start : start + spec.d_out * spec.d_in] = spec.as_weight(M[:, :, : spec.d_in])
     if spec.bias is not None:
         out[:, offsets[spec.bias] : offsets[spec.bias] + spec.d_out] = M[:, :, spec.d_in]

@@ -1,4 +1,8 @@
-"""Capture the inputs and output gradients of Linear and Conv2d layers, as a pure function of (params, batch).
+"""Capture the inputs and output gradients of tracked layers, as a pure function of (params, batch).
+
+Tracked layers: ``nn.Linear``, ``nn.Conv2d`` (through unfold), Hugging Face's
+``Conv1D`` (GPT-2's linear layers, weight stored ``(d_in, d_out)``) and
+``nn.Embedding`` (its input factor the one-hot rows of the token ids).
 
 Kronecker-factored curvature needs, for each layer, its input activations ``a``
 and the gradients ``ds`` of each example's loss with respect to the layer's
@@ -30,18 +34,37 @@ from ._checks import check_finite_params, check_reduction
 from .gradients import _add_dim, _expand_in_dims, _take
 from .trees import examples_in
 
-__all__ = ["LayerSpec", "Captured", "layer_specs", "capture", "capture_per_example", "DirectParameterUse"]
+__all__ = ["LayerSpec", "Captured", "Coverage", "layer_specs", "layer_kind", "coverage", "untracked_reason",
+           "capture", "capture_per_example", "DirectParameterUse", "MAX_EMBEDDING_ROWS"]
 
-_SUPPORTED = {nn.Linear: "linear", nn.Conv2d: "conv2d"}
+_SUPPORTED = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.Embedding: "embedding"}
+# Hugging Face's Conv1D, recognised by where it is defined so that transformers is never imported here.
+_HF_CONV1D = ("transformers.pytorch_utils", "Conv1D")
+# An Embedding's input factor is one-hot over its rows: beyond this many rows, hold its gradients otherwise.
+MAX_EMBEDDING_ROWS = 8192
+
+
+def layer_kind(module: nn.Module) -> Optional[str]:
+    """``"linear"``, ``"conv2d"``, ``"conv1d"`` (Hugging Face's) or ``"embedding"``; None for a module not tracked."""
+    kind = _SUPPORTED.get(type(module))
+    if kind is None and (type(module).__module__, type(module).__name__) == _HF_CONV1D:
+        kind = "conv1d"
+    return kind
+
+
+_SUPPORTED_NAMES = "nn.Linear, nn.Conv2d, nn.Embedding and transformers' Conv1D"
 
 
 class LayerSpec(NamedTuple):
     """A factored layer: its module path, kind, parameter names and factor sizes.
 
-    ``d_in`` counts the weight's input side (``in_features``, or
-    ``C_in · kh · kw`` for a convolution) without the bias; the activation factor
-    has ``d_in + 1`` rows when ``bias`` is not None (the bias is the weight of an
-    appended constant 1, laid out as the last column of ``[W | b]``).
+    ``d_in`` counts the weight's input side (``in_features``, ``C_in · kh · kw``
+    for a convolution, the rows of an embedding) without the bias; the activation
+    factor has ``d_in + 1`` rows when ``bias`` is not None (the bias is the weight
+    of an appended constant 1, laid out as the last column of ``[W | b]``). The
+    gradient ``Σ_t ds_t a_tᵀ`` is ``(d_out, d_a)`` whatever the layout of the weight:
+    :meth:`as_matrix` and :meth:`as_weight` translate (a Conv1D's and an
+    Embedding's weight is stored ``(d_in, d_out)``).
     """
 
     module: str
@@ -55,6 +78,23 @@ class LayerSpec(NamedTuple):
     def d_a(self) -> int:
         return self.d_in + (self.bias is not None)
 
+    @property
+    def transposed(self) -> bool:
+        """The weight is stored ``(d_in, d_out)`` (Conv1D, Embedding), not ``(d_out, d_in)``."""
+        return self.kind in ("conv1d", "embedding")
+
+    def as_matrix(self, flat: Tensor) -> Tensor:
+        """Flattened weights ``(n, numel)`` in the parameter's own layout as ``(n, d_out, d_in)``."""
+        if self.transposed:
+            return flat.reshape(flat.shape[0], self.d_in, self.d_out).transpose(1, 2)
+        return flat.reshape(flat.shape[0], self.d_out, self.d_in)
+
+    def as_weight(self, M: Tensor) -> Tensor:
+        """``(n, d_out, d_in)`` as flattened weights ``(n, numel)`` in the parameter's own layout."""
+        if self.transposed:
+            M = M.transpose(1, 2)
+        return M.reshape(M.shape[0], -1)
+
 
 class Captured(NamedTuple):
     """One layer's rows for one batch: ``a`` ``(B, T, d_a)``, ``ds`` ``(B, T, d_out)``, and the valid positions."""
@@ -67,37 +107,114 @@ class Captured(NamedTuple):
 def layer_specs(
     model: nn.Module, params: Mapping[str, Tensor], layers: Union[None, str, Sequence[str]]
 ) -> tuple[LayerSpec, ...]:
-    """The factored layers: every Linear/Conv2d whose weight is in ``params`` (``layers=None``) or the named ones.
+    """The factored layers: every tracked layer whose weight is in ``params`` (``layers=None``) or the named ones.
 
-    A bias is factored with its layer when it is in ``params``.
+    Tracked: ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` and transformers' ``Conv1D``.
+    A bias is factored with its layer when it is in ``params``. With ``layers=None``,
+    layers that cannot be factored exactly (:func:`untracked_reason` says why: a weight
+    tied to another layer's, an embedding of more than :data:`MAX_EMBEDDING_ROWS` rows,
+    ...) are left out; the caller reports what is left out (:func:`coverage`).
 
     Raises:
         ValueError: a name is not a module of ``model``, its weight is not in
-            ``params``, it is of a type that cannot be factored (named in the
-            message), or nothing is left to factor.
+            ``params``, it is of a type that cannot be factored or cannot be factored
+            exactly (named in the message), or nothing is left to factor.
     """
     modules = dict(model.named_modules())
     if layers is None:
-        names = [n for n, m in modules.items() if type(m) in _SUPPORTED and f"{_prefix(n)}weight" in params]
+        candidates = [n for n, m in modules.items() if layer_kind(m) is not None and f"{_prefix(n)}weight" in params]
+        reasons = {n: untracked_reason(model, n) for n in candidates}
+        names = [n for n in candidates if reasons[n] is None]
         if not names:
-            raise ValueError(
-                "layers: the model has no nn.Linear or nn.Conv2d layer whose weight is in params"
-            )
+            why = "; ".join(f"{n!r}: {r}" for n, r in reasons.items())
+            raise ValueError(f"layers: the model has no {_SUPPORTED_NAMES} layer whose weight is in params"
+                             + (f" and that can be factored exactly ({why})" if why else ""))
     else:
         names = [layers] if isinstance(layers, str) else list(layers)
         unknown = [n for n in names if n not in modules]
         if unknown:
-            valid = [n for n, m in modules.items() if type(m) in _SUPPORTED]
+            valid = [n for n, m in modules.items() if layer_kind(m) is not None]
             raise ValueError(f"layers: {unknown} are not modules of the model; factorable layers: {valid}")
         for n in names:
-            if type(modules[n]) not in _SUPPORTED:
+            if layer_kind(modules[n]) is None:
                 raise ValueError(
                     f"layers: {n!r} is a {type(modules[n]).__name__}, which cannot be Kronecker-factored; "
-                    f"supported: nn.Linear and nn.Conv2d"
+                    f"supported: {_SUPPORTED_NAMES}"
                 )
             if f"{_prefix(n)}weight" not in params:
                 raise ValueError(f"layers: the weight {_prefix(n)}weight of {n!r} is not in params")
+            reason = untracked_reason(model, n)
+            if reason is not None:
+                raise ValueError(f"layers: {n!r} cannot be factored exactly: {reason}")
     return tuple(_spec(n, modules[n], params) for n in names)
+
+
+class Coverage(NamedTuple):
+    """Which of the parameters the factored layers cover, and what is left out and why.
+
+    Attributes:
+        covered: parameter names the layers' factors hold (weights and factored biases).
+        left_out: the other parameter names, in ``params`` order.
+        share: the fraction of all parameter entries that ``left_out`` holds.
+        reasons: for each left-out layer of a tracked kind, why it was not factored.
+    """
+
+    covered: tuple[str, ...]
+    left_out: tuple[str, ...]
+    share: float
+    reasons: dict[str, str]
+
+    def describe(self, limit: int = 8) -> str:
+        """One line: what is left out, its share, and why (for the first ``limit`` names)."""
+        names = ", ".join(self.left_out[:limit]) + (f" and {len(self.left_out) - limit} more"
+                                                     if len(self.left_out) > limit else "")
+        why = "".join(f"; {m!r} {r}" for m, r in list(self.reasons.items())[:limit])
+        return (f"{len(self.left_out)} parameters ({100 * self.share:.1f}% of all entries) are in no factored "
+                f"layer: {names}{why}")
+
+
+def coverage(model: nn.Module, params: Mapping[str, Tensor], specs: Sequence[LayerSpec]) -> Coverage:
+    """What ``specs`` cover of ``params``: the parameters left out (norms' weights, untracked layers) and their share."""
+    covered = {s.weight for s in specs} | {s.bias for s in specs if s.bias is not None}
+    left_out = tuple(n for n in params if n not in covered)
+    total = sum(v.numel() for v in params.values())
+    share = sum(params[n].numel() for n in left_out) / max(total, 1)
+    tracked = {s.module for s in specs}
+    reasons = {}
+    for name, module in model.named_modules():
+        if name in tracked or layer_kind(module) is None or f"{_prefix(name)}weight" not in params:
+            continue
+        reasons[name] = untracked_reason(model, name) or "was not named in layers"
+    return Coverage(tuple(n for n in params if n in covered), left_out, share, reasons)
+
+
+def untracked_reason(model: nn.Module, name: str) -> Optional[str]:
+    """Why the tracked-kind layer ``name`` cannot be factored exactly, or None when it can."""
+    modules = dict(model.named_modules())
+    module = modules[name]
+    kind = layer_kind(module)
+    sharing = [n for n, m in modules.items() if n != name and layer_kind(m) is not None
+               and getattr(m, "weight", None) is module.weight]
+    if sharing:
+        return (f"its weight is tied to that of {sharing} (tied weights' gradients add over several layers, "
+                "which no single layer's factors hold)")
+    if kind == "conv2d":
+        if module.groups != 1:
+            return f"it is a grouped convolution (groups={module.groups})"
+        if module.padding_mode != "zeros":
+            return f"it pads with {module.padding_mode!r}; only 'zeros' is supported"
+        if module.padding == "same" and any(d * (k - 1) % 2 or st != 1 for k, d, st in
+                                            zip(module.kernel_size, module.dilation, module.stride)):
+            return "it uses asymmetric 'same' padding"
+    if kind == "embedding":
+        if module.num_embeddings > MAX_EMBEDDING_ROWS:
+            return (f"it has {module.num_embeddings:,} rows, more than the {MAX_EMBEDDING_ROWS:,} its one-hot "
+                    "input factor is built for")
+        if module.max_norm is not None:
+            return "it renormalises its rows in place (max_norm)"
+        if module.scale_grad_by_freq:
+            return "it scales gradients by the batch's token counts (scale_grad_by_freq)"
+    return None
 
 
 def _prefix(name: str) -> str:
@@ -105,16 +222,13 @@ def _prefix(name: str) -> str:
 
 
 def _spec(name: str, module: nn.Module, params: Mapping[str, Tensor]) -> LayerSpec:
-    kind = _SUPPORTED[type(module)]
+    kind = layer_kind(module)
     weight = f"{_prefix(name)}weight"
-    bias = f"{_prefix(name)}bias" if module.bias is not None and f"{_prefix(name)}bias" in params else None
-    if kind == "conv2d":
-        if module.groups != 1:
-            raise ValueError(f"layers: {name!r} is a grouped convolution (groups={module.groups}); not supported")
-        if module.padding_mode != "zeros":
-            raise ValueError(f"layers: {name!r} pads with {module.padding_mode!r}; only 'zeros' is supported")
-        _conv_padding(name, module)
+    has_bias = getattr(module, "bias", None) is not None
+    bias = f"{_prefix(name)}bias" if has_bias and f"{_prefix(name)}bias" in params else None
     shape = params[weight].shape
+    if kind in ("conv1d", "embedding"):  # stored (d_in, d_out)
+        return LayerSpec(name, kind, weight, bias, int(shape[0]), int(shape[1]))
     return LayerSpec(name, kind, weight, bias, int(shape[1:].numel()), int(shape[0]))
 
 
@@ -158,7 +272,7 @@ def capture(
             (tokens flattened into the batch, example-major) is regrouped to
             ``(B, T, d)``.
         mask: ``(B, T)``, nonzero at valid positions of sequence inputs; applied
-            to Linear layers with several positions per example (inputs ``(B, T, d)``,
+            to Linear, Conv1D and Embedding layers with several positions per example (inputs ``(B, T, d)``,
             or ``(B·T, d)`` flattened).
 
     Returns:
@@ -216,7 +330,7 @@ def capture(
 def _finished(spec: LayerSpec, a: Tensor, ds: Tensor, mask: Optional[Tensor]) -> Captured:
     """One layer's rows, masked at padded sequence positions and checked to be finite."""
     positions = a.shape[0] * a.shape[1]
-    if mask is not None and spec.kind == "linear" and a.shape[1] > 1:  # sequence positions
+    if mask is not None and spec.kind != "conv2d" and a.shape[1] > 1:  # sequence positions
         a, ds = _apply_mask(spec, mask, a, ds)
         positions = int((mask != 0).sum())
     for value, what in ((a, "inputs"), (ds, "output gradients")):
@@ -397,10 +511,17 @@ def _output_shapes(modules: dict, f: Callable, params: Mapping[str, Tensor], exa
 
 def _positions(spec: LayerSpec, module: nn.Module, x: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
     """Inputs and output gradients as ``(B, T, d)`` rows, one per position the weight is applied at."""
-    if spec.kind == "linear":
+    if spec.kind in ("linear", "conv1d"):
         if x.dim() == 1:
             raise ValueError(f"layer {spec.module!r}: input has no batch dimension, shape {tuple(x.shape)}")
         return x.reshape(x.shape[0], -1, x.shape[-1]), grad.reshape(grad.shape[0], -1, grad.shape[-1])
+    if spec.kind == "embedding":
+        # The input factor is the one-hot row of each id; the padding row gets no gradient in torch.
+        ids = x.reshape(x.shape[0], -1)
+        a = nn.functional.one_hot(ids.long(), spec.d_in).to(grad.dtype)
+        if module.padding_idx is not None:
+            a[..., module.padding_idx] = 0
+        return a, grad.reshape(grad.shape[0], -1, grad.shape[-1])
     if x.dim() != 4:
         raise ValueError(f"layer {spec.module!r}: expected a (B, C, H, W) input, got shape {tuple(x.shape)}")
     patches = nn.functional.unfold(

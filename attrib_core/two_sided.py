@@ -14,6 +14,7 @@ from __future__ import annotations
 import zlib
 from typing import Mapping, Tuple
 
+import torch
 from torch import Tensor
 
 import kernels
@@ -48,13 +49,18 @@ def project_factors(x: Mapping[str, Captured], dims: Mapping[str, Tuple[int, int
 
 
 def project_gradient(G: Tensor, spec: LayerSpec, dims: Tuple[int, int], seed: int) -> Tensor:
-    """``vec(R_outᵀ G_i R_in)`` for explicit gradients ``G`` ``(n, d_out · d_a)`` of one layer: ``(n, k_out · k_in)``.
+    """``vec(R_outᵀ G_i R_in)`` for explicit gradients ``G`` of one layer: ``(n, k_out · k_in)``.
 
-    The same compression as :func:`project_factors` (``[W | b]`` laid out row-major,
-    the bias, if factored, as the last column), for gradients already formed.
+    The same compression as :func:`project_factors`, for gradients already formed.
+    ``G`` ``(n, d_out · d_in [+ d_out])`` holds the weight's gradient flattened in the
+    weight's own layout (:meth:`LayerSpec.as_matrix`), then the bias's if it is factored,
+    as :func:`per_sample_grad` lays out the layer's parameters.
     """
     n = G.shape[0]
     k_out, k_in = dims
-    right = _project_rows(G.reshape(n, spec.d_out, spec.d_a), k_in, side_seed(seed, spec.module, "in"))
+    weight = spec.as_matrix(G[:, : spec.d_out * spec.d_in])
+    if spec.bias is not None:
+        weight = torch.cat([weight, G[:, spec.d_out * spec.d_in :].reshape(n, spec.d_out, 1)], dim=2)
+    right = _project_rows(weight, k_in, side_seed(seed, spec.module, "in"))
     both = _project_rows(right.transpose(1, 2), k_out, side_seed(seed, spec.module, "out"))  # (n, k_in, k_out)
     return both.transpose(1, 2).reshape(n, k_out * k_in)

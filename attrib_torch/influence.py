@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from attrib_core import EKFAC, SpectralProjector, datainf, ekfac, layer_specs, sample_labels
+from attrib_core import EKFAC, SpectralProjector, coverage, datainf, ekfac, layer_specs, sample_labels
 from attrib_core import rep_concat, rep_rowwise
 
 from .base import BaseInnerProductAttributor
@@ -326,7 +326,10 @@ class IFAttributorEKFAC(BaseInnerProductAttributor):
     modules. Works for ensembles (one factor set per checkpoint).
 
     Args:
-        module_name: ``nn.Linear``/``nn.Conv2d`` module names, or None for all of them.
+        module_name: names of ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` or transformers'
+            ``Conv1D`` modules, or None for all of them that can be factored exactly; the
+            parameters that leaves out (norms' weights, tied weights, other modules) are
+            named in a warning with their share of the model.
         damping: ``λ >= 0`` added to the approximate Fisher (needed when it is singular),
             or ``"heuristic"``: per layer, 0.1 times the mean of its eigenvalues
             (Grosse et al., 2023; kronfluence's choice), fitted with the factors.
@@ -343,6 +346,11 @@ class IFAttributorEKFAC(BaseInnerProductAttributor):
         # Frozen parameters are left out unless module_name names their layers.
         candidates = task.params(0) if module_name is not None else task.selected(task.params(0), None)
         specs = layer_specs(task.get_model(), candidates, module_name)  # raises on bad names
+        if module_name is None:
+            left = coverage(task.get_model(), candidates, specs)
+            if left.left_out:
+                warn(f"IFAttributorEKFAC: {left.describe()}; EK-FAC attributes through the "
+                     f"{len(left.covered)} parameters of {len(specs)} factored layers only")
         covered = {s.weight for s in specs} | {s.bias for s in specs if s.bias is not None}
         names = [n for n in task.params(0) if n in covered]
         super().__init__(task, names, device, show_progress)

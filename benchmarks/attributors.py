@@ -9,6 +9,11 @@ run on the identical task, model, loss and loaders, and the ratio is printed;
 dattri is never a dependency.
 
     python -m benchmarks.attributors [--methods explicit,cg,...] [--dattri-methods cg,datainf,...] [--no-data-methods]
+        [--repeats N]
+
+``--repeats N`` reports each method's median over N runs, each construction through scores
+with no warm-up, for both libraries alike (single runs of these 0.01-0.3 s calls varied by
+up to 2x between runs on this machine).
 
 The second table times TracIn over 5 checkpoints, Grad-Dot, Grad-Cos, TRAK with a
 512-dimensional projection over 1, 5 and 10 checkpoints, and RPS; dattri's classes of
@@ -66,8 +71,8 @@ def build(seed: int, n_train: int = 1000, hidden: int = 128):
     return model, loss, {k: v.clone() for k, v in model.state_dict().items()}, train, test
 
 
-def run(module, method: str, model, loss, state, train, test) -> tuple[float, torch.Tensor]:
-    """Construct, cache and attribute with ``module``'s class for ``method``; seconds (one cold run) and scores."""
+def run(module, method: str, model, loss, state, train, test, repeats: int = 1) -> tuple[float, torch.Tensor]:
+    """Construct, cache and attribute with ``module``'s class for ``method``; seconds (median of cold runs) and scores."""
 
     def attribute():
         task = module.AttributionTask(loss_func=loss, model=model, checkpoints=state)
@@ -79,7 +84,7 @@ def run(module, method: str, model, loss, state, train, test) -> tuple[float, to
         attributor.cache(train)
         return attributor.attribute(train, test)
 
-    seconds, scores = timed(attribute, warmup=False)
+    seconds, scores = timed(attribute, repeats, warmup=False)
     return seconds, scores.detach().float().cpu()
 
 
@@ -88,7 +93,7 @@ def checkpoints_of(state, count: int):
     return [{k: v * (0.6 + 0.4 * (c + 1) / count) for k, v in state.items()} for c in range(count)]
 
 
-def run_data_methods(module, model, loss, state, train, test) -> list[tuple[str, float, torch.Tensor]]:
+def run_data_methods(module, model, loss, state, train, test, repeats: int = 1) -> list[tuple[str, float, torch.Tensor]]:
     """TracIn (5 checkpoints), Grad-Dot, Grad-Cos, TRAK (one, 5 and 10 checkpoints, 512 dimensions), RPS.
 
     ``module`` is :mod:`attrib_torch` or dattri's namespace (whose functions see one
@@ -100,8 +105,8 @@ def run_data_methods(module, model, loss, state, train, test) -> list[tuple[str,
     out = []
 
     def time_one(name, make, call):
-        """One cold run, construction (``make``) through scores (``call``)."""
-        seconds, scores = timed(lambda: call(make()), warmup=False)
+        """Cold runs (their median), construction (``make``) through scores (``call``)."""
+        seconds, scores = timed(lambda: call(make()), repeats, warmup=False)
         out.append((name, seconds, scores.detach().float()))
 
     five = checkpoints_of(state, 5)
@@ -171,7 +176,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="also time TracIn, Grad-Dot, Grad-Cos, TRAK and RPS")
     parser.add_argument("--dattri-data-methods", action=argparse.BooleanOptionalAction, default=True,
                         help="run dattri's TracIn/TRAK/RPS side by side when dattri is installed")
+    parser.add_argument("--repeats", type=int, default=1, help="report the median of this many runs of each")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats: expected at least 1, got {args.repeats}")
     methods = [m for m in args.methods.split(",") if m]
     unknown = set(methods) - set(METHODS)
     if unknown:
@@ -184,16 +192,16 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     P = sum(v.numel() for v in model.parameters())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; digits, MLP 64-{args.hidden}-10 "
-          f"(P = {P:,}), {args.n_train:,} train / 100 test, float32")
+          f"(P = {P:,}), {args.n_train:,} train / 100 test, float32; median of {args.repeats} cold run(s) each")
     print("dattri: " + ("installed, run side by side" if dattri is not None else "not installed (ours only)"))
     print("\n| method | ours (s) | finite | vs explicit (Pearson) | dattri (s) | dattri finite | speed-up |")
     print("|---|---:|---|---:|---:|---|---:|")
     for method in methods:
-        seconds, scores = run(attrib_torch, method, model, loss, state, train, test)
+        seconds, scores = run(attrib_torch, method, model, loss, state, train, test, args.repeats)
         row = f"| {method} | {seconds:.2f} | {bool(torch.isfinite(scores).all())} | {pearson(scores, reference):.3f} |"
         if method in dattri_methods:
             try:
-                d_seconds, d_scores = run(dattri, method, model, loss, state, train, test)
+                d_seconds, d_scores = run(dattri, method, model, loss, state, train, test, args.repeats)
                 row += f" {d_seconds:.2f} | {bool(torch.isfinite(d_scores).all())} | {d_seconds / seconds:.1f}x |"
             except Exception as error:  # noqa: BLE001 - dattri failing is a result to report
                 row += f" failed: {type(error).__name__}: {str(error)[:60]} | | |"
@@ -201,11 +209,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             row += " | | |"
         print(row, flush=True)
     if args.data_methods:
-        rows = run_data_methods(attrib_torch, model, loss, state, train, test)
+        rows = run_data_methods(attrib_torch, model, loss, state, train, test, args.repeats)
         theirs = {}
         if dattri is not None and args.dattri_data_methods:
             try:
-                theirs = {name: (s, sc) for name, s, sc in run_data_methods(dattri, model, loss, state, train, test)}
+                theirs = {name: (s, sc) for name, s, sc in run_data_methods(dattri, model, loss, state, train, test,
+                                                                            args.repeats)}
             except Exception as error:  # noqa: BLE001 - dattri failing is a result to report
                 print(f"dattri's TracIn/TRAK/RPS failed: {type(error).__name__}: {str(error)[:120]}")
         print("\n| method | ours (s) | finite | dattri (s) | speed-up | Pearson (ours, dattri) |")
