@@ -287,13 +287,24 @@ def capture(
     modules = dict(model.named_modules())
     inputs: dict[str, Tensor] = {}
     probes: dict[str, Tensor] = {}
+    examples = examples_in(batch)
+    broadcast: list[str] = []
 
     def hook_for(name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
             if name in probes:
                 raise ValueError(f"layers: {name!r} runs more than once in a forward pass (shared weights)")
-            inputs[name] = _layer_input(name, args, kwargs).detach()
-            probes[name] = torch.zeros_like(output, requires_grad=True)
+            x = _layer_input(name, args, kwargs).detach()
+            if output.dim() > 1 and output.shape[0] == 1 and examples > 1:
+                # One row shared by the whole batch (GPT-2's position embedding of (1, T) ids): each
+                # example gets its own probe, so that its own output gradient is kept apart.
+                broadcast.append(name)
+                x = x.expand(examples, *x.shape[1:])
+                probes[name] = torch.zeros(examples, *output.shape[1:], dtype=output.dtype, device=output.device,
+                                           requires_grad=True)
+            else:
+                probes[name] = torch.zeros_like(output, requires_grad=True)
+            inputs[name] = x
             return output + probes[name]
 
         return hook
@@ -312,7 +323,12 @@ def capture(
     finally:
         for handle in handles:
             handle.remove()
-    examples = examples_in(batch)
+    if broadcast:  # the widened outputs must leave the loss as it was
+        with torch.no_grad():
+            plain = f(detached, batch)
+        if not torch.allclose(loss.detach(), plain, rtol=1e-6, atol=0.0):
+            raise ValueError(f"layers: {broadcast} produce one output row shared by the batch, and giving each "
+                             "example its own changes the loss; leave them out")
     out = {}
     for spec, grad in zip(specs, grads):
         x = inputs[spec.module]

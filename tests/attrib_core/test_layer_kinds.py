@@ -200,3 +200,32 @@ def test_layers_that_cannot_be_factored_exactly_are_left_out_or_refused():
     with pytest.raises(ValueError, match="max_norm"):
         normed = nn.Embedding(4, 2, max_norm=1.0)
         layer_specs(normed, dict(normed.named_parameters()), [""])
+
+
+def test_a_layer_output_shared_by_the_batch_gets_per_example_output_gradients():
+    """Position embeddings of (1, T) ids, broadcast over the batch (as GPT-2's): each example's own part."""
+
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tokens = nn.Embedding(V, D)
+            self.positions = nn.Embedding(T, D)
+            self.head = nn.Linear(D, C)
+
+        def forward(self, ids):
+            h = self.tokens(ids) + self.positions(torch.arange(ids.shape[1]).unsqueeze(0))
+            return self.head(torch.tanh(h).mean(1))
+
+    torch.manual_seed(0)
+    model = Positions().double()
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randint(0, V, (4, T), generator=g), torch.randint(0, C, (4,), generator=g))
+
+    def f(params, b):
+        return nn.functional.cross_entropy(functional_call(model, params, (b[0],)), b[1], reduction="sum")
+
+    params = params_of(model)
+    specs = layer_specs(model, params, None)
+    captured = capture(model, f, params, batch, specs, reduction="sum")
+    assert captured["positions"].a.shape == (4, T, T)
+    torch.testing.assert_close(factored_dense(captured, specs, list(params)), per_sample_grad(f)(params, batch))

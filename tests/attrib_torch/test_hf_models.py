@@ -1,0 +1,104 @@
+"""Hugging Face models built from their configs (no weights downloaded), with dict batches.
+
+The oracle for GPT-2's ``Conv1D`` layers is the same model with every ``Conv1D``
+converted to the ``nn.Linear`` it stands for (weight transposed), as kronfluence's
+GPT-2 example does: the two compute the same function, so every attribution must
+agree, whatever the layers' storage.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader, Dataset
+
+from attrib_torch import AttributionTask, IFAttributorEKFAC, TracInAttributor
+
+transformers = pytest.importorskip("transformers")
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+VOCAB, LENGTH = 24, 10
+
+
+def gpt2(seed=0):
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=8, n_layer=2, n_head=2,
+                                     bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0)
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(config).double().eval()
+
+
+def conv1d_as_linear(model):
+    """A copy with every Conv1D replaced by the nn.Linear it computes."""
+    twin = copy.deepcopy(model)
+    for name, module in list(twin.named_modules()):
+        if isinstance(module, Conv1D):
+            nx, nf = module.weight.shape
+            linear = nn.Linear(nx, nf).double()
+            with torch.no_grad():
+                linear.weight.copy_(module.weight.T)
+                linear.bias.copy_(module.bias)
+            twin.set_submodule(name, linear)
+    return twin
+
+
+class Sequences(Dataset):
+    """Token sequences of varied lengths, right-padded; labels -100 at the padding."""
+
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(1, VOCAB, (n, LENGTH), generator=g)
+        lengths = torch.randint(3, LENGTH + 1, (n,), generator=g)
+        self.mask = (torch.arange(LENGTH) < lengths[:, None]).long()
+        self.ids = self.ids * self.mask
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        labels = torch.where(self.mask[i].bool(), self.ids[i], torch.full_like(self.ids[i], -100))
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": labels}
+
+
+def lm_loss(model):
+    def f(params, batch):
+        return functional_call(model, params, args=(), kwargs=dict(batch)).loss
+
+    return f
+
+
+def test_ekfac_on_gpt2_equals_ekfac_on_its_linear_twin_and_names_what_it_leaves_out():
+    model = gpt2()
+    twin = conv1d_as_linear(model)
+    train = DataLoader(Sequences(12, 1), batch_size=4)
+    test = DataLoader(Sequences(3, 2), batch_size=3)
+    scores = {}
+    for key, m in (("gpt2", model), ("twin", twin)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            attributor = IFAttributorEKFAC(AttributionTask(lm_loss(m), m, {k: v.clone() for k, v in
+                                                                            m.state_dict().items()}),
+                                           damping=1e-3, show_progress=False)
+        messages = [str(w.message) for w in caught if "IFAttributorEKFAC" in str(w.message)]
+        assert len(messages) == 1
+        assert "ln_1.weight" in messages[0] and "% of all entries" in messages[0]
+        assert "tied to that of ['lm_head']" in messages[0]
+        attributor.cache(train)
+        scores[key] = attributor.attribute(train, test)
+    assert scores["gpt2"].shape == (12, 3) and bool(torch.isfinite(scores["gpt2"]).all())
+    torch.testing.assert_close(scores["gpt2"], scores["twin"])
+
+
+def test_tracin_on_gpt2_equals_tracin_on_its_linear_twin():
+    model = gpt2()
+    twin = conv1d_as_linear(model)
+    train = DataLoader(Sequences(6, 3), batch_size=3)
+    test = DataLoader(Sequences(2, 4), batch_size=2)
+    out = []
+    for m in (model, twin):
+        task = AttributionTask(lm_loss(m), m, {k: v.clone() for k, v in m.state_dict().items()})
+        out.append(TracInAttributor(task, [1.0], False, show_progress=False).attribute(train, test))
+    torch.testing.assert_close(out[0], out[1])
