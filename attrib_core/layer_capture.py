@@ -53,6 +53,7 @@ def layer_kind(module: nn.Module) -> Optional[str]:
 
 
 _SUPPORTED_NAMES = "nn.Linear, nn.Conv2d, nn.Embedding and transformers' Conv1D"
+_TRANSPOSED = ("conv1d", "embedding")  # kinds whose weight is stored (d_in, d_out)
 
 
 class LayerSpec(NamedTuple):
@@ -81,7 +82,7 @@ class LayerSpec(NamedTuple):
     @property
     def transposed(self) -> bool:
         """The weight is stored ``(d_in, d_out)`` (Conv1D, Embedding), not ``(d_out, d_in)``."""
-        return self.kind in ("conv1d", "embedding")
+        return self.kind in _TRANSPOSED
 
     def as_matrix(self, flat: Tensor) -> Tensor:
         """Flattened weights ``(n, numel)`` in the parameter's own layout as ``(n, d_out, d_in)``."""
@@ -203,8 +204,9 @@ def untracked_reason(model: nn.Module, name: str) -> Optional[str]:
             return f"it is a grouped convolution (groups={module.groups})"
         if module.padding_mode != "zeros":
             return f"it pads with {module.padding_mode!r}; only 'zeros' is supported"
-        if module.padding == "same" and any(d * (k - 1) % 2 or st != 1 for k, d, st in
-                                            zip(module.kernel_size, module.dilation, module.stride)):
+        try:
+            _conv_padding(name, module)
+        except ValueError:
             return "it uses asymmetric 'same' padding"
     if kind == "embedding":
         if module.num_embeddings > MAX_EMBEDDING_ROWS:
@@ -227,7 +229,7 @@ def _spec(name: str, module: nn.Module, params: Mapping[str, Tensor]) -> LayerSp
     has_bias = getattr(module, "bias", None) is not None
     bias = f"{_prefix(name)}bias" if has_bias and f"{_prefix(name)}bias" in params else None
     shape = params[weight].shape
-    if kind in ("conv1d", "embedding"):  # stored (d_in, d_out)
+    if kind in _TRANSPOSED:
         return LayerSpec(name, kind, weight, bias, int(shape[0]), int(shape[1]))
     return LayerSpec(name, kind, weight, bias, int(shape[1:].numel()), int(shape[0]))
 

@@ -99,17 +99,27 @@ def onehot_batch(batch):
     return onehot, mask, labels
 
 
+TRANSPOSED = ("embed.weight", "mix.weight")  # stored (d_in, d_out) in the original, (d_out, d_in) in the twin
+
+
 def to_original_layout(twin_grads, names):
-    """Per-example gradients of the twin's parameters, laid out as the original's (transposed weights)."""
+    """Per-example gradients ``{name: (n, *shape)}`` of the twin's parameters, laid out as the original's."""
     n = twin_grads["head.weight"].shape[0]
-    translated = {
-        "embed.weight": twin_grads["embed.weight"].transpose(1, 2),
-        "mix.weight": twin_grads["mix.weight"].transpose(1, 2),
-        "mix.bias": twin_grads["mix.bias"],
-        "head.weight": twin_grads["head.weight"],
-        "head.bias": twin_grads["head.bias"],
-    }
-    return torch.cat([translated[k].reshape(n, -1) for k in names], dim=1)
+    return torch.cat([(twin_grads[k].transpose(1, 2) if k in TRANSPOSED else twin_grads[k]).reshape(n, -1)
+                      for k in names], dim=1)
+
+
+def split_rows(flat, params):
+    """Rows ``(n, P)`` of vectors laid out as ``params`` as ``{name: (n, *shape)}``."""
+    parts = torch.split(flat, [v.numel() for v in params.values()], dim=1)
+    return {k: p.reshape(-1, *v.shape) for (k, v), p in zip(params.items(), parts)}
+
+
+def to_twin_layout(flat, params):
+    """Rows laid out as the original's parameters, laid out as the twin's (the inverse of to_original_layout)."""
+    parts = split_rows(flat, params)
+    return torch.cat([(parts[k].transpose(1, 2) if k in TRANSPOSED else parts[k]).reshape(len(flat), -1)
+                      for k in params], dim=1)
 
 
 def test_specs_read_the_layouts_of_conv1d_and_embedding():
@@ -156,25 +166,9 @@ def test_ekfac_on_conv1d_and_embedding_equals_ekfac_on_the_linear_twin():
         torch.testing.assert_close(layer.eigenvalues, twin_layer.eigenvalues)
     # The same operator: solve in the original's layout = translate, solve on the twin, translate back.
     g = torch.Generator().manual_seed(1)
-    names = list(params_of(model))
-    twin_names = list(params_of(twin))
-    shapes = {k: v.shape for k, v in params_of(twin).items()}
     B = torch.randn(2, fit.dim, generator=g, dtype=torch.float64)
-    x = fit.solve(B, damping=0.1).x
-    def split(flat, names_, shapes_):
-        out, start = {}, 0
-        for k in names_:
-            size = shapes_[k].numel()
-            out[k] = flat[:, start:start + size].reshape(-1, *shapes_[k])
-            start += size
-        return out
-    original_shapes = {k: v.shape for k, v in params_of(model).items()}
-    parts = split(B, names, original_shapes)
-    twin_B = torch.cat([
-        (parts[k].transpose(1, 2) if k in ("embed.weight", "mix.weight") else parts[k]).reshape(2, -1)
-        for k in twin_names], dim=1)
-    twin_x = split(twin_fit.solve(twin_B, damping=0.1).x, twin_names, shapes)
-    torch.testing.assert_close(x, to_original_layout(twin_x, names))
+    twin_x = split_rows(twin_fit.solve(to_twin_layout(B, params_of(model)), damping=0.1).x, params_of(twin))
+    torch.testing.assert_close(fit.solve(B, damping=0.1).x, to_original_layout(twin_x, list(params_of(model))))
 
 
 def test_layers_that_cannot_be_factored_exactly_are_left_out_or_refused():
@@ -200,6 +194,9 @@ def test_layers_that_cannot_be_factored_exactly_are_left_out_or_refused():
     with pytest.raises(ValueError, match="max_norm"):
         normed = nn.Embedding(4, 2, max_norm=1.0)
         layer_specs(normed, dict(normed.named_parameters()), [""])
+    uneven = nn.Conv2d(1, 1, 2, padding="same")  # a kernel of 2 pads one side only
+    with pytest.raises(ValueError, match="asymmetric 'same' padding"):
+        layer_specs(uneven, dict(uneven.named_parameters()), [""])
 
 
 def test_a_layer_output_shared_by_the_batch_gets_per_example_output_gradients():
