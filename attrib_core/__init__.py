@@ -61,7 +61,9 @@ from .layer_capture import (
     layer_specs,
     untracked_reason,
 )
+from .hooked import HookedLayout, HookedModule, UncoveredParameters, hooked_grads, hooked_layout, norm_kind
 from .lissa import LissaState, lissa
+from . import lm
 from .metrics import (
     BrittlenessResult,
     LDSResult,
@@ -100,6 +102,13 @@ from .trak import trak_kernel, trak_train_features, trak_weights
 from .trees import examples_in, ravel, select, split_by_module
 
 __all__ = [
+    "HookedLayout",
+    "HookedModule",
+    "UncoveredParameters",
+    "hooked_grads",
+    "hooked_layout",
+    "norm_kind",
+    "lm",
     "ravel",
     "examples_in",
     "select",

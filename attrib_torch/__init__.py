@@ -24,6 +24,7 @@ from .influence import (
 )
 from .influence_legacy import IFAttributor
 from .layer_ablation import LayerFeatureAblation
+from .lm import CausalLMLoss, SequenceClassificationLoss
 from .rps import RPSAttributor
 from .task import AttributionTask
 from .tracin import TracInAttributor
@@ -32,6 +33,8 @@ from .trak import TRAKAttributor
 
 __all__ = [
     "AttributionTask",
+    "CausalLMLoss",
+    "SequenceClassificationLoss",
     "BaseAttributor",
     "BaseInnerProductAttributor",
     "IFAttributor",

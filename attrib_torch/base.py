@@ -23,14 +23,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import kernels
-from attrib_core import per_sample_grad, per_sample_grad_loop
 from attrib_core import rep_concat, rep_inner, rep_rows, rep_rowwise, rep_slice
 from kernels import TopK
 
-from .data import batches, check_loader, explained, fingerprint
+from .data import batches, check_loader, fingerprint
 from .guard import guard_public_methods
+from .per_example import PerExampleGradients
 from .task import AttributionTask
-from .user_warning import warn
 
 __all__ = ["BaseAttributor", "BaseInnerProductAttributor"]
 
@@ -101,7 +100,7 @@ class BaseInnerProductAttributor(BaseAttributor):
         self.full_train_dataloader: Any = None
         self._cache_key: Any = None  # fingerprint of full_train_dataloader when it was cached
         self._train_reps: Dict[int, Tuple[Any, Any, Tensor]] = {}  # (loader, its fingerprint, representations)
-        self._vmap_failed = False  # set once vmap could not trace this model: loop from then on
+        self._gradients = PerExampleGradients()  # vmap, else hooks, else a loop: decided on first use
 
     # The progress bars' texts over training batches and over checkpoints (self_attribute), when a front
     # end (captum's TracInCP) names them.
@@ -132,41 +131,12 @@ class BaseInnerProductAttributor(BaseAttributor):
     def generate_train_rep(self, ckpt_idx: int, data: Tuple[Tensor, ...]) -> Tensor:
         """Per-example gradients of ``loss_func`` on a batch (with its batch dimension), ``(B, P)``."""
         chosen, fixed = self._split_params(ckpt_idx)
-        return self._per_example_grads(self._restricted(self.task.loss_func, fixed), chosen, data, "loss_func")
+        return self._gradients(self.task.get_model(), self.task.loss_func, fixed, chosen, data, "loss_func")
 
     def generate_test_rep(self, ckpt_idx: int, data: Tuple[Tensor, ...]) -> Tensor:
         """Per-example gradients of ``target_func`` on a batch (with its batch dimension), ``(B, P)``."""
         chosen, fixed = self._split_params(ckpt_idx)
-        return self._per_example_grads(self._restricted(self.task.target_func, fixed), chosen, data, "target_func")
-
-    def _per_example_grads(self, func, chosen: Dict[str, Tensor], data: Any, name: str = "loss_func") -> Tensor:
-        """``vmap`` per-example gradients, or a loop where ``vmap`` cannot trace the model.
-
-        A ``vmap`` failure switches to the loop for good only if the loop succeeds on
-        the same batch (then the failure was ``vmap``'s: data-dependent control flow,
-        ``.item()``, in-place updates); an error the loop raises too is the user's and
-        is raised (explained, for a loss that adds its own batch dimension), and an
-        out-of-memory error is never taken for a tracing failure.
-        """
-        if self._vmap_failed:
-            return per_sample_grad_loop(func)(chosen, data)
-        try:
-            # torch's shape checks fail as these under vmap: the loss's own error, explained if we can
-            with explained(func, chosen, data, name, kinds=(ValueError, IndexError, TypeError, AssertionError)):
-                return per_sample_grad(func)(chosen, data)
-        except RuntimeError as error:
-            if isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error) \
-                    or "can't allocate memory" in str(error):
-                raise
-            vmap_error = error
-        with explained(func, chosen, data, name):  # the loop fails too: the user's error
-            grads = per_sample_grad_loop(func)(chosen, data)
-        self._vmap_failed = True
-        warn(
-            f"torch.func.vmap cannot trace {name} ({str(vmap_error).splitlines()[0][:200]}); "
-            "computing per-example gradients in a loop instead (slower, same result)"
-        )
-        return grads
+        return self._gradients(self.task.get_model(), self.task.target_func, fixed, chosen, data, "target_func")
 
     def transform_train_rep(self, ckpt_idx: int, train_rep: Tensor) -> Tensor:
         """Identity here; subclasses project or precondition."""

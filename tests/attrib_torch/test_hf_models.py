@@ -16,6 +16,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset
 
 from attrib_torch import AttributionTask, IFAttributorEKFAC, TracInAttributor
+from attrib_torch.lm import CausalLMLoss
 
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
@@ -79,7 +80,7 @@ def test_ekfac_on_gpt2_equals_ekfac_on_its_linear_twin_and_names_what_it_leaves_
     for key, m in (("gpt2", model), ("twin", twin)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            attributor = IFAttributorEKFAC(AttributionTask(lm_loss(m), m, {k: v.clone() for k, v in
+            attributor = IFAttributorEKFAC(AttributionTask(CausalLMLoss(m), m, {k: v.clone() for k, v in
                                                                             m.state_dict().items()}),
                                            damping=1e-3, show_progress=False)
         messages = [str(w.message) for w in caught if "IFAttributorEKFAC" in str(w.message)]
@@ -99,6 +100,71 @@ def test_tracin_on_gpt2_equals_tracin_on_its_linear_twin():
     test = DataLoader(Sequences(2, 4), batch_size=2)
     out = []
     for m in (model, twin):
-        task = AttributionTask(lm_loss(m), m, {k: v.clone() for k, v in m.state_dict().items()})
+        task = AttributionTask(CausalLMLoss(m), m, {k: v.clone() for k, v in m.state_dict().items()})
         out.append(TracInAttributor(task, [1.0], False, show_progress=False).attribute(train, test))
     torch.testing.assert_close(out[0], out[1])
+
+
+def test_tracin_on_gpt2_takes_gradients_from_hooks_equal_to_the_loop():
+    from attrib_core.hooked import HookedLayout
+
+    model = gpt2()
+    train = DataLoader(Sequences(6, 3), batch_size=3)
+    test = DataLoader(Sequences(2, 4), batch_size=2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    hooked = TracInAttributor(AttributionTask(CausalLMLoss(model), model, state), [1.0], False, show_progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the hooked path is silent: as exact as vmap, not slower
+        scores = hooked.attribute(train, test)
+    assert isinstance(hooked._gradients._paths["loss_func"], HookedLayout)
+    with pytest.warns(UserWarning, match="no per_example"):  # HF's own .loss: the loop
+        looped = TracInAttributor(AttributionTask(lm_loss(model), model, state), [1.0], False,
+                                  show_progress=False).attribute(train, test)
+    torch.testing.assert_close(scores, looped)
+
+
+def test_a_per_example_loss_that_is_not_the_batch_of_one_loss_falls_back_to_the_loop():
+    model = gpt2()
+    wrong = CausalLMLoss(model, reduction="sum")  # per_example sums tokens, the batch loss below averages them
+    hf_mean = lm_loss(model)
+
+    def loss(params, batch):
+        return hf_mean(params, batch)
+
+    loss.per_example = wrong.per_example
+    task = AttributionTask(loss, model, {k: v.clone() for k, v in model.state_dict().items()})
+    with pytest.warns(UserWarning, match="differ from autograd's on the first examples"):
+        TracInAttributor(task, [1.0], False, show_progress=False).self_attribute(DataLoader(Sequences(4, 5),
+                                                                                            batch_size=4))
+
+
+def test_causal_lm_loss_rejects_bad_batches_before_the_model_runs():
+    model = gpt2()
+    loss = CausalLMLoss(model)
+    params = dict(model.named_parameters())
+    batch = Sequences(3, 6)[0]
+    batch = {k: v.unsqueeze(0) for k, v in batch.items()}
+    with pytest.raises(TypeError, match="expected a dict with 'input_ids'"):
+        loss(params, (batch["input_ids"],))
+    too_long = {"input_ids": torch.ones(1, 17, dtype=torch.long)}
+    with pytest.raises(ValueError, match="17 tokens, longer than the model's 16 positions"):
+        loss(params, too_long)
+    unmasked_pad = dict(batch, labels=batch["input_ids"].clone())
+    if bool(batch["attention_mask"].all()):
+        unmasked_pad["attention_mask"] = batch["attention_mask"].clone()
+        unmasked_pad["attention_mask"][0, -1] = 0
+    with pytest.raises(ValueError, match=r"examples \[0\] score tokens where attention_mask is 0"):
+        loss(params, unmasked_pad)
+    with pytest.raises(ValueError, match="reduction"):
+        CausalLMLoss(model, reduction="max")
+    with pytest.raises(ValueError, match="target"):
+        CausalLMLoss(model, target="logit")
+
+
+def test_causal_lm_loss_of_one_sequence_is_hugging_faces_loss():
+    model = gpt2()
+    params = dict(model.named_parameters())
+    data = Sequences(4, 7)
+    for i in range(4):
+        one = {k: v.unsqueeze(0) for k, v in data[i].items()}
+        torch.testing.assert_close(CausalLMLoss(model)(params, one), lm_loss(model)(params, one).double())

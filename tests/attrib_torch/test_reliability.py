@@ -65,7 +65,7 @@ def test_vmap_falls_back_only_when_it_cannot_trace(problem):
     wrong_width = [(torch.randn(4, 63, dtype=torch.float64), torch.zeros(4, dtype=torch.long))]
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # the user's error, raised
         attributor.self_attribute(wrong_width)
-    assert attributor._vmap_failed is False
+    assert attributor._gradients.vmap_failed is False
 
     def with_item(params, data):  # .item() cannot be traced by vmap; the loop can run it
         scale = float(data[0].abs().max().item() > -1)
@@ -75,7 +75,7 @@ def test_vmap_falls_back_only_when_it_cannot_trace(problem):
                               show_progress=False)
     with pytest.warns(UserWarning, match="vmap cannot trace"):
         scores = looped.self_attribute(problem.loader())
-    assert looped._vmap_failed is True
+    assert looped._gradients.vmap_failed is True
     torch.testing.assert_close(scores, attributor.self_attribute(problem.loader()))
 
 

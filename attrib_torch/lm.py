@@ -1,0 +1,159 @@
+"""Loss and target functions for Hugging Face models and dict batches (``input_ids``, ``attention_mask``, ``labels``).
+
+``CausalLMLoss(model)`` is a ``loss_func`` for :class:`AttributionTask`: called on a
+batch it returns the mean over the batch's sequences of each sequence's loss, and
+its :meth:`~CausalLMLoss.per_example` returns those per-sequence losses ``(B,)``.
+A sequence's loss is exactly Hugging Face's ``.loss`` for a batch holding that
+sequence alone (its token mean), so attributions follow the data convention even
+though HF's own batch loss averages over all tokens of the batch. Attributors use
+``per_example`` where ``vmap`` cannot trace the model: per-example gradients then
+come from module hooks in one batched backward pass
+(:func:`attrib_core.hooked_grads`).
+
+Nothing here imports ``transformers``: the model is any module that takes
+``input_ids``/``attention_mask`` keywords and returns ``.logits`` (or a tensor).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from attrib_core import lm
+from attrib_core._checks import check_reduction
+
+__all__ = ["CausalLMLoss", "SequenceClassificationLoss"]
+
+_TARGETS = ("loss", "margin")
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+
+
+def _logits(output: Any) -> Tensor:
+    logits = output if isinstance(output, Tensor) else getattr(output, "logits", None)
+    if logits is None and isinstance(output, Mapping):
+        logits = output.get("logits")
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"model: expected an output with .logits or a tensor, got {type(output).__name__}")
+    return logits
+
+
+def _positions_limit(model: nn.Module) -> Optional[int]:
+    config = getattr(model, "config", None)
+    for attr in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+class _DictBatchLoss:
+    """Shared checks of a dict batch and the model call (keyword inputs, no labels passed to the model)."""
+
+    inputs = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+    def __init__(self, model: nn.Module) -> None:
+        _check_model(model)
+        self.model = model
+        self.max_positions = _positions_limit(model)
+
+    def _check_batch(self, batch: Any) -> None:
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            raise TypeError("batch: expected a dict with 'input_ids' (and 'attention_mask', 'labels'), got "
+                            f"{type(batch).__name__}" + (f" with keys {sorted(batch)}" if isinstance(batch, Mapping)
+                                                        else ""))
+        ids = batch["input_ids"]
+        if not isinstance(ids, Tensor) or ids.dim() != 2:
+            raise ValueError(f"batch['input_ids']: expected a (B, T) tensor, got "
+                             f"{tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__}")
+        if self.max_positions is not None and ids.shape[1] > self.max_positions:
+            raise ValueError(f"batch['input_ids']: sequences of {ids.shape[1]} tokens, longer than the model's "
+                             f"{self.max_positions} positions")
+
+    def logits(self, params: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
+        kwargs = {k: batch[k] for k in self.inputs if k in batch}
+        return _logits(functional_call(self.model, dict(params), args=(), kwargs=kwargs))
+
+
+class CausalLMLoss(_DictBatchLoss):
+    """Next-token loss (or margin) of a causal language model, per sequence.
+
+    Args:
+        model: the language model (``model(input_ids=..., attention_mask=...)`` with ``.logits``).
+        reduction: how a sequence's token values combine: ``"mean"`` over its scored
+            tokens (Hugging Face's ``.loss`` for a batch of one) or ``"sum"``.
+        target: ``"loss"`` (cross-entropy) or ``"margin"`` (``log p/(1-p)`` of each
+            label, TRAK's output function per token); a margin is a target to explain,
+            not a training loss.
+
+    Labels are ``batch["labels"]`` (``-100`` not scored), or the input ids with the
+    positions ``attention_mask`` marks as padding set to ``-100``. Raises, before the
+    model runs: a batch that is not a dict with ``input_ids``, sequences longer than
+    the model's positions, labels scored at positions the attention mask marks as
+    padding (a pad id that is not masked), and (on the logits) a sequence with no
+    scored token.
+    """
+
+    def __init__(self, model: nn.Module, reduction: str = "mean", target: str = "loss") -> None:
+        super().__init__(model)
+        check_reduction(reduction)
+        if target not in _TARGETS:
+            raise ValueError(f"target: expected one of {_TARGETS}, got {target!r}")
+        self.reduction = reduction
+        self.target = target
+
+    def labels(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """The labels scored, ``(B, T)``, checked against the attention mask."""
+        self._check_batch(batch)
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        labels = batch.get("labels")
+        if labels is None:
+            labels = ids if mask is None else torch.where(mask.bool(), ids, torch.full_like(ids, lm.IGNORE_INDEX))
+        elif labels.shape != ids.shape:
+            raise ValueError(f"batch['labels']: expected the shape {tuple(ids.shape)} of input_ids, got "
+                             f"{tuple(labels.shape)}")
+        if mask is not None:
+            scored_pad = (~mask.bool()) & (labels != lm.IGNORE_INDEX)
+            rows = scored_pad.any(dim=1).nonzero().flatten()
+            if len(rows):
+                raise ValueError(f"batch['labels']: examples {rows.tolist()[:8]} score tokens where attention_mask "
+                                 "is 0 (padding); set their labels to -100")
+        return labels
+
+    def per_example(self, params: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
+        """``(B,)``: each sequence's loss (or margin) as a batch of one would have it."""
+        labels = self.labels(batch)
+        values = lm.sequence_margins if self.target == "margin" else lm.sequence_losses
+        return values(self.logits(params, batch), labels, reduction=self.reduction)
+
+    def per_token(self, params: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``(values, valid)``: each scored token's loss (or margin) ``(B, T - 1)`` and where tokens are scored."""
+        labels = self.labels(batch)
+        values = lm.token_margins if self.target == "margin" else lm.token_losses
+        return values(self.logits(params, batch), labels)
+
+    def __call__(self, params: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
+        """The batch's loss: the mean of :meth:`per_example` (for a batch of one, HF's ``.loss``)."""
+        return self.per_example(params, batch).mean()
+
+
+class SequenceClassificationLoss(_DictBatchLoss):
+    """Cross-entropy of a sequence classifier (``batch["labels"]`` of shape ``(B,)``), per sequence."""
+
+    def per_example(self, params: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
+        self._check_batch(batch)
+        labels = batch.get("labels")
+        if not isinstance(labels, Tensor) or labels.shape != batch["input_ids"].shape[:1]:
+            raise ValueError("batch['labels']: expected one class per sequence, shape (B,)")
+        logits = self.logits(params, batch)
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return nn.functional.cross_entropy(wide, labels, reduction="none")
+
+    def __call__(self, params: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
+        return self.per_example(params, batch).mean()
