@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ._checks import as_block, check_nonnegative, check_reduction
 from .accumulators import Accumulator, accumulate, add_states
-from .layer_capture import Captured, LayerSpec, capture, capture_per_example, layer_specs
+from .layer_capture import LayerSpec, capture_examples, layer_specs
 from .solution import Solution, Status, solution
 
 __all__ = ["LayerFactors", "KFACFactors", "KFACState", "kfac_accumulator", "kfac_factors", "CorrectionState",
@@ -88,7 +88,7 @@ def kfac_accumulator(
                          (0,) * len(specs), (0,) * len(specs))
 
     def update(state: KFACState, batch: Any) -> KFACState:
-        captured = _examples_factors(model, f, params, batch, specs, reduction, _mask(mask, batch))
+        captured = capture_examples(model, f, params, batch, specs, mask=_mask(mask, batch), reduction=reduction)
         rows = [captured[spec.module] for spec in specs]
         return add_states(state, KFACState(
             tuple(contract("bti,btj->ij", r.a.double(), r.a.double()) for r in rows),
@@ -172,7 +172,7 @@ def ekfac_correction(
         return CorrectionState(tuple(torch.zeros_like(layer.eigenvalues) for layer in bases), (0,) * len(bases))
 
     def update(state: CorrectionState, batch: Any) -> CorrectionState:
-        captured = _examples_factors(model, f, params, batch, specs, reduction, _mask(mask, batch))
+        captured = capture_examples(model, f, params, batch, specs, mask=_mask(mask, batch), reduction=reduction)
         sums = []
         for layer in bases:
             rows = captured[layer.spec.module]
@@ -315,21 +315,6 @@ def ekfac(
         bases = accumulate(ekfac_correction(model, f, params, bases, mask=mask, reduction=reduction), batches)
     sizes = tuple(params[n].numel() for n in factors.names)
     return EKFAC(tuple(bases), factors.names, sizes, correct)
-
-
-def _examples_factors(model: nn.Module, f: Callable, params: Mapping[str, Tensor], batch: Any,
-                      specs: Sequence[LayerSpec], reduction: str, mask: Optional[Tensor]) -> dict[str, Captured]:
-    """Each example's own factors, exact whatever ``f`` normalises by (class weights, a masked token mean).
-
-    Where ``vmap`` cannot trace ``f``, the batch's output gradients scaled by
-    ``reduction`` instead: exact for a plain mean (or sum) of per-example losses only.
-    A penalty on the weights is left out either way: K-FAC approximates the Fisher of
-    the part of the loss that flows through the layers.
-    """
-    try:
-        return capture_per_example(model, f, params, batch, specs, mask=mask, ignore_direct_use=True)
-    except (RuntimeError, ValueError):  # vmap cannot trace f (batch statistics, data-dependent flow)
-        return capture(model, f, params, batch, specs, reduction=reduction, mask=mask)
 
 
 def _mask(mask: MaskFn, batch: Any) -> Optional[Tensor]:

@@ -35,7 +35,7 @@ from .gradients import _add_dim, _expand_in_dims, _take
 from .trees import examples_in
 
 __all__ = ["LayerSpec", "Captured", "Coverage", "layer_specs", "layer_kind", "coverage", "untracked_reason",
-           "capture", "capture_per_example", "DirectParameterUse", "MAX_EMBEDDING_ROWS"]
+           "capture", "capture_per_example", "capture_examples", "DirectParameterUse", "MAX_EMBEDDING_ROWS"]
 
 _SUPPORTED = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.Embedding: "embedding"}
 # Hugging Face's Conv1D, recognised by where it is defined so that transformers is never imported here.
@@ -492,6 +492,40 @@ def capture_per_example(
             a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
         out[spec.module] = _finished(spec, a, ds, mask)
     return out
+
+
+def capture_examples(
+    model: nn.Module,
+    f: Callable[[Mapping[str, Tensor], Any], Tensor],
+    params: Mapping[str, Tensor],
+    batch: Any,
+    specs: Sequence[LayerSpec],
+    *,
+    mask: Optional[Tensor] = None,
+    reduction: Optional[str] = None,
+) -> dict[str, Captured]:
+    """Each example's own factors, by the fastest exact route ``f`` allows.
+
+    - ``f.per_example(params, batch) -> (B,)`` exists (:class:`attrib_torch.CausalLMLoss`):
+      one batched pass over their sum (:func:`capture` with ``reduction="sum"``);
+    - else :func:`capture_per_example` (``vmap``; a weight read outside its layer is
+      left out, as K-FAC approximates the Fisher of the part through the layers);
+    - where ``vmap`` cannot trace ``f`` and ``reduction`` is given, the batch's output
+      gradients scaled by it (exact for a plain mean or sum of per-example losses only);
+      without ``reduction`` the error is raised.
+    """
+    per_example = getattr(f, "per_example", None)
+    if callable(per_example):
+        return capture(model, lambda p, b: per_example(p, b).sum(), params, batch, specs, reduction="sum",
+                       mask=mask)
+    try:
+        return capture_per_example(model, f, params, batch, specs, mask=mask, ignore_direct_use=True)
+    except (RuntimeError, ValueError) as error:  # vmap cannot trace f (batch statistics, data-dependent flow)
+        if reduction is None:
+            raise ValueError(f"f: vmap cannot trace it ({str(error).splitlines()[0][:160]}) and it has no "
+                             "per_example(params, batch) method giving one loss per example; wrap a Hugging "
+                             "Face model's loss in attrib_torch.CausalLMLoss") from error
+        return capture(model, f, params, batch, specs, reduction=reduction, mask=mask)
 
 
 def _layer_input(name: str, args: tuple, kwargs: dict) -> Tensor:

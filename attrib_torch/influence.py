@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -319,6 +319,11 @@ class IFAttributorArnoldi(_FullTrainingLoss):
         return self._project(ckpt_idx, test_rep)
 
 
+def _attention_mask(batch: Any) -> Optional[Tensor]:
+    """A dict batch's ``attention_mask`` (padding left out of the K-FAC covariances), else None."""
+    return batch.get("attention_mask") if isinstance(batch, Mapping) else None
+
+
 class IFAttributorEKFAC(BaseInnerProductAttributor):
     """Influence with EK-FAC (George et al., 2018; Grosse et al., 2023), one fit per checkpoint.
 
@@ -338,6 +343,10 @@ class IFAttributorEKFAC(BaseInnerProductAttributor):
             does; this assumes classification batches ``(inputs, ..., labels)`` whose
             model output on ``inputs`` are logits).
         seed: for the sampled labels.
+
+    Dict batches with an ``attention_mask`` (Hugging Face's) leave padded positions out
+    of the covariances. A ``loss_func`` with ``per_example`` (:class:`attrib_torch.CausalLMLoss`)
+    gives every example's factors from one batched pass, for models ``vmap`` cannot trace.
     """
 
     def __init__(self, task: AttributionTask, module_name: LayerName = None, device: Optional[str] = "cpu",
@@ -385,7 +394,8 @@ class IFAttributorEKFAC(BaseInnerProductAttributor):
         data = Batches(self.full_train_dataloader, self.device, limit=self.max_iter)  # two passes, one batch held
         if self.fisher == "sampled":  # the same labels on both passes: batch i's draw is seeded by i
             data = Mapped(data, lambda i, batch: self._with_sampled_labels(params, batch, (self.seed, ckpt_idx, i)))
-        fit = ekfac(self.task.get_model(), self.task.loss_func, params, data, layers=self._modules)
+        fit = ekfac(self.task.get_model(), self.task.loss_func, params, data, layers=self._modules,
+                    mask=_attention_mask)
         self._fits[ckpt_idx] = fit
 
     def _with_sampled_labels(self, params, batch, key):
