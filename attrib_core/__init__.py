@@ -47,7 +47,18 @@ from .kfac import (
     kfac_accumulator,
     kfac_factors,
 )
-from .two_sided import project_factors, project_gradient, side_seed
+from .two_sided import (
+    COMPRESSION_KINDS,
+    Compression,
+    compress_factors,
+    compress_gradient,
+    compressed_gradients,
+    compression,
+    project_factors,
+    project_gradient,
+    side_seed,
+    token_scores,
+)
 from .layer_capture import (
     MAX_EMBEDDING_ROWS,
     Captured,
@@ -193,6 +204,13 @@ __all__ = [
     "project_factors",
     "project_gradient",
     "side_seed",
+    "COMPRESSION_KINDS",
+    "Compression",
+    "compress_factors",
+    "compress_gradient",
+    "compressed_gradients",
+    "compression",
+    "token_scores",
     "nystrom",
     "NystromApprox",
     "jacobi",

@@ -1,27 +1,40 @@
-"""Two-sided random projection of layer gradients: ``R_outᵀ G R_in`` from the factors, never forming ``G``.
+"""Two-sided compression of layer gradients from their factors, never forming ``G``.
 
-A Linear layer's per-example gradient ``G = Σ_t ds_t a_tᵀ`` (``d_out × d_a``) is
-compressed to ``R_outᵀ G R_in`` (``k_out × k_in``) by projecting each factor,
-``ds R_out`` and ``a R_in`` (the compression of TracInCP-fast-randproj, Pruthi et al.,
-2020, and of LoGra). Inner products of compressed gradients are again factored
-products, so :func:`attrib_core.factored_inner` applies unchanged. The matrices
-come from :func:`kernels.project`'s counter-based hash, keyed by (seed, module, side):
-the same compression on every device, batch and process.
+A layer's per-example gradient ``G = Σ_t ds_t a_tᵀ`` (``d_out × d_a``) is compressed
+to ``Σ_t (R_outᵀ ds_t)(R_inᵀ a_t)ᵀ = R_outᵀ G R_in`` (``k_out × k_in``) by compressing
+each factor on its own (TracInCP-fast-randproj, Pruthi et al., 2020; LoGra, Choe et
+al., 2024), so only ``k_out · k_in`` numbers per module are ever formed. Two kinds:
+
+- ``"logra"``: ``R`` dense Rademacher ``±1/sqrt(k)``;
+- ``"factgrass"`` (FactGraSS): a sparse mask keeps ``m`` of a side's ``d`` coordinates
+  (scaled by ``sqrt(d/m)``, so norms are kept in expectation), then a sparse JL
+  transform with one nonzero per coordinate maps them to ``k``; ``O(d)`` work per row.
+
+A side whose rank is at least its dimension is kept exact (no projection). Inner
+products of compressed gradients are factored products again
+(:func:`attrib_core.factored_inner` applies unchanged). Every matrix and mask comes
+from :mod:`kernels`' counter-based hash keyed by (seed, module, side): the same
+compression on every device, batch and process.
 """
-
 from __future__ import annotations
 
+import math
 import zlib
-from typing import Mapping, Tuple
+from typing import Mapping, NamedTuple, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 import kernels
+from kernels.hash import row_key, to_uint
 
 from .layer_capture import Captured, LayerSpec
 
-__all__ = ["side_seed", "project_factors", "project_gradient"]
+__all__ = ["side_seed", "project_factors", "project_gradient", "Compression", "compression", "compress_factors",
+           "compress_gradient", "compressed_gradients", "token_scores", "COMPRESSION_KINDS"]
+
+COMPRESSION_KINDS = ("logra", "factgrass")
+MASK_RATIO = 4  # FactGraSS keeps this many coordinates per output dimension before its SJLT
 
 
 def side_seed(seed: int, module: str, side: str) -> int:
@@ -64,3 +77,118 @@ def project_gradient(G: Tensor, spec: LayerSpec, dims: Tuple[int, int], seed: in
     right = _project_rows(weight, k_in, side_seed(seed, spec.module, "in"))
     both = _project_rows(right.transpose(1, 2), k_out, side_seed(seed, spec.module, "out"))  # (n, k_in, k_out)
     return both.transpose(1, 2).reshape(n, k_out * k_in)
+
+
+class Compression(NamedTuple):
+    """How each module's gradient is compressed: the kind, the seed, and per module ``(k_out, k_in)`` and the
+    ``(m_out, m_in)`` coordinates FactGraSS's masks keep (the full sides for ``"logra"``)."""
+
+    kind: str
+    seed: int
+    dims: Mapping[str, Tuple[int, int]]
+    masks: Mapping[str, Tuple[int, int]]
+
+    @property
+    def width(self) -> int:
+        """Numbers per example: ``Σ k_out · k_in``."""
+        return sum(k_out * k_in for k_out, k_in in self.dims.values())
+
+
+def compression(specs: Sequence[LayerSpec], rank: Union[int, Tuple[int, int]], *, kind: str = "logra",
+                seed: int = 0) -> Tuple[Compression, list[str]]:
+    """The compression of ``specs`` at ``rank`` (``k`` on both sides, or ``(k_out, k_in)``), and the sides kept exact.
+
+    A side whose rank is at least its dimension (``d_out``, or ``d_a`` with the bias's
+    constant) is kept exact rather than projected to as many or more numbers; the
+    second value names them (``"module.out"``, ``"module.in"``) for the caller to report.
+
+    Raises:
+        ValueError: an unknown ``kind``, or a rank that is not a positive integer.
+    """
+    if kind not in COMPRESSION_KINDS:
+        raise ValueError(f"kind: expected one of {COMPRESSION_KINDS}, got {kind!r}")
+    ranks = (rank, rank) if isinstance(rank, int) and not isinstance(rank, bool) else rank
+    if (not isinstance(ranks, tuple) or len(ranks) != 2
+            or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks)):
+        raise ValueError(f"rank: expected a positive integer or a pair (k_out, k_in) of them, got {rank!r}")
+    dims, masks, exact = {}, {}, []
+    for spec in specs:
+        sides = []
+        for side, d, k in (("out", spec.d_out, ranks[0]), ("in", spec.d_a, ranks[1])):
+            if k >= d:
+                exact.append(f"{spec.module}.{side}")
+            sides.append((min(k, d), d if k >= d or kind == "logra" else min(d, MASK_RATIO * k)))
+        dims[spec.module] = (sides[0][0], sides[1][0])
+        masks[spec.module] = (sides[0][1], sides[1][1])
+    return Compression(kind, int(seed), dims, masks), exact
+
+
+def _mask_rows(d: int, m: int, seed: int, device: torch.device) -> Tensor:
+    """The ``m`` of ``d`` coordinates FactGraSS keeps, in order: the smallest hash keys of ``(seed, coordinate)``."""
+    keys = to_uint(row_key(seed, torch.arange(d, device=device)))
+    return keys.argsort(stable=True)[:m].sort().values
+
+
+def _side(x: Tensor, k: int, m: int, kind: str, seed: int) -> Tensor:
+    """One factor ``(..., d)`` compressed to ``(..., k)``: exact when ``k = d``, else by the kind's transform."""
+    d = x.shape[-1]
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    if k >= d:
+        return wide
+    if kind == "logra":
+        return _project_rows(wide, k, seed)
+    flat = wide.reshape(-1, d)
+    if m < d:
+        flat = flat[:, _mask_rows(d, m, seed, x.device)] * math.sqrt(d / m)
+    sketched = kernels.project(flat.contiguous(), k, kind="sjlt", seed=seed, nnz=1)
+    return sketched.to(wide.dtype).reshape(*x.shape[:-1], k)
+
+
+def compress_factors(x: Mapping[str, Captured], comp: Compression) -> dict[str, Captured]:
+    """Each module's factors compressed: ``a`` ``(n, T, k_in)`` and ``ds`` ``(n, T, k_out)``."""
+    out = {}
+    for m, c in x.items():
+        (k_out, k_in), (m_out, m_in) = comp.dims[m], comp.masks[m]
+        out[m] = Captured(_side(c.a, k_in, m_in, comp.kind, side_seed(comp.seed, m, "in")),
+                          _side(c.ds, k_out, m_out, comp.kind, side_seed(comp.seed, m, "out")), c.positions)
+    return out
+
+
+def compressed_gradients(projected: Mapping[str, Captured]) -> Tensor:
+    """``(n, Σ k_out · k_in)``: each example's compressed gradient ``Σ_t ds'_t a'_tᵀ``, module after module, row-major."""
+    parts = [torch.einsum("ntk,ntl->nkl", c.ds, c.a).reshape(c.a.shape[0], -1) for c in projected.values()]
+    return torch.cat(parts, dim=1)
+
+
+def compress_gradient(G: Tensor, spec: LayerSpec, comp: Compression) -> Tensor:
+    """``(n, k_out · k_in)``: explicit gradients of one layer compressed as :func:`compress_factors` compresses
+    their factors (``G`` laid out as in :func:`project_gradient`)."""
+    n = G.shape[0]
+    (k_out, k_in), (m_out, m_in) = comp.dims[spec.module], comp.masks[spec.module]
+    weight = spec.as_matrix(G[:, : spec.d_out * spec.d_in])
+    if spec.bias is not None:
+        weight = torch.cat([weight, G[:, spec.d_out * spec.d_in :].reshape(n, spec.d_out, 1)], dim=2)
+    right = _side(weight, k_in, m_in, comp.kind, side_seed(comp.seed, spec.module, "in"))  # (n, d_out, k_in)
+    both = _side(right.transpose(1, 2), k_out, m_out, comp.kind, side_seed(comp.seed, spec.module, "out"))
+    return both.transpose(1, 2).reshape(n, k_out * k_in)
+
+
+def token_scores(projected: Mapping[str, Captured], queries: Tensor, comp: Compression) -> Tensor:
+    """``(n, T, m)``: each position's term ``Σ_modules ds'_tᵀ Q a'_t`` of the scores against ``m`` queries.
+
+    ``queries`` ``(m, Σ k_out · k_in)`` are compressed (and preconditioned) query
+    gradients laid out as :func:`compressed_gradients`; summed over ``t`` the terms
+    are the examples' scores ``compressed_gradients(projected) @ queries.T``. Every
+    module must have the same positions ``T`` (the tokens of a sequence).
+    """
+    positions = {c.a.shape[1] for c in projected.values()}
+    if len(positions) != 1:
+        raise ValueError(f"per-position scores need the same positions in every module, got {sorted(positions)}")
+    total, start = None, 0
+    for m, c in projected.items():
+        k_out, k_in = comp.dims[m]
+        Q = queries[:, start : start + k_out * k_in].reshape(-1, k_out, k_in).to(c.a.dtype)
+        start += k_out * k_in
+        part = torch.einsum("ntk,jkl,ntl->ntj", c.ds, Q, c.a)
+        total = part if total is None else total + part
+    return total

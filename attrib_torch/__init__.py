@@ -25,6 +25,7 @@ from .influence import (
 from .influence_legacy import IFAttributor
 from .layer_ablation import LayerFeatureAblation
 from .lm import CausalLMLoss, SequenceClassificationLoss
+from .logra import LoGraAttributor, TokenScores
 from .rps import RPSAttributor
 from .task import AttributionTask
 from .tracin import TracInAttributor
@@ -45,6 +46,8 @@ __all__ = [
     "IFAttributorArnoldi",
     "IFAttributorEKFAC",
     "TracInAttributor",
+    "LoGraAttributor",
+    "TokenScores",
     "TracInCP",
     "TracInCPFast",
     "TracInCPFastRandProj",

@@ -1,10 +1,25 @@
 """Two-sided compression from factors equals R_outᵀ G R_in with both matrices materialised."""
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from attrib_core import Captured, LayerSpec, factored_dense, factored_inner, project_factors, project_gradient, side_seed
+from attrib_core import (
+    COMPRESSION_KINDS,
+    Captured,
+    LayerSpec,
+    compress_factors,
+    compress_gradient,
+    compressed_gradients,
+    compression,
+    factored_dense,
+    factored_inner,
+    project_factors,
+    project_gradient,
+    side_seed,
+    token_scores,
+)
 from kernels import projection_entries
 
 
@@ -29,3 +44,72 @@ def test_sides_and_modules_get_their_own_seeds():
     seeds = {side_seed(0, m, s) for m in ("a", "b") for s in ("in", "out")}
     assert len(seeds) == 4 and all(0 <= x < 2**32 for x in seeds)
     assert side_seed(1, "a", "in") != side_seed(0, "a", "in")
+
+
+def _explicit_side(d, k, m, kind, seed):
+    """The (d, k) matrix of one compressed side, built entry by entry from the hash (an independent oracle)."""
+    if k >= d:
+        return torch.eye(d, dtype=torch.float64)
+    if kind == "logra":
+        return projection_entries(d, k, seed=seed).double()
+    from kernels.hash import row_key, to_uint
+    from kernels.reference import sjlt_positions
+
+    keys = to_uint(row_key(seed, torch.arange(d)))
+    kept = sorted(sorted(range(d), key=lambda i: (int(keys[i]), i))[:m])
+    columns, signs = sjlt_positions(seed, torch.arange(m), k, 1)
+    R = torch.zeros(d, k, dtype=torch.float64)
+    for j, i in enumerate(kept):
+        R[i, int(columns[j, 0])] += float(signs[j, 0]) * (d / m) ** 0.5
+    return R
+
+
+@given(n=st.integers(1, 3), t=st.integers(1, 3), d_in=st.integers(1, 12), d_out=st.integers(1, 9),
+       rank=st.integers(1, 5), bias=st.booleans(), kind=st.sampled_from(COMPRESSION_KINDS),
+       seed=st.integers(0, 2**16))
+def test_compression_from_factors_is_the_kronecker_projection_of_the_gradient(n, t, d_in, d_out, rank, bias, kind,
+                                                                              seed):
+    g = torch.Generator().manual_seed(seed)
+    d_a = d_in + bias
+    a = torch.randn(n, t, d_a, generator=g, dtype=torch.float64)
+    if bias:
+        a[..., -1] = 1.0
+    ds = torch.randn(n, t, d_out, generator=g, dtype=torch.float64)
+    spec = LayerSpec("fc", "linear", "fc.weight", "fc.bias" if bias else None, d_in, d_out)
+    factors = {"fc": Captured(a, ds, n * t)}
+    names = ["fc.weight"] + (["fc.bias"] if bias else [])
+    G = factored_dense(factors, [spec], names)
+    comp, exact = compression([spec], rank, kind=kind, seed=seed)
+    assert ("fc.out" in exact) == (rank >= d_out) and ("fc.in" in exact) == (rank >= d_a)
+    (k_out, k_in), (m_out, m_in) = comp.dims["fc"], comp.masks["fc"]
+    R_out = _explicit_side(d_out, k_out, m_out, kind, side_seed(seed, "fc", "out"))
+    R_in = _explicit_side(d_a, k_in, m_in, kind, side_seed(seed, "fc", "in"))
+    W = factored_dense(factors, [spec], names)[:, : d_out * d_in].reshape(n, d_out, d_in)
+    if bias:
+        W = torch.cat([W, G[:, d_out * d_in :].reshape(n, d_out, 1)], dim=2)
+    # (R_out ⊗ R_in)ᵀ vec(G): the explicit per-example gradient projected with both matrices
+    expected = torch.einsum("ok,nod,dj->nkj", R_out, W, R_in).reshape(n, -1)
+    torch.testing.assert_close(compress_gradient(G, spec, comp), expected)
+    torch.testing.assert_close(compressed_gradients(compress_factors(factors, comp)), expected)
+
+
+def test_token_scores_sum_to_the_examples_scores():
+    g = torch.Generator().manual_seed(3)
+    specs = [LayerSpec("a", "linear", "a.weight", None, 6, 4), LayerSpec("b", "linear", "b.weight", None, 5, 3)]
+    factors = {s.module: Captured(torch.randn(3, 7, s.d_a, generator=g, dtype=torch.float64),
+                                  torch.randn(3, 7, s.d_out, generator=g, dtype=torch.float64), 21) for s in specs}
+    comp, _ = compression(specs, (2, 3), seed=5)
+    projected = compress_factors(factors, comp)
+    queries = torch.randn(4, comp.width, generator=g, dtype=torch.float64)
+    per_token = token_scores(projected, queries, comp)
+    assert per_token.shape == (3, 7, 4)
+    torch.testing.assert_close(per_token.sum(1), compressed_gradients(projected) @ queries.T)
+
+
+def test_compression_rejects_bad_ranks_and_kinds():
+    spec = [LayerSpec("fc", "linear", "fc.weight", None, 6, 4)]
+    for rank in (0, -1, 2.5, (1,), (1, 0), True):
+        with pytest.raises(ValueError, match="rank"):
+            compression(spec, rank)
+    with pytest.raises(ValueError, match="kind"):
+        compression(spec, 2, kind="grass")

@@ -1,0 +1,229 @@
+"""LoGraAttributor: gradients compressed as they are captured (LoGra, FactGraSS), preconditioned, scored.
+
+Each tracked module's per-example gradient ``Σ_t ds_t a_tᵀ`` is compressed from its
+factors (:func:`attrib_core.compress_factors`): the ``d_out × d_in`` gradient is never
+formed, only ``k_out · k_in`` numbers per module and example. The factors come from
+one batched pass (:func:`attrib_core.capture_examples`): for Hugging Face models give
+``loss_func``/``target_func`` a ``per_example`` method (:class:`attrib_torch.CausalLMLoss`).
+Scores are ``⟨g̃_train, (F̃ + λI)⁻¹ g̃_test⟩`` with ``F̃`` the second moment of the
+compressed training gradients, per module (LoGra's preconditioner in the projected
+space), or plain inner products with ``preconditioner="identity"``. Per-token scores
+(:meth:`LoGraAttributor.attribute_tokens`) split each training sequence's score over its
+positions, padding left out, in a ragged layout.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from attrib_core import (
+    compress_factors,
+    compress_gradient,
+    compressed_gradients,
+    compression,
+    coverage,
+    layer_specs,
+    per_sample_grad_loop,
+    token_scores,
+)
+from attrib_core.layer_capture import capture_examples
+
+from .base import BaseInnerProductAttributor
+from .checks import nonnegative
+from .data import batch_size, batches, check_loader, take
+from .guard import untouched
+from .per_example import HEAD_EXAMPLES
+from .task import AttributionTask, LayerName
+from .user_warning import warn
+
+__all__ = ["LoGraAttributor", "TokenScores"]
+
+_PRECONDITIONERS = ("fisher", "identity")
+
+
+class TokenScores(NamedTuple):
+    """Per-token training scores in a ragged layout.
+
+    ``scores[offsets[i] : offsets[i + 1]]`` ``(T_i, n_test)`` are training sequence ``i``'s
+    positions (``positions`` holds their indices in the sequence), padding left out;
+    summed over its rows they are the sequence's score in :meth:`LoGraAttributor.attribute`.
+    """
+
+    scores: Tensor
+    offsets: Tensor
+    positions: Tensor
+
+    def sequence(self, i: int) -> Tensor:
+        """``(T_i, n_test)``: the rows of training sequence ``i``."""
+        return self.scores[int(self.offsets[i]) : int(self.offsets[i + 1])]
+
+
+def _attention_mask(batch: Any) -> Optional[Tensor]:
+    return batch.get("attention_mask") if isinstance(batch, Mapping) else None
+
+
+class LoGraAttributor(BaseInnerProductAttributor):
+    """Attribution through gradients compressed at capture time (LoGra; FactGraSS with ``kind="factgrass"``).
+
+    Args:
+        task: the :class:`AttributionTask`.
+        rank: per side, ``k`` or ``(k_out, k_in)``: each module's gradient becomes
+            ``k_out · k_in`` numbers. A side of a module smaller than its rank is kept
+            exact (named in a warning).
+        module_name: ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` or Conv1D modules, or
+            None for every one that can be factored exactly (what that leaves out is
+            named in a warning with its share of the parameters).
+        kind: ``"logra"`` (dense Rademacher matrices) or ``"factgrass"`` (sparse mask,
+            then a sparse JL transform).
+        preconditioner: ``"fisher"`` (the damped inverse of the compressed gradients'
+            second moment, per module) or ``"identity"`` (inner products).
+        damping: per module, ``λ = damping ×`` the mean eigenvalue of its second moment
+            (LogIX's and kronfluence's heuristic is 0.1).
+        seed: of the compression; scores depend on it and on nothing else random.
+    """
+
+    def __init__(self, task: AttributionTask, rank: Union[int, Tuple[int, int]] = 16,
+                 module_name: LayerName = None, kind: str = "logra", preconditioner: str = "fisher",
+                 damping: float = 0.1, seed: int = 0, device: Optional[str] = "cpu",
+                 show_progress: bool = True) -> None:
+        if preconditioner not in _PRECONDITIONERS:
+            raise ValueError(f"preconditioner: expected one of {_PRECONDITIONERS}, got {preconditioner!r}")
+        damping = nonnegative(damping, "damping")
+        candidates = task.params(0) if module_name is not None else task.selected(task.params(0), None)
+        specs = layer_specs(task.get_model(), candidates, module_name)  # raises on bad names
+        self.compression, exact = compression(specs, rank, kind=kind, seed=seed)  # raises on bad rank/kind
+        if module_name is None:
+            left = coverage(task.get_model(), candidates, specs)
+            if left.left_out:
+                warn(f"LoGraAttributor: {left.describe()}; attributing through the {len(left.covered)} "
+                     f"parameters of {len(specs)} compressed layers only")
+        if exact:
+            warn(f"LoGraAttributor: rank {rank} is at least the dimension of {len(exact)} sides "
+                 f"({', '.join(exact[:6])}{' ...' if len(exact) > 6 else ''}); they are kept exact, not projected")
+        covered = {s.weight for s in specs} | {s.bias for s in specs if s.bias is not None}
+        super().__init__(task, [n for n in task.params(0) if n in covered], device, show_progress)
+        self._specs = specs
+        self._width = self.compression.width
+        self.rank, self.kind, self.seed = rank, kind, seed
+        self.preconditioner, self.damping = preconditioner, damping
+        self._checked: set = set()  # functions whose compressed gradients were checked against autograd
+        self._inverses: Dict[int, List[Tuple[Tensor, Tensor]]] = {}
+
+    _cache_fields = BaseInnerProductAttributor._cache_fields + ("_inverses",)
+
+    # -- representations ------------------------------------------------------------------
+
+    def _projected(self, ckpt_idx: int, data: Any, which: str) -> dict:
+        func = self.task.loss_func if which == "train" else self.task.target_func
+        chosen, fixed = self._split_params(ckpt_idx)
+        params = {**fixed, **chosen}
+        captured = capture_examples(self.task.get_model(), func, params, data, self._specs,
+                                    mask=_attention_mask(data))
+        projected = compress_factors(captured, self.compression)
+        if which not in self._checked:
+            self._check_head(func, fixed, chosen, data, compressed_gradients(projected))
+            self._checked.add(which)
+        return projected
+
+    def _check_head(self, func, fixed, chosen, data, compressed: Tensor) -> None:
+        """The first examples' compressed gradients equal their autograd gradients compressed, or a ValueError."""
+        head = take(data, slice(0, min(HEAD_EXAMPLES, batch_size(data))))
+        dense = per_sample_grad_loop(lambda c, d: func({**fixed, **c}, d))(chosen, head)
+        offsets, start = {}, 0
+        for n in chosen:
+            offsets[n] = (start, start + chosen[n].numel())
+            start += chosen[n].numel()
+        parts = []
+        for spec in self._specs:
+            names = [spec.weight] + ([spec.bias] if spec.bias else [])
+            G = torch.cat([dense[:, offsets[n][0] : offsets[n][1]] for n in names], dim=1)
+            parts.append(compress_gradient(G, spec, self.compression))
+        expected = torch.cat(parts, dim=1).to(compressed.dtype)
+        got = compressed[: expected.shape[0]]
+        error, scale = float((got - expected).norm()), float(expected.norm())
+        tolerance = 1e-8 if got.dtype == torch.float64 else 1e-3
+        if not error <= tolerance * max(scale, 1e-30):
+            raise ValueError(
+                f"LoGraAttributor: the compressed gradients from layer factors differ from autograd's on the first "
+                f"examples (relative error {error / max(scale, 1e-30):.1e}): the loss reads a compressed weight "
+                "outside its layer, or its per_example losses are not its loss on a batch of one")
+
+    def generate_train_rep(self, ckpt_idx: int, data: Any) -> Tensor:
+        """Compressed per-example loss gradients ``(B, Σ k_out · k_in)``."""
+        return compressed_gradients(self._projected(ckpt_idx, data, "train"))
+
+    def generate_test_rep(self, ckpt_idx: int, data: Any) -> Tensor:
+        """Compressed per-example target gradients ``(B, Σ k_out · k_in)``."""
+        return compressed_gradients(self._projected(ckpt_idx, data, "test"))
+
+    # -- preconditioner ---------------------------------------------------------------------
+
+    def _prepare(self, ckpt_idx: int) -> None:
+        if self.preconditioner == "identity":
+            return
+        reps = self.train_reps(ckpt_idx, self.full_train_dataloader)
+        n = reps.shape[0]
+        inverses, start = [], 0
+        for k_out, k_in in self.compression.dims.values():
+            block = reps[:, start : start + k_out * k_in].double()
+            start += k_out * k_in
+            values, vectors = torch.linalg.eigh(block.T @ block / n)
+            values = values.clamp(min=0)
+            damping = self.damping * float(values.mean())
+            if damping <= 0 and not bool((values > 0).all()):
+                raise ValueError("damping: the compressed gradients' second moment is singular; give damping > 0")
+            inverses.append((vectors, 1.0 / (values + damping)))
+        self._inverses[ckpt_idx] = inverses
+
+    def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
+        if self.preconditioner == "identity":
+            return test_rep
+        out, start = [], 0
+        for vectors, scale in self._inverses[ckpt_idx]:
+            width = vectors.shape[0]
+            block = test_rep[:, start : start + width].double()
+            start += width
+            out.append(((block @ vectors) * scale) @ vectors.T)
+        return torch.cat(out, dim=1).to(test_rep.dtype)
+
+    # -- per-token scores ---------------------------------------------------------------------
+
+    def attribute_tokens(self, train_dataloader: Any, test_dataloader: Any) -> TokenScores:
+        """Each training position's share of the scores against every test example, ragged.
+
+        Position ``t``'s share is ``Σ_modules (R_outᵀ ds_t)ᵀ Q (R_inᵀ a_t)``, ``Q`` the test
+        example's compressed (preconditioned) gradient: the term of position ``t`` in the
+        sequence's gradient ``Σ_t ds_t a_tᵀ`` (kronfluence's and bergson's per-token
+        scores). Positions where the batch's ``attention_mask`` is 0 are left out; the
+        rows of a sequence sum to its score in :meth:`attribute`. Costs one more pass
+        over the training data; the ``(n_train, T, n_test)`` tensor is never formed.
+        """
+        check_loader(train_dataloader, "train_dataloader")
+        check_loader(test_dataloader, "test_dataloader")
+        self._ensure_cached(train_dataloader)
+        with untouched(self.task):
+            weights = self.checkpoint_weights()
+            queries = [torch.cat(list(self._grouped(test_dataloader, c, train=False))) for c in range(len(weights))]
+            rows, counts, positions = [], [], []
+            for batch in batches(train_dataloader, self.device, desc="per-token scores",
+                                 show_progress=self.show_progress):
+                total = None
+                for c, weight in enumerate(weights):
+                    part = weight * token_scores(self._projected(c, batch, "train"), queries[c], self.compression)
+                    total = part if total is None else total + part
+                mask = _attention_mask(batch)
+                keep = (torch.ones(total.shape[:2], dtype=torch.bool, device=total.device) if mask is None
+                        else mask.to(total.device).bool())
+                if keep.shape != total.shape[:2]:
+                    raise ValueError(f"attention_mask: shape {tuple(keep.shape)} does not match the "
+                                     f"{tuple(total.shape[:2])} positions of the compressed layers")
+                rows.append(total[keep])
+                counts.append(keep.sum(1).cpu())
+                positions.append(keep.nonzero()[:, 1].cpu())
+        counts = torch.cat(counts)
+        offsets = torch.zeros(len(counts) + 1, dtype=torch.long)
+        offsets[1:] = counts.cumsum(0)
+        return TokenScores(torch.cat(rows), offsets, torch.cat(positions))

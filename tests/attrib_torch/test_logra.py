@@ -1,0 +1,183 @@
+"""LoGraAttributor against independent oracles: Grad-Dot at full rank, an explicit preconditioned solve,
+per-token rows that sum to the sequence's score, and scores that padding and batching do not move."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader
+
+from attrib_core import compress_gradient, compression, layer_specs, per_sample_grad_loop
+from attrib_torch import AttributionTask, LoGraAttributor, TracInAttributor
+
+V, D, T = 9, 6, 5
+
+
+class Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(V, D)
+        self.mix = nn.Linear(D, D)
+        self.out = nn.Linear(D, V)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.mix(self.embed(ids))))
+
+
+def token_model():
+    torch.manual_seed(0)
+    return Tokens().double().eval()
+
+
+def next_token_loss(model):
+    def f(params, batch):
+        (ids,) = batch
+        logits = functional_call(model, params, (ids,))
+        return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
+
+    return f
+
+
+def id_loader(n, seed, batch_size):
+    ids = torch.randint(0, V, (n, T), generator=torch.Generator().manual_seed(seed))
+    return DataLoader(torch.utils.data.TensorDataset(ids), batch_size=batch_size)
+
+
+def quiet(make):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return make()
+
+
+def test_full_rank_without_preconditioner_is_grad_dot():
+    model = token_model()
+    task = AttributionTask(next_token_loss(model), model, model.state_dict())
+    train, test = id_loader(10, 1, 4), id_loader(3, 2, 3)
+    logra = quiet(lambda: LoGraAttributor(task, rank=64, preconditioner="identity", show_progress=False))
+    grad_dot = TracInAttributor(task, [1.0], False, show_progress=False)
+    torch.testing.assert_close(logra.attribute(train, test), grad_dot.attribute(train, test))
+
+
+@pytest.mark.parametrize("kind", ["logra", "factgrass"])
+def test_fisher_preconditioned_scores_equal_an_explicit_solve(kind):
+    model = token_model()
+    loss = next_token_loss(model)
+    task = AttributionTask(loss, model, model.state_dict())
+    train, test = id_loader(12, 3, 5), id_loader(4, 4, 4)
+    attributor = LoGraAttributor(task, rank=3, kind=kind, damping=0.1, seed=7, show_progress=False)
+    scores = attributor.attribute(train, test)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    specs = layer_specs(model, params, None)
+    comp, _ = compression(specs, 3, kind=kind, seed=7)
+
+    def compressed(loader):  # explicit autograd gradients, compressed module by module
+        x = torch.cat([b[0] for b in loader])
+        dense = per_sample_grad_loop(loss)(params, (x,))
+        blocks, start = [], 0
+        for name, p in params.items():
+            blocks.append(dense[:, start : start + p.numel()])
+            start += p.numel()
+        by_name = dict(zip(params, blocks))
+        return [compress_gradient(torch.cat([by_name[n] for n in (s.weight, s.bias) if n], 1), s, comp)
+                for s in specs]
+
+    G, Q = compressed(train), compressed(test)
+    expected = 0
+    for g, q in zip(G, Q):
+        F = g.T @ g / g.shape[0]
+        damping = 0.1 * float(torch.linalg.eigvalsh(F).clamp(min=0).mean())
+        expected = expected + g @ torch.linalg.solve(F + damping * torch.eye(F.shape[0], dtype=F.dtype), q.T)
+    torch.testing.assert_close(scores, expected)
+
+
+def test_bad_arguments_are_named():
+    model = token_model()
+    task = AttributionTask(next_token_loss(model), model, model.state_dict())
+    for kwargs, match in (({"rank": 0}, "rank"), ({"kind": "grass"}, "kind"), ({"preconditioner": "kfac"},
+                                                                                   "preconditioner"),
+                          ({"damping": -1.0}, "damping"), ({"module_name": "nope"}, "not modules")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            LoGraAttributor(task, show_progress=False, **kwargs)
+
+
+def test_a_weight_read_outside_its_layer_is_refused():
+    model = token_model()
+    base = next_token_loss(model)
+
+    def penalised(params, batch):
+        return base(params, batch) + 0.1 * params["mix.weight"].pow(2).sum()
+
+    task = AttributionTask(penalised, model, model.state_dict())
+    with pytest.raises(ValueError, match="differ from autograd's on the first examples"):
+        LoGraAttributor(task, rank=3, show_progress=False).attribute(id_loader(4, 1, 4), id_loader(2, 2, 2))
+
+
+transformers = pytest.importorskip("transformers")
+from tests.attrib_torch.test_hf_models import Sequences, gpt2, lm_loss  # noqa: E402
+
+from attrib_torch import CausalLMLoss, IFAttributorEKFAC  # noqa: E402
+
+
+def _padded(dataset, extra):
+    """The same sequences with ``extra`` more padding positions."""
+    class Padded(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(dataset)
+
+        def __getitem__(self, i):
+            row = dataset[i]
+            return {"input_ids": torch.cat([row["input_ids"], torch.zeros(extra, dtype=torch.long)]),
+                    "attention_mask": torch.cat([row["attention_mask"], torch.zeros(extra, dtype=torch.long)]),
+                    "labels": torch.cat([row["labels"], torch.full((extra,), -100)])}
+
+    return Padded()
+
+
+ATTRIBUTORS = {
+    "logra": lambda task: LoGraAttributor(task, rank=4, show_progress=False),
+    "factgrass": lambda task: LoGraAttributor(task, rank=4, kind="factgrass", show_progress=False),
+    "ekfac": lambda task: IFAttributorEKFAC(task, damping="heuristic", show_progress=False),
+    "grad-dot": lambda task: TracInAttributor(task, [1.0], False, show_progress=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ATTRIBUTORS))
+def test_gpt2_scores_do_not_depend_on_padding_or_batching(name):
+    model = gpt2()
+    train_data, test_data = Sequences(8, 11), Sequences(3, 12)
+    out = []
+    for extra, batch_size in ((0, 4), (4, 3)):
+        task = AttributionTask(CausalLMLoss(model), model, {k: v.clone() for k, v in model.state_dict().items()})
+        attributor = quiet(lambda: ATTRIBUTORS[name](task))
+        train = DataLoader(_padded(train_data, extra), batch_size=batch_size)
+        test = DataLoader(_padded(test_data, extra), batch_size=2)
+        if hasattr(attributor, "cache") and name == "ekfac":
+            attributor.cache(train)
+        out.append(attributor.attribute(train, test))
+    torch.testing.assert_close(out[0], out[1], rtol=1e-7, atol=1e-9)
+
+
+def test_gpt2_per_token_rows_sum_to_the_sequence_scores_and_skip_padding():
+    model = gpt2()
+    task = AttributionTask(CausalLMLoss(model), model, model.state_dict())
+    train_data = Sequences(7, 13)
+    train, test = DataLoader(train_data, batch_size=3), DataLoader(Sequences(2, 14), batch_size=2)
+    attributor = quiet(lambda: LoGraAttributor(task, rank=4, show_progress=False))
+    scores = attributor.attribute(train, test)
+    tokens = attributor.attribute_tokens(train, test)
+    lengths = torch.stack([train_data[i]["attention_mask"].sum() for i in range(7)])
+    assert torch.equal(tokens.offsets[1:] - tokens.offsets[:-1], lengths)
+    assert tokens.scores.shape == (int(lengths.sum()), 2)
+    for i in range(7):
+        assert torch.equal(tokens.positions[tokens.offsets[i] : tokens.offsets[i + 1]], torch.arange(int(lengths[i])))
+        torch.testing.assert_close(tokens.sequence(i).sum(0), scores[i])
+
+
+def test_hugging_faces_own_loss_is_explained_not_looped():
+    model = gpt2()
+    task = AttributionTask(lm_loss(model), model, model.state_dict())
+    attributor = quiet(lambda: LoGraAttributor(task, rank=4, show_progress=False))
+    with pytest.raises(ValueError, match="CausalLMLoss"):
+        attributor.attribute(DataLoader(Sequences(4, 1), batch_size=2), DataLoader(Sequences(2, 2), batch_size=2))
