@@ -106,7 +106,7 @@ class Captured(NamedTuple):
 
 
 def layer_specs(
-    model: nn.Module, params: Mapping[str, Tensor], layers: Union[None, str, Sequence[str]]
+    model: nn.Module, params: Mapping[str, Tensor], layers: Union[None, str, Sequence[str]], *, tied: bool = False
 ) -> tuple[LayerSpec, ...]:
     """The factored layers: every tracked layer whose weight is in ``params`` (``layers=None``) or the named ones.
 
@@ -115,6 +115,10 @@ def layer_specs(
     layers that cannot be factored exactly (:func:`untracked_reason` says why: a weight
     tied to another layer's, an embedding of more than :data:`MAX_EMBEDDING_ROWS` rows,
     ...) are left out; the caller reports what is left out (:func:`coverage`).
+    With ``tied=True`` a weight shared by several layers (tied input and output
+    embeddings) is kept: each of its layers gets a spec whose ``weight`` is the
+    shared parameter's name in ``params``, for callers that add the layers' parts
+    (:func:`attrib_core.compression` does).
 
     Raises:
         ValueError: a name is not a module of ``model``, its weight is not in
@@ -122,9 +126,11 @@ def layer_specs(
             exactly (named in the message), or nothing is left to factor.
     """
     modules = dict(model.named_modules())
+    weights = _weight_names(model) if tied else {}
+    weight_of = (lambda n: weights.get(n, f"{_prefix(n)}weight"))
     if layers is None:
-        candidates = [n for n, m in modules.items() if layer_kind(m) is not None and f"{_prefix(n)}weight" in params]
-        reasons = {n: untracked_reason(model, n) for n in candidates}
+        candidates = [n for n, m in modules.items() if layer_kind(m) is not None and weight_of(n) in params]
+        reasons = {n: untracked_reason(model, n, tied=tied) for n in candidates}
         names = [n for n in candidates if reasons[n] is None]
         if not names:
             why = "; ".join(f"{n!r}: {r}" for n, r in reasons.items())
@@ -142,12 +148,19 @@ def layer_specs(
                     f"layers: {n!r} is a {type(modules[n]).__name__}, which cannot be Kronecker-factored; "
                     f"supported: {_SUPPORTED_NAMES}"
                 )
-            if f"{_prefix(n)}weight" not in params:
-                raise ValueError(f"layers: the weight {_prefix(n)}weight of {n!r} is not in params")
-            reason = untracked_reason(model, n)
+            if weight_of(n) not in params:
+                raise ValueError(f"layers: the weight {weight_of(n)} of {n!r} is not in params")
+            reason = untracked_reason(model, n, tied=tied)
             if reason is not None:
                 raise ValueError(f"layers: {n!r} cannot be factored exactly: {reason}")
-    return tuple(_spec(n, modules[n], params) for n in names)
+    return tuple(_spec(n, modules[n], params, weight_of(n)) for n in names)
+
+
+def _weight_names(model: nn.Module) -> dict[str, str]:
+    """Each module's weight as ``model.named_parameters()`` names it (a tied weight under its first name)."""
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    return {path: canonical[id(m.weight)] for path, m in model.named_modules()
+            if isinstance(getattr(m, "weight", None), nn.Parameter) and id(m.weight) in canonical}
 
 
 class Coverage(NamedTuple):
@@ -189,14 +202,15 @@ def coverage(model: nn.Module, params: Mapping[str, Tensor], specs: Sequence[Lay
     return Coverage(tuple(n for n in params if n in covered), left_out, share, reasons)
 
 
-def untracked_reason(model: nn.Module, name: str) -> Optional[str]:
-    """Why the tracked-kind layer ``name`` cannot be factored exactly, or None when it can."""
+def untracked_reason(model: nn.Module, name: str, *, tied: bool = False) -> Optional[str]:
+    """Why the tracked-kind layer ``name`` cannot be factored exactly, or None when it can (``tied``: a weight
+    shared with other layers is no reason)."""
     modules = dict(model.named_modules())
     module = modules[name]
     kind = layer_kind(module)
     sharing = [n for n, m in modules.items() if n != name and layer_kind(m) is not None
                and getattr(m, "weight", None) is module.weight]
-    if sharing:
+    if sharing and not tied:
         return (f"its weight is tied to that of {sharing} (tied weights' gradients add over several layers, "
                 "which no single layer's factors hold)")
     if kind == "conv2d":
@@ -223,9 +237,8 @@ def _prefix(name: str) -> str:
     return f"{name}." if name else ""
 
 
-def _spec(name: str, module: nn.Module, params: Mapping[str, Tensor]) -> LayerSpec:
+def _spec(name: str, module: nn.Module, params: Mapping[str, Tensor], weight: str) -> LayerSpec:
     kind = layer_kind(module)
-    weight = f"{_prefix(name)}weight"
     has_bias = getattr(module, "bias", None) is not None
     bias = f"{_prefix(name)}bias" if has_bias and f"{_prefix(name)}bias" in params else None
     shape = params[weight].shape

@@ -23,6 +23,7 @@ import zlib
 from typing import Mapping, NamedTuple, Sequence, Tuple, Union
 
 import torch
+from opt_einsum import contract
 from torch import Tensor
 
 import kernels
@@ -80,27 +81,57 @@ def project_gradient(G: Tensor, spec: LayerSpec, dims: Tuple[int, int], seed: in
 
 
 class Compression(NamedTuple):
-    """How each module's gradient is compressed: the kind, the seed, and per module ``(k_out, k_in)`` and the
-    ``(m_out, m_in)`` coordinates FactGraSS's masks keep (the full sides for ``"logra"``)."""
+    """How each block's gradient is compressed: the kind, the seed, and per block ``(k_out, k_in)``, the
+    ``(m_out, m_in)`` coordinates FactGraSS's masks keep (the full sides for ``"logra"``), and its members.
+
+    A block is one module, or the modules sharing one weight (tied input and output
+    embeddings), named by its first module. ``members[block]`` lists ``(module, swapped)``:
+    a swapped member stores the weight the other way round (an Embedding ``(V, E)`` tied
+    to a Linear ``(V, E)`` whose output is ``V``), so its input factor is compressed on
+    the block's output side and its output gradient on the input side; the members'
+    compressed gradients add up to the compressed gradient of the shared weight.
+    """
 
     kind: str
     seed: int
     dims: Mapping[str, Tuple[int, int]]
     masks: Mapping[str, Tuple[int, int]]
+    members: Mapping[str, Tuple[Tuple[str, bool], ...]]
 
     @property
     def width(self) -> int:
-        """Numbers per example: ``Σ k_out · k_in``."""
+        """Numbers per example: ``Σ k_out · k_in`` over the blocks."""
         return sum(k_out * k_in for k_out, k_in in self.dims.values())
+
+
+def _blocks(specs: Sequence[LayerSpec]) -> dict[str, list[LayerSpec]]:
+    """Specs grouped by the weight they hold, in order of first appearance, named by the first module."""
+    by_weight: dict[str, list[LayerSpec]] = {}
+    for spec in specs:
+        by_weight.setdefault(spec.weight, []).append(spec)
+    blocks = {}
+    for members in by_weight.values():
+        first = members[0]
+        for other in members[1:]:
+            if first.bias is not None or other.bias is not None:
+                raise ValueError(f"layers: {first.module!r} and {other.module!r} share a weight and one of them has "
+                                 "a bias; only tied weights without biases are compressed together")
+            swapped = other.transposed != first.transposed
+            expected = (first.d_a, first.d_out) if swapped else (first.d_out, first.d_a)
+            if (other.d_out, other.d_a) != expected:
+                raise ValueError(f"layers: {first.module!r} and {other.module!r} share a weight of different shapes")
+        blocks[first.module] = members
+    return blocks
 
 
 def compression(specs: Sequence[LayerSpec], rank: Union[int, Tuple[int, int]], *, kind: str = "logra",
                 seed: int = 0) -> Tuple[Compression, list[str]]:
     """The compression of ``specs`` at ``rank`` (``k`` on both sides, or ``(k_out, k_in)``), and the sides kept exact.
 
-    A side whose rank is at least its dimension (``d_out``, or ``d_a`` with the bias's
-    constant) is kept exact rather than projected to as many or more numbers; the
-    second value names them (``"module.out"``, ``"module.in"``) for the caller to report.
+    Specs holding the same weight (tied embeddings, from ``layer_specs(..., tied=True)``)
+    form one block. A side whose rank is at least its dimension (``d_out``, or ``d_a``
+    with the bias's constant) is kept exact rather than projected to as many or more
+    numbers; the second value names them (``"module.out"``, ``"module.in"``).
 
     Raises:
         ValueError: an unknown ``kind``, or a rank that is not a positive integer.
@@ -111,16 +142,18 @@ def compression(specs: Sequence[LayerSpec], rank: Union[int, Tuple[int, int]], *
     if (not isinstance(ranks, tuple) or len(ranks) != 2
             or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks)):
         raise ValueError(f"rank: expected a positive integer or a pair (k_out, k_in) of them, got {rank!r}")
-    dims, masks, exact = {}, {}, []
-    for spec in specs:
+    dims, masks, members, exact = {}, {}, {}, []
+    for name, group in _blocks(specs).items():
+        first = group[0]
         sides = []
-        for side, d, k in (("out", spec.d_out, ranks[0]), ("in", spec.d_a, ranks[1])):
+        for side, d, k in (("out", first.d_out, ranks[0]), ("in", first.d_a, ranks[1])):
             if k >= d:
-                exact.append(f"{spec.module}.{side}")
+                exact.append(f"{name}.{side}")
             sides.append((min(k, d), d if k >= d or kind == "logra" else min(d, MASK_RATIO * k)))
-        dims[spec.module] = (sides[0][0], sides[1][0])
-        masks[spec.module] = (sides[0][1], sides[1][1])
-    return Compression(kind, int(seed), dims, masks), exact
+        dims[name] = (sides[0][0], sides[1][0])
+        masks[name] = (sides[0][1], sides[1][1])
+        members[name] = tuple((s.module, s.transposed != first.transposed) for s in group)
+    return Compression(kind, int(seed), dims, masks, members), exact
 
 
 def _mask_rows(d: int, m: int, seed: int, device: torch.device) -> Tensor:
@@ -145,27 +178,40 @@ def _side(x: Tensor, k: int, m: int, kind: str, seed: int) -> Tensor:
 
 
 def compress_factors(x: Mapping[str, Captured], comp: Compression) -> dict[str, Captured]:
-    """Each module's factors compressed: ``a`` ``(n, T, k_in)`` and ``ds`` ``(n, T, k_out)``."""
+    """Each module's factors compressed on its block's sides: ``a`` ``(n, T, k_in)`` and ``ds`` ``(n, T, k_out)``
+    (a swapped member's output gradient becomes its ``a``, its input its ``ds``)."""
     out = {}
-    for m, c in x.items():
-        (k_out, k_in), (m_out, m_in) = comp.dims[m], comp.masks[m]
-        out[m] = Captured(_side(c.a, k_in, m_in, comp.kind, side_seed(comp.seed, m, "in")),
-                          _side(c.ds, k_out, m_out, comp.kind, side_seed(comp.seed, m, "out")), c.positions)
+    for block, group in comp.members.items():
+        (k_out, k_in), (m_out, m_in) = comp.dims[block], comp.masks[block]
+        seeds = side_seed(comp.seed, block, "out"), side_seed(comp.seed, block, "in")
+        for module, swapped in group:
+            c = x[module]
+            on_out, on_in = (c.a, c.ds) if swapped else (c.ds, c.a)
+            out[module] = Captured(_side(on_in, k_in, m_in, comp.kind, seeds[1]),
+                                   _side(on_out, k_out, m_out, comp.kind, seeds[0]), c.positions)
     return out
 
 
-def compressed_gradients(projected: Mapping[str, Captured]) -> Tensor:
-    """``(n, Σ k_out · k_in)``: each example's compressed gradient ``Σ_t ds'_t a'_tᵀ``, module after module, row-major."""
-    parts = [torch.einsum("ntk,ntl->nkl", c.ds, c.a).reshape(c.a.shape[0], -1) for c in projected.values()]
+def compressed_gradients(projected: Mapping[str, Captured], comp: Compression) -> Tensor:
+    """``(n, Σ k_out · k_in)``: each example's compressed gradient ``Σ_t ds'_t a'_tᵀ`` block after block
+    (a tied weight's members summed), row-major."""
+    parts = []
+    for group in comp.members.values():
+        total = None
+        for module, _ in group:
+            c = projected[module]
+            part = torch.einsum("ntk,ntl->nkl", c.ds, c.a).reshape(c.a.shape[0], -1)
+            total = part if total is None else total + part
+        parts.append(total)
     return torch.cat(parts, dim=1)
 
 
 def compress_gradient(G: Tensor, spec: LayerSpec, comp: Compression) -> Tensor:
-    """``(n, k_out · k_in)``: explicit gradients of one layer compressed as :func:`compress_factors` compresses
-    their factors (``G`` laid out as in :func:`project_gradient`)."""
+    """``(n, k_out · k_in)``: explicit gradients of one block compressed as :func:`compress_factors` compresses
+    their factors; ``spec`` is the block's first module (``G`` laid out as in :func:`project_gradient`)."""
     n = G.shape[0]
     (k_out, k_in), (m_out, m_in) = comp.dims[spec.module], comp.masks[spec.module]
-    weight = spec.as_matrix(G[:, : spec.d_out * spec.d_in])
+    weight = spec.as_matrix(G[:, : spec.d_out * spec.d_in])  # (n, d_out, d_in) in the block's orientation
     if spec.bias is not None:
         weight = torch.cat([weight, G[:, spec.d_out * spec.d_in :].reshape(n, spec.d_out, 1)], dim=2)
     right = _side(weight, k_in, m_in, comp.kind, side_seed(comp.seed, spec.module, "in"))  # (n, d_out, k_in)
@@ -178,17 +224,19 @@ def token_scores(projected: Mapping[str, Captured], queries: Tensor, comp: Compr
 
     ``queries`` ``(m, Σ k_out · k_in)`` are compressed (and preconditioned) query
     gradients laid out as :func:`compressed_gradients`; summed over ``t`` the terms
-    are the examples' scores ``compressed_gradients(projected) @ queries.T``. Every
-    module must have the same positions ``T`` (the tokens of a sequence).
+    are the examples' scores ``compressed_gradients(projected, comp) @ queries.T``.
+    Every module must have the same positions ``T`` (the tokens of a sequence).
     """
     positions = {c.a.shape[1] for c in projected.values()}
     if len(positions) != 1:
         raise ValueError(f"per-position scores need the same positions in every module, got {sorted(positions)}")
     total, start = None, 0
-    for m, c in projected.items():
-        k_out, k_in = comp.dims[m]
-        Q = queries[:, start : start + k_out * k_in].reshape(-1, k_out, k_in).to(c.a.dtype)
+    for block, group in comp.members.items():
+        k_out, k_in = comp.dims[block]
+        Q = queries[:, start : start + k_out * k_in].reshape(-1, k_out, k_in)
         start += k_out * k_in
-        part = torch.einsum("ntk,jkl,ntl->ntj", c.ds, Q, c.a)
-        total = part if total is None else total + part
+        for module, _ in group:
+            c = projected[module]
+            part = contract("ntk,jkl,ntl->ntj", c.ds, Q.to(c.a.dtype), c.a)
+            total = part if total is None else total + part
     return total

@@ -138,6 +138,13 @@ class CausalLMLoss(_DictBatchLoss):
         values = lm.token_margins if self.target == "margin" else lm.token_losses
         return values(self.logits(params, batch), labels)
 
+    def probabilities(self, params: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
+        """``(B,)``: each sequence's mean probability of its scored labels (TRAK's ``correct_probability_func``:
+        its ``1 - p`` weighs each sequence's margin gradient, averaged over the tokens)."""
+        labels = self.labels(batch)
+        losses, valid = lm.token_losses(self.logits(params, batch), labels)
+        return torch.where(valid, torch.exp(-losses), torch.zeros_like(losses)).sum(1) / valid.sum(1)
+
     def __call__(self, params: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
         """The batch's loss: the mean of :meth:`per_example` (for a batch of one, HF's ``.loss``)."""
         return self.per_example(params, batch).mean()

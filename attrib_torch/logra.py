@@ -75,7 +75,9 @@ class LoGraAttributor(BaseInnerProductAttributor):
             exact (named in a warning).
         module_name: ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` or Conv1D modules, or
             None for every one that can be factored exactly (what that leaves out is
-            named in a warning with its share of the parameters).
+            named in a warning with its share of the parameters). A weight tied between
+            layers (GPT-2's input embedding and output layer) is compressed once, the
+            layers' parts added.
         kind: ``"logra"`` (dense Rademacher matrices) or ``"factgrass"`` (sparse mask,
             then a sparse JL transform).
         preconditioner: ``"fisher"`` (the damped inverse of the compressed gradients'
@@ -93,7 +95,7 @@ class LoGraAttributor(BaseInnerProductAttributor):
             raise ValueError(f"preconditioner: expected one of {_PRECONDITIONERS}, got {preconditioner!r}")
         damping = nonnegative(damping, "damping")
         candidates = task.params(0) if module_name is not None else task.selected(task.params(0), None)
-        specs = layer_specs(task.get_model(), candidates, module_name)  # raises on bad names
+        specs = layer_specs(task.get_model(), candidates, module_name, tied=True)  # raises on bad names
         self.compression, exact = compression(specs, rank, kind=kind, seed=seed)  # raises on bad rank/kind
         if module_name is None:
             left = coverage(task.get_model(), candidates, specs)
@@ -124,7 +126,7 @@ class LoGraAttributor(BaseInnerProductAttributor):
                                     mask=_attention_mask(data))
         projected = compress_factors(captured, self.compression)
         if which not in self._checked:
-            self._check_head(func, fixed, chosen, data, compressed_gradients(projected))
+            self._check_head(func, fixed, chosen, data, compressed_gradients(projected, self.compression))
             self._checked.add(which)
         return projected
 
@@ -137,7 +139,9 @@ class LoGraAttributor(BaseInnerProductAttributor):
             offsets[n] = (start, start + chosen[n].numel())
             start += chosen[n].numel()
         parts = []
-        for spec in self._specs:
+        first = {s.module: s for s in self._specs}
+        for block in self.compression.members:  # a tied weight's gradient once, in its block's orientation
+            spec = first[block]
             names = [spec.weight] + ([spec.bias] if spec.bias else [])
             G = torch.cat([dense[:, offsets[n][0] : offsets[n][1]] for n in names], dim=1)
             parts.append(compress_gradient(G, spec, self.compression))
@@ -153,11 +157,11 @@ class LoGraAttributor(BaseInnerProductAttributor):
 
     def generate_train_rep(self, ckpt_idx: int, data: Any) -> Tensor:
         """Compressed per-example loss gradients ``(B, Σ k_out · k_in)``."""
-        return compressed_gradients(self._projected(ckpt_idx, data, "train"))
+        return compressed_gradients(self._projected(ckpt_idx, data, "train"), self.compression)
 
     def generate_test_rep(self, ckpt_idx: int, data: Any) -> Tensor:
         """Compressed per-example target gradients ``(B, Σ k_out · k_in)``."""
-        return compressed_gradients(self._projected(ckpt_idx, data, "test"))
+        return compressed_gradients(self._projected(ckpt_idx, data, "test"), self.compression)
 
     # -- preconditioner ---------------------------------------------------------------------
 

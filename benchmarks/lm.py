@@ -1,8 +1,8 @@
 """Language-model attribution on text that ships with Python: LDS against retrained GPT-2s, and capture throughput.
 
-    PYTHONPATH=. python -m benchmarks.lm [--subsets 64] [--methods grad-dot,logra-8,...] [--throughput]
+    PYTHONPATH=. python -m benchmarks.lm [--subsets 32] [--methods grad-dot,logra-8,...] [--throughput]
 
-A GPT-2 from its config (170k parameters, byte tokens) is trained on 512 paragraphs of
+A GPT-2 from its config (170k parameters, byte tokens) is trained by full-batch Adam on 512 paragraphs of
 ``pydoc_data.topics`` (:mod:`benchmarks.lm_data`) and retrained on ``--subsets`` random
 halves of them (cached under ``$ATTRIB_CACHE/retrain``); the target is each of 64
 test paragraphs' mean token loss, so LDS correlates the attributions' predicted
@@ -31,7 +31,7 @@ from .lm_data import batch_of, gpt2, load_corpus, test_losses, train
 from .measure import timed
 from .retrain import Data, retrain_lds
 
-EPOCHS = 8
+STEPS = 60  # full-batch Adam steps (benchmarks.lm_data.train)
 
 
 class Sequences(Dataset):
@@ -55,20 +55,21 @@ class Problem:
         c = self.corpus
         self.model = gpt2()
         self.init = {k: v.clone() for k, v in self.model.state_dict().items()}
-        self.state = train(self.model, c.train_ids, c.train_mask, epochs=EPOCHS)
+        self.state = train(self.model, c.train_ids, c.train_mask, steps=STEPS)
+        self.test_loss = float(test_losses(self.model, self.state, c.test_ids, c.test_mask).mean())
         self.train_loader = DataLoader(Sequences(c.train_ids, c.train_mask), batch_size=32)
         self.test_loader = DataLoader(Sequences(c.test_ids, c.test_mask), batch_size=32)
         scratch = gpt2()
 
         def refit(ids: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
             scratch.load_state_dict(self.init)
-            return train(scratch, ids, mask, epochs=EPOCHS)
+            return train(scratch, ids, mask, steps=STEPS)
 
         def target(state, ids, mask):  # larger is better: minus the test loss
             return -test_losses(scratch, state, ids, mask)
 
         data = Data(c.train_ids, c.train_mask, c.test_ids, c.test_mask)
-        self.truth = retrain_lds(refit, target, data, n_subsets=n_subsets, key=f"lm-gpt2-e{EPOCHS}",
+        self.truth = retrain_lds(refit, target, data, n_subsets=n_subsets, key=f"lm-gpt2-fullbatch{STEPS}",
                                  progress=progress)
 
     def task(self, target: str = "loss") -> at.AttributionTask:
@@ -95,6 +96,19 @@ def _ekfac(p: Problem) -> torch.Tensor:
     return attributor.attribute(p.train_loader, p.test_loader)
 
 
+def _trak(proj_dim: int) -> Callable[[Problem], torch.Tensor]:
+    """TRAK on the summed token margin, its ``Q`` from the mean label probability (:meth:`CausalLMLoss.probabilities`)."""
+    def run(p: Problem) -> torch.Tensor:
+        margin = at.CausalLMLoss(p.model, reduction="sum", target="margin")
+        task = at.AttributionTask(margin, p.model, p.state)
+        attributor = at.TRAKAttributor(task, margin.probabilities, projector_kwargs={"proj_dim": proj_dim},
+                                       show_progress=False)
+        attributor.cache(p.train_loader)
+        return attributor.attribute(p.test_loader, p.train_loader)
+
+    return run
+
+
 METHODS: Dict[str, Callable[[Problem], torch.Tensor]] = {
     "grad-dot": _grad_dot,
     "logra-8": _logra(8),
@@ -102,6 +116,8 @@ METHODS: Dict[str, Callable[[Problem], torch.Tensor]] = {
     "logra-16-identity": _logra(16, preconditioner="identity"),
     "factgrass-16": _logra(16, kind="factgrass"),
     "ekfac": _ekfac,
+    "trak-512": _trak(512),
+    "trak-4096": _trak(4096),
 }
 
 
@@ -140,7 +156,7 @@ def throughput(p: Problem, repeats: int) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--subsets", type=int, default=64)
+    parser.add_argument("--subsets", type=int, default=32)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--throughput", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
@@ -148,7 +164,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.perf_counter()
     p = Problem(args.subsets, progress=True)
-    print(f"trained + ground truth ({args.subsets} retrained models) in {time.perf_counter() - started:.0f} s")
+    print(f"trained (test loss {p.test_loss:.3f} nats/token) + ground truth ({args.subsets} retrained models) in "
+          f"{time.perf_counter() - started:.0f} s")
     if args.throughput:
         throughput(p, args.repeats)
     print("| method | LDS (95% interval) | time (s) |")

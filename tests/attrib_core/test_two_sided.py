@@ -90,7 +90,7 @@ def test_compression_from_factors_is_the_kronecker_projection_of_the_gradient(n,
     # (R_out ⊗ R_in)ᵀ vec(G): the explicit per-example gradient projected with both matrices
     expected = torch.einsum("ok,nod,dj->nkj", R_out, W, R_in).reshape(n, -1)
     torch.testing.assert_close(compress_gradient(G, spec, comp), expected)
-    torch.testing.assert_close(compressed_gradients(compress_factors(factors, comp)), expected)
+    torch.testing.assert_close(compressed_gradients(compress_factors(factors, comp), comp), expected)
 
 
 def test_token_scores_sum_to_the_examples_scores():
@@ -103,7 +103,7 @@ def test_token_scores_sum_to_the_examples_scores():
     queries = torch.randn(4, comp.width, generator=g, dtype=torch.float64)
     per_token = token_scores(projected, queries, comp)
     assert per_token.shape == (3, 7, 4)
-    torch.testing.assert_close(per_token.sum(1), compressed_gradients(projected) @ queries.T)
+    torch.testing.assert_close(per_token.sum(1), compressed_gradients(projected, comp) @ queries.T)
 
 
 def test_compression_rejects_bad_ranks_and_kinds():

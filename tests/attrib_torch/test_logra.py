@@ -181,3 +181,14 @@ def test_hugging_faces_own_loss_is_explained_not_looped():
     attributor = quiet(lambda: LoGraAttributor(task, rank=4, show_progress=False))
     with pytest.raises(ValueError, match="CausalLMLoss"):
         attributor.attribute(DataLoader(Sequences(4, 1), batch_size=2), DataLoader(Sequences(2, 2), batch_size=2))
+
+
+def test_gpt2_at_full_rank_is_grad_dot_with_the_tied_embedding_included():
+    model = gpt2()
+    task = AttributionTask(CausalLMLoss(model), model, model.state_dict())
+    train, test = DataLoader(Sequences(6, 15), batch_size=3), DataLoader(Sequences(2, 16), batch_size=2)
+    logra = quiet(lambda: LoGraAttributor(task, rank=1000, preconditioner="identity", show_progress=False))
+    assert "transformer.wte.weight" in logra.names  # tied to lm_head: compressed once, both layers' parts added
+    assert logra.compression.members["transformer.wte"] == (("transformer.wte", False), ("lm_head", True))
+    grad_dot = TracInAttributor(task, [1.0], False, layer_name=logra.names, show_progress=False)
+    torch.testing.assert_close(logra.attribute(train, test), grad_dot.attribute(train, test))
