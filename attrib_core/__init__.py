@@ -75,6 +75,7 @@ from .layer_capture import (
 )
 from .hooked import HookedLayout, HookedModule, UncoveredParameters, hooked_grads, hooked_layout, norm_kind
 from .lissa import LissaState, lissa
+from .optimizer_moments import adam_second_moments, dense_scales, factored_scales, scale_factors
 from . import lm
 from .metrics import (
     BrittlenessResult,
@@ -114,6 +115,10 @@ from .trak import trak_kernel, trak_train_features, trak_weights
 from .trees import examples_in, ravel, select, split_by_module
 
 __all__ = [
+    "adam_second_moments",
+    "dense_scales",
+    "factored_scales",
+    "scale_factors",
     "HookedLayout",
     "HookedModule",
     "UncoveredParameters",

@@ -25,8 +25,10 @@ from attrib_core import (
     compressed_gradients,
     compression,
     coverage,
+    factored_scales,
     layer_specs,
     per_sample_grad_loop,
+    scale_factors,
     token_scores,
 )
 from attrib_core.layer_capture import capture_examples
@@ -61,6 +63,17 @@ class TokenScores(NamedTuple):
         return self.scores[int(self.offsets[i]) : int(self.offsets[i + 1])]
 
 
+def _scaled(G: Tensor, spec, scales: Tuple[Tensor, Tensor]) -> Tensor:
+    """Explicit gradients ``(n, numel [+ d_out])`` of one layer multiplied by ``row columnᵀ`` (the factors' scaling)."""
+    row, column = (t.to(G.dtype) for t in scales)
+    n, weight = G.shape[0], spec.d_out * spec.d_in
+    W = spec.as_matrix(G[:, :weight]) * torch.outer(row, column[: spec.d_in])
+    parts = [spec.as_weight(W)]
+    if spec.bias is not None:
+        parts.append(G[:, weight:] * (row * column[spec.d_in]))
+    return torch.cat(parts, dim=1).reshape(n, -1)
+
+
 def _attention_mask(batch: Any) -> Optional[Tensor]:
     return batch.get("attention_mask") if isinstance(batch, Mapping) else None
 
@@ -85,12 +98,18 @@ class LoGraAttributor(BaseInnerProductAttributor):
         damping: per module, ``λ = damping ×`` the mean eigenvalue of its second moment
             (LogIX's and kronfluence's heuristic is 0.1).
         seed: of the compression; scores depend on it and on nothing else random.
+        second_moments: ``{parameter: v̂}`` of the optimizer (from
+            :func:`attrib_core.adam_second_moments`): gradients are divided by
+            ``sqrt(v̂)`` before compression, through the rank-one (Adafactor) fit of each
+            layer's ``v̂`` applied to its factors (:func:`attrib_core.factored_scales`).
+        normalize: score cosines of ``(F̃ + λI)^{-1/2} g̃`` on both sides (TrackStar's
+            form, Chang et al., 2024) instead of ``⟨g̃_train, (F̃ + λI)⁻¹ g̃_test⟩``.
     """
 
     def __init__(self, task: AttributionTask, rank: Union[int, Tuple[int, int]] = 16,
                  module_name: LayerName = None, kind: str = "logra", preconditioner: str = "fisher",
-                 damping: float = 0.1, seed: int = 0, device: Optional[str] = "cpu",
-                 show_progress: bool = True) -> None:
+                 damping: float = 0.1, seed: int = 0, second_moments: Optional[Mapping[str, Tensor]] = None,
+                 normalize: bool = False, device: Optional[str] = "cpu", show_progress: bool = True) -> None:
         if preconditioner not in _PRECONDITIONERS:
             raise ValueError(f"preconditioner: expected one of {_PRECONDITIONERS}, got {preconditioner!r}")
         damping = nonnegative(damping, "damping")
@@ -109,6 +128,16 @@ class LoGraAttributor(BaseInnerProductAttributor):
         super().__init__(task, [n for n in task.params(0) if n in covered], device, show_progress)
         self._specs = specs
         self._width = self.compression.width
+        self._scales = None
+        if second_moments is not None:
+            if not isinstance(second_moments, Mapping):
+                raise TypeError("second_moments: expected a dict {parameter name: tensor}, as adam_second_moments "
+                                f"returns, got {type(second_moments).__name__}")
+            missing = [n for n in self.names if n not in second_moments]
+            if missing:
+                raise ValueError(f"second_moments: no entry for {missing[:8]}")
+            self._scales = {s.module: factored_scales(second_moments, s) for s in specs}
+        self.normalize = bool(normalize)
         self.rank, self.kind, self.seed = rank, kind, seed
         self.preconditioner, self.damping = preconditioner, damping
         self._checked: set = set()  # functions whose compressed gradients were checked against autograd
@@ -124,6 +153,8 @@ class LoGraAttributor(BaseInnerProductAttributor):
         params = {**fixed, **chosen}
         captured = capture_examples(self.task.get_model(), func, params, data, self._specs,
                                     mask=_attention_mask(data))
+        if self._scales is not None:
+            captured = scale_factors(captured, self._scales)
         projected = compress_factors(captured, self.compression)
         if which not in self._checked:
             self._check_head(func, fixed, chosen, data, compressed_gradients(projected, self.compression))
@@ -144,6 +175,8 @@ class LoGraAttributor(BaseInnerProductAttributor):
             spec = first[block]
             names = [spec.weight] + ([spec.bias] if spec.bias else [])
             G = torch.cat([dense[:, offsets[n][0] : offsets[n][1]] for n in names], dim=1)
+            if self._scales is not None:
+                G = _scaled(G, spec, self._scales[spec.module])
             parts.append(compress_gradient(G, spec, self.compression))
         expected = torch.cat(parts, dim=1).to(compressed.dtype)
         got = compressed[: expected.shape[0]]
@@ -166,32 +199,53 @@ class LoGraAttributor(BaseInnerProductAttributor):
     # -- preconditioner ---------------------------------------------------------------------
 
     def _prepare(self, ckpt_idx: int) -> None:
-        if self.preconditioner == "identity":
-            return
-        reps = self.train_reps(ckpt_idx, self.full_train_dataloader)
-        n = reps.shape[0]
+        """One pass over the cached training set: its compressed gradients, the preconditioner fitted on them, and
+        the transformed training representations kept for scoring."""
+        loader = self.full_train_dataloader
+        raw = torch.cat(list(self._grouped(loader, ckpt_idx, train=True, transform=lambda c, rep: rep)))
+        if self.preconditioner != "identity":
+            self._inverses[ckpt_idx] = self._fit(raw)
+        self._keep_train_reps(ckpt_idx, loader, self.transform_train_rep(ckpt_idx, raw))
+
+    def _fit(self, raw: Tensor) -> List[Tuple[Tensor, Tensor]]:
+        """Per block, the eigenvectors and damped eigenvalues of the compressed gradients' second moment."""
+        n = raw.shape[0]
         inverses, start = [], 0
         for k_out, k_in in self.compression.dims.values():
-            block = reps[:, start : start + k_out * k_in].double()
+            block = raw[:, start : start + k_out * k_in].double()
             start += k_out * k_in
             values, vectors = torch.linalg.eigh(block.T @ block / n)
             values = values.clamp(min=0)
             damping = self.damping * float(values.mean())
             if damping <= 0 and not bool((values > 0).all()):
                 raise ValueError("damping: the compressed gradients' second moment is singular; give damping > 0")
-            inverses.append((vectors, 1.0 / (values + damping)))
-        self._inverses[ckpt_idx] = inverses
+            inverses.append((vectors, values + damping))
+        return inverses
+
+    def _powered(self, ckpt_idx: int, rep: Tensor, power: float) -> Tensor:
+        """``(F̃ + λI)^power`` applied block by block to the rows of ``rep``."""
+        out, start = [], 0
+        for vectors, values in self._inverses[ckpt_idx]:
+            width = vectors.shape[0]
+            block = rep[:, start : start + width].double()
+            start += width
+            out.append(((block @ vectors) * values.pow(power)) @ vectors.T)
+        return torch.cat(out, dim=1).to(rep.dtype)
+
+    def _transformed(self, ckpt_idx: int, rep: Tensor, test: bool) -> Tensor:
+        if self.normalize:
+            if self.preconditioner != "identity":
+                rep = self._powered(ckpt_idx, rep, -0.5)
+            return rep / rep.norm(dim=1, keepdim=True).clamp(min=torch.finfo(rep.dtype).tiny)
+        if test and self.preconditioner != "identity":
+            return self._powered(ckpt_idx, rep, -1.0)
+        return rep
+
+    def transform_train_rep(self, ckpt_idx: int, train_rep: Tensor) -> Tensor:
+        return self._transformed(ckpt_idx, train_rep, test=False)
 
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
-        if self.preconditioner == "identity":
-            return test_rep
-        out, start = [], 0
-        for vectors, scale in self._inverses[ckpt_idx]:
-            width = vectors.shape[0]
-            block = test_rep[:, start : start + width].double()
-            start += width
-            out.append(((block @ vectors) * scale) @ vectors.T)
-        return torch.cat(out, dim=1).to(test_rep.dtype)
+        return self._transformed(ckpt_idx, test_rep, test=True)
 
     # -- per-token scores ---------------------------------------------------------------------
 

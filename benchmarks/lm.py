@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import attrib_torch as at
-from attrib_core import lds
+from attrib_core import adam_second_moments, lds
 
 from .lm_data import batch_of, gpt2, load_corpus, test_losses, train
 from .measure import timed
@@ -55,7 +55,9 @@ class Problem:
         c = self.corpus
         self.model = gpt2()
         self.init = {k: v.clone() for k, v in self.model.state_dict().items()}
-        self.state = train(self.model, c.train_ids, c.train_mask, steps=STEPS)
+        trained = train(self.model, c.train_ids, c.train_mask, steps=STEPS)
+        self.state = trained.state
+        self.moments = adam_second_moments(trained.optimizer, [n for n, _ in self.model.named_parameters()])
         self.test_loss = float(test_losses(self.model, self.state, c.test_ids, c.test_mask).mean())
         self.train_loader = DataLoader(Sequences(c.train_ids, c.train_mask), batch_size=32)
         self.test_loader = DataLoader(Sequences(c.test_ids, c.test_mask), batch_size=32)
@@ -63,7 +65,7 @@ class Problem:
 
         def refit(ids: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
             scratch.load_state_dict(self.init)
-            return train(scratch, ids, mask, steps=STEPS)
+            return train(scratch, ids, mask, steps=STEPS).state
 
         def target(state, ids, mask):  # larger is better: minus the test loss
             return -test_losses(scratch, state, ids, mask)
@@ -84,6 +86,17 @@ def _grad_dot(p: Problem) -> torch.Tensor:
 def _logra(rank: int, kind: str = "logra", preconditioner: str = "fisher") -> Callable[[Problem], torch.Tensor]:
     def run(p: Problem) -> torch.Tensor:
         attributor = at.LoGraAttributor(p.task(), rank=rank, kind=kind, preconditioner=preconditioner,
+                                        show_progress=False)
+        return attributor.attribute(p.train_loader, p.test_loader)
+
+    return run
+
+
+def _trackstar(rank: int) -> Callable[[Problem], torch.Tensor]:
+    """TrackStar's form: gradients over Adam's sqrt(v̂) (rank-one fit per layer), compressed, whitened by the
+    compressed second moment, cosines."""
+    def run(p: Problem) -> torch.Tensor:
+        attributor = at.LoGraAttributor(p.task(), rank=rank, second_moments=p.moments, normalize=True,
                                         show_progress=False)
         return attributor.attribute(p.train_loader, p.test_loader)
 
@@ -115,6 +128,7 @@ METHODS: Dict[str, Callable[[Problem], torch.Tensor]] = {
     "logra-16": _logra(16),
     "logra-16-identity": _logra(16, preconditioner="identity"),
     "factgrass-16": _logra(16, kind="factgrass"),
+    "trackstar-16": _trackstar(16),
     "ekfac": _ekfac,
     "trak-512": _trak(512),
     "trak-4096": _trak(4096),

@@ -78,10 +78,17 @@ def gpt2(*, seed: int = 0, n_embd: int = 64, n_layer: int = 3, n_head: int = 4) 
     return transformers.GPT2LMHeadModel(config).eval()
 
 
+class Trained(NamedTuple):
+    """The fitted state dict (copies) and the optimizer's state dict (Adam's moments, for TrackStar)."""
+
+    state: dict
+    optimizer: dict
+
+
 def train(model: nn.Module, ids: Tensor, mask: Tensor, *, steps: int = 60, lr: float = 1.5e-2,
-          chunk: int = 64) -> dict[str, Tensor]:
+          chunk: int = 64) -> Trained:
     """Fit ``model`` (in place) by full-batch Adam on the sequences' mean loss, ``steps`` steps, the learning rate
-    decaying linearly to zero; returns its state dict (copies).
+    decaying linearly to zero.
 
     Full-batch and deterministic: the model is a smooth function of which sequences
     it is trained on, with no data-order noise (mini-batch training's order noise
@@ -103,7 +110,7 @@ def train(model: nn.Module, ids: Tensor, mask: Tensor, *, steps: int = 60, lr: f
             (loss(params, batch_of(ids[part], mask[part])) * (n / len(ids))).backward()
         optimizer.step()
         schedule.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return Trained({k: v.detach().clone() for k, v in model.state_dict().items()}, optimizer.state_dict())
 
 
 def test_losses(model: nn.Module, state: Mapping[str, Tensor], ids: Tensor, mask: Tensor) -> Tensor:

@@ -92,6 +92,47 @@ def test_fisher_preconditioned_scores_equal_an_explicit_solve(kind):
     torch.testing.assert_close(scores, expected)
 
 
+def test_normalized_at_full_rank_is_grad_cos():
+    model = token_model()
+    task = AttributionTask(next_token_loss(model), model, model.state_dict())
+    train, test = id_loader(8, 5, 3), id_loader(3, 6, 3)
+    logra = quiet(lambda: LoGraAttributor(task, rank=64, preconditioner="identity", normalize=True,
+                                          show_progress=False))
+    grad_cos = TracInAttributor(task, [1.0], normalized_grad=True, show_progress=False)
+    torch.testing.assert_close(logra.attribute(train, test), grad_cos.attribute(train, test))
+
+
+def test_second_moments_divide_the_gradients_before_compression():
+    """Rank-one moments (Adafactor's form), so the factors' scaling is exact: the oracle divides dense gradients."""
+    model = token_model()
+    loss = next_token_loss(model)
+    task = AttributionTask(loss, model, model.state_dict())
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    g = torch.Generator().manual_seed(9)
+    moments = {}
+    for spec in layer_specs(model, params, None):
+        rows = torch.rand(spec.d_out, generator=g, dtype=torch.float64) + 0.5
+        cols = torch.rand(spec.d_a, generator=g, dtype=torch.float64) + 0.5
+        v = torch.outer(rows, cols)
+        weight = v[:, : spec.d_in]
+        moments[spec.weight] = (weight.T if spec.transposed else weight).contiguous()
+        if spec.bias is not None:
+            moments[spec.bias] = v[:, spec.d_in].clone()
+    train, test = id_loader(7, 7, 4), id_loader(2, 8, 2)
+    logra = quiet(lambda: LoGraAttributor(task, rank=64, preconditioner="identity", second_moments=moments,
+                                          show_progress=False))
+    scale = torch.cat([moments[n].reshape(-1) for n in logra.names]).rsqrt()
+
+    def scaled(loader):
+        x = torch.cat([b[0] for b in loader])
+        dense = per_sample_grad_loop(loss)(params, (x,))
+        return dense * scale
+
+    torch.testing.assert_close(logra.attribute(train, test), scaled(train) @ scaled(test).T, rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match="second_moments: no entry"):
+        LoGraAttributor(task, rank=2, second_moments={"mix.weight": moments["mix.weight"]}, show_progress=False)
+
+
 def test_bad_arguments_are_named():
     model = token_model()
     task = AttributionTask(next_token_loss(model), model, model.state_dict())
@@ -190,5 +231,48 @@ def test_gpt2_at_full_rank_is_grad_dot_with_the_tied_embedding_included():
     logra = quiet(lambda: LoGraAttributor(task, rank=1000, preconditioner="identity", show_progress=False))
     assert "transformer.wte.weight" in logra.names  # tied to lm_head: compressed once, both layers' parts added
     assert logra.compression.members["transformer.wte"] == (("transformer.wte", False), ("lm_head", True))
+    grad_dot = TracInAttributor(task, [1.0], False, layer_name=logra.names, show_progress=False)
+    torch.testing.assert_close(logra.attribute(train, test), grad_dot.attribute(train, test))
+
+
+def _llama():
+    config = transformers.LlamaConfig(vocab_size=24, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+                                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).double().eval()
+
+
+def _bert_classifier():
+    config = transformers.BertConfig(vocab_size=24, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, max_position_embeddings=16, num_labels=3, pad_token_id=0)
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config).double().eval()
+
+
+class Labelled(torch.utils.data.Dataset):
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        row = dict(self.data[i])
+        row["labels"] = torch.tensor(i % 3)
+        return row
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_other_architectures_at_full_rank_are_grad_dot(arch):
+    from attrib_torch import SequenceClassificationLoss
+
+    model = _llama() if arch == "llama" else _bert_classifier()
+    loss = CausalLMLoss(model) if arch == "llama" else SequenceClassificationLoss(model)
+    wrap = (lambda d: d) if arch == "llama" else Labelled
+    task = AttributionTask(loss, model, model.state_dict())
+    train = DataLoader(wrap(Sequences(6, 17)), batch_size=3)
+    test = DataLoader(wrap(Sequences(2, 18)), batch_size=2)
+    logra = quiet(lambda: LoGraAttributor(task, rank=1000, preconditioner="identity", show_progress=False))
     grad_dot = TracInAttributor(task, [1.0], False, layer_name=logra.names, show_progress=False)
     torch.testing.assert_close(logra.attribute(train, test), grad_dot.attribute(train, test))
