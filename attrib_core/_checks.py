@@ -14,14 +14,22 @@ def check_callable(value: Any, name: str) -> None:
         raise TypeError(f"{name}: expected a callable, got {type(value).__name__}")
 
 
+def all_finite(tensor: Tensor) -> bool:
+    """Whether every entry is finite: one reduction (a NaN or Inf anywhere makes the sum non-finite), and the
+    elementwise test only when the sum is not finite (it may have overflowed)."""
+    if tensor.numel() == 0 or not tensor.is_floating_point():
+        return True
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def check_finite_params(params: Mapping[str, Tensor], name: str = "params") -> None:
-    bad = [n for n, t in params.items() if not bool(torch.isfinite(t).all())]
+    bad = [n for n, t in params.items() if not all_finite(t)]
     if bad:
         raise ValueError(f"{name}: parameters {bad} contain NaN or Inf")
 
 
 def check_finite(tensor: Tensor, name: str) -> None:
-    if not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         raise ValueError(f"{name}: contains NaN or Inf")
 
 

@@ -30,7 +30,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from ._checks import check_finite_params, check_reduction
+from ._checks import all_finite, check_finite_params, check_reduction
 from .gradients import _add_dim, _expand_in_dims, _take
 from .trees import examples_in
 
@@ -270,6 +270,7 @@ def capture(
     *,
     reduction: str = "mean",
     mask: Optional[Tensor] = None,
+    verify_broadcast: bool = True,
 ) -> dict[str, Captured]:
     """Per-layer activations and per-example output gradients for one batch.
 
@@ -289,6 +290,11 @@ def capture(
         mask: ``(B, T)``, nonzero at valid positions of sequence inputs; applied
             to Linear, Conv1D and Embedding layers with several positions per example (inputs ``(B, T, d)``,
             or ``(B·T, d)`` flattened).
+        verify_broadcast: when a layer's single output row is shared by the batch
+            (GPT-2's position embedding) and each example gets its own probe, run ``f``
+            once more to check the loss is unchanged (a caller that checks the
+            gradients otherwise, e.g. against autograd on the first batch, may skip it
+            on later batches).
 
     Returns:
         ``{module: Captured(a, ds, positions)}`` with ``a`` of shape ``(B, T, d_a)``
@@ -338,7 +344,7 @@ def capture(
     finally:
         for handle in handles:
             handle.remove()
-    if broadcast:  # the widened outputs must leave the loss as it was
+    if broadcast and verify_broadcast:  # the widened outputs must leave the loss as it was
         with torch.no_grad():
             plain = f(detached, batch)
         if not torch.allclose(loss.detach(), plain, rtol=1e-6, atol=0.0):
@@ -365,7 +371,7 @@ def _finished(spec: LayerSpec, a: Tensor, ds: Tensor, mask: Optional[Tensor]) ->
         a, ds = _apply_mask(spec, mask, a, ds)
         positions = int((mask != 0).sum())
     for value, what in ((a, "inputs"), (ds, "output gradients")):
-        if not bool(torch.isfinite(value).all()):
+        if not all_finite(value):
             raise ValueError(f"captured {what} of layer {spec.module!r} contain NaN or Inf")
     return Captured(a, ds, positions)
 
@@ -516,8 +522,10 @@ def capture_examples(
     *,
     mask: Optional[Tensor] = None,
     reduction: Optional[str] = None,
+    verify_broadcast: bool = True,
 ) -> dict[str, Captured]:
-    """Each example's own factors, by the fastest exact route ``f`` allows.
+    """Each example's own factors, by the fastest exact route ``f`` allows (``verify_broadcast`` as in
+    :func:`capture`).
 
     - ``f.per_example(params, batch) -> (B,)`` exists (:class:`attrib_torch.CausalLMLoss`):
       one batched pass over their sum (:func:`capture` with ``reduction="sum"``);
@@ -530,7 +538,7 @@ def capture_examples(
     per_example = getattr(f, "per_example", None)
     if callable(per_example):
         return capture(model, lambda p, b: per_example(p, b).sum(), params, batch, specs, reduction="sum",
-                       mask=mask)
+                       mask=mask, verify_broadcast=verify_broadcast)
     try:
         return capture_per_example(model, f, params, batch, specs, mask=mask, ignore_direct_use=True)
     except (RuntimeError, ValueError) as error:  # vmap cannot trace f (batch statistics, data-dependent flow)
@@ -538,7 +546,8 @@ def capture_examples(
             raise ValueError(f"f: vmap cannot trace it ({str(error).splitlines()[0][:160]}) and it has no "
                              "per_example(params, batch) method giving one loss per example; wrap a Hugging "
                              "Face model's loss in attrib_torch.CausalLMLoss") from error
-        return capture(model, f, params, batch, specs, reduction=reduction, mask=mask)
+        return capture(model, f, params, batch, specs, reduction=reduction, mask=mask,
+                       verify_broadcast=verify_broadcast)
 
 
 def _layer_input(name: str, args: tuple, kwargs: dict) -> Tensor:

@@ -18,6 +18,7 @@ compression on every device, batch and process.
 """
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from typing import Mapping, NamedTuple, Sequence, Tuple, Union
@@ -27,6 +28,7 @@ from opt_einsum import contract
 from torch import Tensor
 
 import kernels
+import kernels.reference
 from kernels.hash import row_key, to_uint
 
 from .layer_capture import Captured, LayerSpec
@@ -162,6 +164,16 @@ def _mask_rows(d: int, m: int, seed: int, device: torch.device) -> Tensor:
     return keys.argsort(stable=True)[:m].sort().values
 
 
+@functools.lru_cache(maxsize=1024)
+def _rademacher(d: int, k: int, seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The ``(d, k)`` matrix :func:`kernels.project` multiplies by (``±1/sqrt(k)``), held for reuse across batches."""
+    signs = kernels.reference.dense_tile(seed, torch.arange(d, device=device), k, "rademacher")
+    return signs.to(dtype) * (1.0 / math.sqrt(k))
+
+
+_HELD_ENTRIES = 1 << 22  # a side's matrix up to 16 MiB (float32) is held; a larger one is streamed
+
+
 def _side(x: Tensor, k: int, m: int, kind: str, seed: int) -> Tensor:
     """One factor ``(..., d)`` compressed to ``(..., k)``: exact when ``k = d``, else by the kind's transform."""
     d = x.shape[-1]
@@ -169,6 +181,8 @@ def _side(x: Tensor, k: int, m: int, kind: str, seed: int) -> Tensor:
     if k >= d:
         return wide
     if kind == "logra":
+        if d * k <= _HELD_ENTRIES:  # two-sided matrices are small: generated once, not on every batch
+            return wide @ _rademacher(d, k, seed, wide.device, wide.dtype)
         return _project_rows(wide, k, seed)
     flat = wide.reshape(-1, d)
     if m < d:

@@ -151,12 +151,13 @@ class LoGraAttributor(BaseInnerProductAttributor):
         func = self.task.loss_func if which == "train" else self.task.target_func
         chosen, fixed = self._split_params(ckpt_idx)
         params = {**fixed, **chosen}
+        first = which not in self._checked  # later batches: the head check below stands for the broadcast check
         captured = capture_examples(self.task.get_model(), func, params, data, self._specs,
-                                    mask=_attention_mask(data))
+                                    mask=_attention_mask(data), verify_broadcast=first)
         if self._scales is not None:
             captured = scale_factors(captured, self._scales)
         projected = compress_factors(captured, self.compression)
-        if which not in self._checked:
+        if first:
             self._check_head(func, fixed, chosen, data, compressed_gradients(projected, self.compression))
             self._checked.add(which)
         return projected

@@ -1,6 +1,6 @@
 """Language-model attribution on text that ships with Python: LDS against retrained GPT-2s, and capture throughput.
 
-    PYTHONPATH=. python -m benchmarks.lm [--subsets 32] [--methods grad-dot,logra-8,...] [--throughput]
+    PYTHONPATH=. python -m benchmarks.lm [--subsets 32] [--methods grad-dot,logra-8,...] [--throughput] [--trak-sweep]
 
 A GPT-2 from its config (170k parameters, byte tokens) is trained by full-batch Adam on 512 paragraphs of
 ``pydoc_data.topics`` (:mod:`benchmarks.lm_data`) and retrained on ``--subsets`` random
@@ -109,12 +109,21 @@ def _ekfac(p: Problem) -> torch.Tensor:
     return attributor.attribute(p.train_loader, p.test_loader)
 
 
-def _trak(proj_dim: int) -> Callable[[Problem], torch.Tensor]:
-    """TRAK on the summed token margin, its ``Q`` from the mean label probability (:meth:`CausalLMLoss.probabilities`)."""
+def _trak(proj_dim: int, target: str = "margin", regularization: float = 0.0) -> Callable[[Problem], torch.Tensor]:
+    """TRAK with ``target``'s gradient as the output function: the summed token margin (``Q`` from the mean label
+    probability, :meth:`CausalLMLoss.probabilities`) or the sequence's mean token loss (``Q = 1``)."""
     def run(p: Problem) -> torch.Tensor:
-        margin = at.CausalLMLoss(p.model, reduction="sum", target="margin")
-        task = at.AttributionTask(margin, p.model, p.state)
-        attributor = at.TRAKAttributor(task, margin.probabilities, projector_kwargs={"proj_dim": proj_dim},
+        if target == "margin":
+            out = at.CausalLMLoss(p.model, reduction="sum", target="margin")
+            probabilities = out.probabilities
+        else:
+            out = at.CausalLMLoss(p.model)
+
+            def probabilities(params, batch):
+                return torch.zeros(batch["input_ids"].shape[0])
+
+        attributor = at.TRAKAttributor(at.AttributionTask(out, p.model, p.state), probabilities,
+                                       projector_kwargs={"proj_dim": proj_dim}, regularization=regularization,
                                        show_progress=False)
         attributor.cache(p.train_loader)
         return attributor.attribute(p.test_loader, p.train_loader)
@@ -131,8 +140,10 @@ METHODS: Dict[str, Callable[[Problem], torch.Tensor]] = {
     "trackstar-16": _trackstar(16),
     "ekfac": _ekfac,
     "trak-512": _trak(512),
-    "trak-4096": _trak(4096),
+    "trak-128": _trak(128),
+    "trak-512-loss-reg1": _trak(512, target="loss", regularization=1.0),
 }
+TRAK_SWEEP = {"target": ("margin", "loss"), "proj_dim": (128, 512, 2048), "regularization": (0.0, 1e-2, 1.0, 100.0)}
 
 
 def lds_interval(scores: torch.Tensor, p: Problem) -> tuple[float, float]:
@@ -166,6 +177,14 @@ def throughput(p: Problem, repeats: int) -> None:
     ours = timed(compressed, repeats).seconds
     print(f"tokens {tokens}: plain forward+backward {base:.2f} s ({tokens / base:,.0f} tokens/s), compressed capture "
           f"{ours:.2f} s ({tokens / ours:,.0f} tokens/s), ratio {ours / base:.2f}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logra = at.LoGraAttributor(task, rank=16, show_progress=False)
+        logra.cache(p.train_loader)
+    sequences = timed(lambda: logra.attribute(p.train_loader, p.test_loader), repeats).seconds
+    per_token = timed(lambda: logra.attribute_tokens(p.train_loader, p.test_loader), repeats).seconds
+    print(f"LoGra-16 scores after cache: per sequence {sequences:.2f} s, per token {per_token:.2f} s "
+          f"(ratio {per_token / sequences:.2f}; the per-token pass recaptures the training set)")
 
 
 def main(argv=None) -> None:
@@ -174,7 +193,13 @@ def main(argv=None) -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--throughput", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--trak-sweep", action="store_true", help="LDS of TRAK over TRAK_SWEEP (a diagnosis: "
+                        "on the reported models, not held out)")
     args = parser.parse_args(argv)
+    names = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.perf_counter()
     p = Problem(args.subsets, progress=True)
@@ -182,14 +207,24 @@ def main(argv=None) -> None:
           f"{time.perf_counter() - started:.0f} s")
     if args.throughput:
         throughput(p, args.repeats)
-    print("| method | LDS (95% interval) | time (s) |")
-    print("|---|---|---:|")
-    for name in args.methods.split(","):
+    if names:
+        print("| method | LDS (95% interval) | time (s) |")
+        print("|---|---|---:|")
+    for name in names:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             seconds, scores = timed(lambda: METHODS[name](p), warmup=False)
         mean, half = lds_interval(scores, p)
         print(f"| {name} | {mean:.3f} ± {half:.3f} | {seconds:.1f} |", flush=True)
+    if args.trak_sweep:
+        print("\n| TRAK output | proj_dim | regularization | LDS (95% interval) |\n|---|---:|---:|---|")
+        for target in TRAK_SWEEP["target"]:
+            for dim in TRAK_SWEEP["proj_dim"]:
+                for reg in TRAK_SWEEP["regularization"]:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        mean, half = lds_interval(_trak(dim, target, reg)(p), p)
+                    print(f"| {target} | {dim} | {reg:g} | {mean:.3f} ± {half:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
