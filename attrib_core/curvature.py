@@ -7,6 +7,8 @@ with parameters flattened in dict order as by :func:`attrib_core.ravel`.
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any, Callable, Mapping
 
 import torch
@@ -79,18 +81,36 @@ def make_hvp(
             raise ValueError("f: the loss or its gradient at params is NaN or Inf")
 
         def column(v: Tensor) -> Tensor:
-            return pullback(v)[0]
+            with _second_derivative_explained():
+                return pullback(v)[0]
 
     else:
         grad_f = torch.func.grad(f_flat)
 
         def column(v: Tensor) -> Tensor:
-            return torch.func.jvp(grad_f, (theta,), (v,))[1]
+            with _second_derivative_explained():
+                return torch.func.jvp(grad_f, (theta,), (v,))[1]
 
     def measure() -> int:
         return _rows_within(_CHUNK_BYTES, f, params, batch)
 
     return _block_operator(column, theta, damping, chunk_size, measure)
+
+
+@contextlib.contextmanager
+def _second_derivative_explained():
+    """An operation without a second derivative (a fused attention kernel) as a ValueError that says what to do."""
+    try:
+        yield
+    except (RuntimeError, NotImplementedError) as error:
+        text = str(error)
+        if "derivative for" in text and "not implemented" in text:
+            raise ValueError(
+                f"f: the model runs an operation without a second derivative ({text.splitlines()[0][:160]}), and a "
+                "Hessian-vector product needs one; for a transformers model, build it with "
+                "attn_implementation='eager' (torch's fused scaled_dot_product_attention has no double backward "
+                "on this device)") from error
+        raise
 
 
 def hvp(

@@ -168,3 +168,30 @@ def test_causal_lm_loss_of_one_sequence_is_hugging_faces_loss():
     for i in range(4):
         one = {k: v.unsqueeze(0) for k, v in data[i].items()}
         torch.testing.assert_close(CausalLMLoss(model)(params, one), lm_loss(model)(params, one).double())
+
+
+def test_hessian_attributors_explain_fused_attention_and_run_with_eager_attention():
+    from attrib_torch import IFAttributorArnoldi, IFAttributorCG, IFAttributorDataInf, TRAKAttributor
+
+    train, test = DataLoader(Sequences(6, 21), batch_size=3), DataLoader(Sequences(2, 22), batch_size=2)
+    fused = gpt2()
+    task = AttributionTask(CausalLMLoss(fused), fused, {k: v.clone() for k, v in fused.state_dict().items()})
+    with pytest.raises(ValueError, match="attn_implementation='eager'"):
+        IFAttributorCG(task, max_iter=3, regularization=1e-2, show_progress=False).attribute(train, test)
+    config = fused.config
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    eager = transformers.GPT2LMHeadModel(config).double().eval()
+    task = AttributionTask(CausalLMLoss(eager), eager, {k: v.clone() for k, v in eager.state_dict().items()})
+    loss = CausalLMLoss(eager)
+    makers = {"cg": lambda: IFAttributorCG(task, max_iter=3, regularization=1e-2, show_progress=False),
+              "arnoldi": lambda: IFAttributorArnoldi(task, proj_dim=4, max_iter=8, show_progress=False),
+              "datainf": lambda: IFAttributorDataInf(task, show_progress=False),
+              "trak": lambda: TRAKAttributor(task, loss.probabilities, show_progress=False)}
+    for name, make in makers.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            attributor = make()
+            attributor.cache(train)
+            scores = attributor.attribute(test, train) if name == "trak" else attributor.attribute(train, test)
+        assert scores.shape == (6, 2) and bool(torch.isfinite(scores).all()), name
