@@ -90,7 +90,10 @@ def _checked_hooks(model: nn.Module, func: Callable, fixed: Dict[str, Tensor], c
         layout = hooked_layout(model, list(chosen))
     except UncoveredParameters as error:
         return None, None, str(error)
-    grads = hooked_grads(model, per_example, {**fixed, **chosen}, data, layout)
+    try:
+        grads = hooked_grads(model, per_example, {**fixed, **chosen}, data, layout)
+    except ValueError as error:  # a module run twice (shared layers), misshapen per-example losses
+        return None, None, f"its gradients cannot come from module hooks ({str(error)[:200]})"
     head = grads[: looped_head.shape[0]].to(looped_head.dtype)
     error = float(torch.linalg.vector_norm(head - looped_head))
     scale = float(torch.linalg.vector_norm(looped_head))

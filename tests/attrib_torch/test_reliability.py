@@ -196,3 +196,36 @@ def test_frozen_models_joined_batches_and_unsized_loaders(problem):
         TensorDataset(problem.x_train), num_replicas=1, rank=0, shuffle=True), batch_size=8)
     with pytest.raises(ValueError, match="fixed order"):
         check_loader(shuffled, "train_dataloader")
+
+
+def test_a_layer_run_twice_takes_the_loop_with_the_reason():
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 3).double()
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x):
+            return self.layer(torch.tanh(self.layer(x)))
+
+    model = Twice().eval()
+
+    def loss(params, batch):
+        return functional_call(model, params, (batch[0],)).pow(2).sum(1).mean()
+
+    def per_example(params, batch):
+        return functional_call(model, params, (batch[0],)).pow(2).sum(1)
+
+    def untraceable(params, batch):  # .item() keeps vmap out
+        return loss(params, batch) * float(batch[0].abs().max().item() > -1)
+
+    untraceable.per_example = per_example
+    x = torch.randn(4, 3, dtype=torch.float64)
+    loader = [(x,)]
+    plain = TracInAttributor(AttributionTask(loss, model, model.state_dict()), [1.0], False, show_progress=False)
+    hooked = TracInAttributor(AttributionTask(untraceable, model, model.state_dict()), [1.0], False, show_progress=False)
+    with pytest.warns(UserWarning, match="runs more than once"):
+        scores = hooked.self_attribute(loader)
+    torch.testing.assert_close(scores, plain.self_attribute(loader))
