@@ -136,6 +136,7 @@ METHODS: Dict[str, Callable[[Problem], torch.Tensor]] = {
     "logra-8": _logra(8),
     "logra-16": _logra(16),
     "logra-16-identity": _logra(16, preconditioner="identity"),
+    "logra-64-identity": _logra(64, preconditioner="identity"),
     "factgrass-16": _logra(16, kind="factgrass"),
     "trackstar-16": _trackstar(16),
     "ekfac": _ekfac,
