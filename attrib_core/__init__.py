@@ -75,7 +75,7 @@ from .layer_capture import (
 )
 from .hooked import HookedLayout, HookedModule, UncoveredParameters, hooked_grads, hooked_layout, norm_kind
 from .lissa import LissaState, lissa
-from .optimizer_moments import adam_second_moments, dense_scales, factored_scales, scale_factors
+from .optimizer_moments import adam_second_moments, dense_scales, factored_scales, scale_factors, scale_gradient
 from . import lm
 from .metrics import (
     BrittlenessResult,
@@ -119,6 +119,7 @@ __all__ = [
     "dense_scales",
     "factored_scales",
     "scale_factors",
+    "scale_gradient",
     "HookedLayout",
     "HookedModule",
     "UncoveredParameters",

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ._checks import check_finite_params
-from .layer_capture import LayerSpec, _layer_input, _positions, layer_kind
+from .layer_capture import LayerSpec, _positions, layer_kind, probed_pass
 from .trees import examples_in
 
 __all__ = ["HookedModule", "HookedLayout", "UncoveredParameters", "hooked_layout", "hooked_grads", "norm_kind"]
@@ -48,10 +48,9 @@ class HookedModule(NamedTuple):
 
 
 class HookedLayout(NamedTuple):
-    """The parameters (in output order, with their shapes) and the modules whose hooks give their gradients."""
+    """The parameters (in output order) and the modules whose hooks give their gradients."""
 
     names: tuple[str, ...]
-    shapes: tuple[torch.Size, ...]
     modules: tuple[HookedModule, ...]
 
 
@@ -118,7 +117,7 @@ def hooked_layout(model: nn.Module, names: Sequence[str]) -> HookedLayout:
             f"{len(left)} parameters ({100 * share:.1f}% of the attributed entries) have no per-example rule "
             f"from hooks: {detail}{more}; rules exist for Linear, Conv1D, Conv2d, Embedding, LayerNorm and RMSNorm"
         )
-    return HookedLayout(tuple(names), tuple(by_name[n].shape for n in names), tuple(modules))
+    return HookedLayout(tuple(names), tuple(modules))
 
 
 def hooked_grads(
@@ -141,53 +140,21 @@ def hooked_grads(
     check_finite_params(params)
     examples = examples_in(batch)
     named = dict(model.named_modules(remove_duplicate=False))
-    records: dict[str, tuple[Tensor, Tensor]] = {}
-    broadcast: list[str] = []
-
-    def hook_for(path: str):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
-            if path in records:
-                raise ValueError(f"module {path!r} runs more than once in a forward pass")
-            x = _layer_input(path, args, kwargs).detach()
-            shape = output.shape
-            if output.dim() > 1 and shape[0] == 1 and examples > 1:  # one row shared by the batch
-                broadcast.append(path)
-                x = x.expand(examples, *x.shape[1:])
-                shape = (examples, *shape[1:])
-            probe = torch.zeros(shape, dtype=output.dtype, device=output.device, requires_grad=True)
-            records[path] = (x, probe)
-            return output + probe
-
-        return hook
-
-    handles = [named[m.module].register_forward_hook(hook_for(m.module), prepend=True, with_kwargs=True)
-               for m in layout.modules]
     detached = {k: v.detach() for k, v in params.items()}
-    try:
-        with torch.enable_grad():
-            losses = f_each(detached, batch)
-            if not isinstance(losses, Tensor) or losses.shape != (examples,):
-                raise ValueError(f"f_each: expected one loss per example, shape ({examples},), got "
-                                 f"{tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__}")
-            missing = [m.module for m in layout.modules if m.module not in records]
-            if missing:
-                raise ValueError(f"modules {missing[:8]} did not run in the forward pass of f_each")
-            grads = torch.autograd.grad(losses.sum(), [records[m.module][1] for m in layout.modules],
-                                        allow_unused=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if broadcast:
-        with torch.no_grad():
-            plain = f_each(detached, batch)
-        if not torch.allclose(losses.detach(), plain, rtol=1e-6, atol=0.0):
-            raise ValueError(f"modules {broadcast} produce one output row shared by the batch, and giving each "
-                             "example its own changes the losses")
+
+    def checked(p: Mapping[str, Tensor], b: Any) -> Tensor:
+        losses = f_each(p, b)
+        if not isinstance(losses, Tensor) or losses.shape != (examples,):
+            raise ValueError(f"f_each: expected one loss per example, shape ({examples},), got "
+                             f"{tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__}")
+        return losses
+
+    paths = [m.module for m in layout.modules]
+    _, inputs, grads = probed_pass(model, checked, detached, batch, paths)
     wide = torch.promote_types(next(iter(params.values())).dtype, torch.float32)
     parts: dict[str, Tensor] = {}
-    for m, grad in zip(layout.modules, grads):
-        x, probe = records[m.module]
-        ds = torch.zeros_like(probe) if grad is None else grad
+    for m, ds in zip(layout.modules, grads):
+        x = inputs[m.module]
         for name, value in _module_grads(m, named[m.module], x.to(wide) if x.is_floating_point() else x,
                                          ds.to(wide), examples, detached).items():
             value = value.reshape(examples, -1)
@@ -208,7 +175,7 @@ def _module_grads(m: HookedModule, module: nn.Module, x: Tensor, ds: Tensor, exa
     out: dict[str, Tensor] = {}
     if m.kind in ("layernorm", "rmsnorm"):
         shape = tuple(module.weight.shape)
-        n = _normalised(m.kind, module, x, len(shape))
+        n = _normalised(m.kind, module, x)
         width = int(torch.Size(shape).numel())
         dsr = _rows(ds, examples, width, m.module)
         if m.weight is not None:
@@ -241,7 +208,7 @@ def _module_grads(m: HookedModule, module: nn.Module, x: Tensor, ds: Tensor, exa
     return out
 
 
-def _normalised(kind: str, module: nn.Module, x: Tensor, dims: int) -> Tensor:
+def _normalised(kind: str, module: nn.Module, x: Tensor) -> Tensor:
     """The module's normalisation of ``x`` without its weight and bias, in the module's own arithmetic.
 
     An RMSNorm is run with its weight set to one and to zero, the difference being

@@ -35,7 +35,7 @@ from .gradients import _add_dim, _expand_in_dims, _take
 from .trees import examples_in
 
 __all__ = ["LayerSpec", "Captured", "Coverage", "layer_specs", "layer_kind", "coverage", "untracked_reason",
-           "capture", "capture_per_example", "capture_examples", "DirectParameterUse", "MAX_EMBEDDING_ROWS"]
+           "capture", "capture_per_example", "capture_examples", "probed_pass", "DirectParameterUse", "MAX_EMBEDDING_ROWS"]
 
 _SUPPORTED = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.Embedding: "embedding"}
 # Hugging Face's Conv1D, recognised by where it is defined so that transformers is never imported here.
@@ -95,6 +95,18 @@ class LayerSpec(NamedTuple):
         if self.transposed:
             M = M.transpose(1, 2)
         return M.reshape(M.shape[0], -1)
+
+    def gradient_matrix(self, G: Tensor) -> Tensor:
+        """The layer's flattened gradients ``(n, numel [+ d_out])`` (weight, then bias if factored) as ``(n, d_out, d_a)``."""
+        M = self.as_matrix(G[:, : self.d_out * self.d_in])
+        if self.bias is None:
+            return M
+        return torch.cat([M, G[:, self.d_out * self.d_in :].reshape(G.shape[0], self.d_out, 1)], dim=2)
+
+    def flat_gradient(self, M: Tensor) -> Tensor:
+        """``(n, d_out, d_a)`` as the layer's flattened gradients, the inverse of :meth:`gradient_matrix`."""
+        flat = self.as_weight(M[:, :, : self.d_in])
+        return flat if self.bias is None else torch.cat([flat, M[:, :, self.d_in]], dim=1)
 
 
 class Captured(NamedTuple):
@@ -306,54 +318,12 @@ def capture(
     check_reduction(reduction)
     check_finite_params(params)
     modules = dict(model.named_modules())
-    inputs: dict[str, Tensor] = {}
-    probes: dict[str, Tensor] = {}
     examples = examples_in(batch)
-    broadcast: list[str] = []
-
-    def hook_for(name: str):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
-            if name in probes:
-                raise ValueError(f"layers: {name!r} runs more than once in a forward pass (shared weights)")
-            x = _layer_input(name, args, kwargs).detach()
-            if output.dim() > 1 and output.shape[0] == 1 and examples > 1:
-                # One row shared by the whole batch (GPT-2's position embedding of (1, T) ids): each
-                # example gets its own probe, so that its own output gradient is kept apart.
-                broadcast.append(name)
-                x = x.expand(examples, *x.shape[1:])
-                probes[name] = torch.zeros(examples, *output.shape[1:], dtype=output.dtype, device=output.device,
-                                           requires_grad=True)
-            else:
-                probes[name] = torch.zeros_like(output, requires_grad=True)
-            inputs[name] = x
-            return output + probes[name]
-
-        return hook
-
-    # Prepended: the probe goes on the layer's own output, before any hook of the user's changes it.
-    handles = [modules[s.module].register_forward_hook(hook_for(s.module), prepend=True, with_kwargs=True)
-               for s in specs]
-    try:
-        detached = {k: v.detach() for k, v in params.items()}
-        with torch.enable_grad():
-            loss = f(detached, batch)
-            missing = [s.module for s in specs if s.module not in probes]
-            if missing:
-                raise ValueError(f"layers: {missing} did not run in the forward pass of f")
-            grads = torch.autograd.grad(loss, [probes[s.module] for s in specs], allow_unused=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if broadcast and verify_broadcast:  # the widened outputs must leave the loss as it was
-        with torch.no_grad():
-            plain = f(detached, batch)
-        if not torch.allclose(loss.detach(), plain, rtol=1e-6, atol=0.0):
-            raise ValueError(f"layers: {broadcast} produce one output row shared by the batch, and giving each "
-                             "example its own changes the loss; leave them out")
+    _, inputs, grads = probed_pass(model, f, params, batch, [s.module for s in specs],
+                                   verify_broadcast=verify_broadcast)
     out = {}
     for spec, grad in zip(specs, grads):
         x = inputs[spec.module]
-        grad = torch.zeros_like(probes[spec.module]) if grad is None else grad
         if reduction == "mean":
             grad = grad * examples
         a, ds = _positions(spec, modules[spec.module], x, grad)
@@ -362,6 +332,76 @@ def capture(
             a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
         out[spec.module] = _finished(spec, a, ds, mask)
     return out
+
+
+def probed_pass(
+    model: nn.Module,
+    f: Callable[[Mapping[str, Tensor], Any], Tensor],
+    params: Mapping[str, Tensor],
+    batch: Any,
+    paths: Sequence[str],
+    *,
+    verify_broadcast: bool = True,
+) -> tuple[Tensor, dict[str, Tensor], list[Tensor]]:
+    """One forward pass of ``f`` with a zero probe added to each module's output, and one backward pass of its sum.
+
+    Returns ``(value, inputs, output_grads)``: ``f``'s value (a scalar or one per
+    example), each module's input (detached), and the gradient of
+    ``value.sum()`` with respect to each probe in ``paths`` order (zeros where the
+    module does not reach ``f``). The hooks are prepended (the probe sits on the
+    module's own output, before any hook of the user's) and removed before returning.
+
+    A module whose one output row is shared by the batch (GPT-2's position embedding
+    of ``(1, T)`` ids) gets a probe per example, so that each keeps its own output
+    gradient; its input is expanded to match. With ``verify_broadcast``, ``f`` then runs
+    once more to check the widened outputs leave its value unchanged.
+
+    Raises:
+        ValueError: a module runs more than once (shared weights) or not at all, or a
+            widened output changes ``f``'s value.
+    """
+    modules = dict(model.named_modules(remove_duplicate=False))
+    examples = examples_in(batch)
+    inputs: dict[str, Tensor] = {}
+    probes: dict[str, Tensor] = {}
+    broadcast: list[str] = []
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
+            if name in probes:
+                raise ValueError(f"layers: {name!r} runs more than once in a forward pass (shared weights)")
+            x = _layer_input(name, args, kwargs).detach()
+            shape = tuple(output.shape)
+            if output.dim() > 1 and shape[0] == 1 and examples > 1:  # one row shared by the batch
+                broadcast.append(name)
+                x = x.expand(examples, *x.shape[1:])
+                shape = (examples, *shape[1:])
+            probes[name] = torch.zeros(shape, dtype=output.dtype, device=output.device, requires_grad=True)
+            inputs[name] = x
+            return output + probes[name]
+
+        return hook
+
+    handles = [modules[p].register_forward_hook(hook_for(p), prepend=True, with_kwargs=True) for p in paths]
+    detached = {k: v.detach() for k, v in params.items()}
+    try:
+        with torch.enable_grad():
+            value = f(detached, batch)
+            missing = [p for p in paths if p not in probes]
+            if missing:
+                raise ValueError(f"layers: {missing[:8]} did not run in the forward pass of f")
+            grads = torch.autograd.grad(value.sum(), [probes[p] for p in paths], allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if broadcast and verify_broadcast:  # the widened outputs must leave the value as it was
+        with torch.no_grad():
+            plain = f(detached, batch)
+        if not torch.allclose(value.detach(), plain, rtol=1e-6, atol=0.0):
+            raise ValueError(f"layers: {broadcast} produce one output row shared by the batch, and giving each "
+                             "example its own changes the loss; leave them out")
+    grads = [torch.zeros_like(probes[p]) if g is None else g for p, g in zip(paths, grads)]
+    return value.detach(), inputs, grads
 
 
 def _finished(spec: LayerSpec, a: Tensor, ds: Tensor, mask: Optional[Tensor]) -> Captured:

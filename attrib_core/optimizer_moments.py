@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .layer_capture import Captured, LayerSpec
 
-__all__ = ["adam_second_moments", "dense_scales", "factored_scales", "scale_factors"]
+__all__ = ["adam_second_moments", "dense_scales", "factored_scales", "scale_factors", "scale_gradient"]
 
 
 def adam_second_moments(state_dict: Mapping, names: Sequence[str], *, bias_correction: bool = True) -> dict[str, Tensor]:
@@ -89,3 +89,10 @@ def scale_factors(x: Mapping[str, Captured], scales: Mapping[str, Tuple[Tensor, 
     """Each layer's factors scaled: ``ds ⊙ row`` and ``a ⊙ column``, so ``Σ_t ds_t a_tᵀ`` becomes ``G ⊙ (row columnᵀ)``."""
     return {m: Captured(c.a * scales[m][1].to(c.a.dtype), c.ds * scales[m][0].to(c.ds.dtype), c.positions)
             for m, c in x.items()}
+
+
+def scale_gradient(G: Tensor, spec: LayerSpec, scales: Tuple[Tensor, Tensor]) -> Tensor:
+    """Explicit gradients of one layer (flattened as :meth:`LayerSpec.gradient_matrix` reads them) multiplied by
+    ``row columnᵀ``: what :func:`scale_factors` does to the factors, for gradients already formed."""
+    row, column = (t.to(G.dtype) for t in scales)
+    return spec.flat_gradient(spec.gradient_matrix(G) * torch.outer(row, column))

@@ -74,10 +74,7 @@ def project_gradient(G: Tensor, spec: LayerSpec, dims: Tuple[int, int], seed: in
     """
     n = G.shape[0]
     k_out, k_in = dims
-    weight = spec.as_matrix(G[:, : spec.d_out * spec.d_in])
-    if spec.bias is not None:
-        weight = torch.cat([weight, G[:, spec.d_out * spec.d_in :].reshape(n, spec.d_out, 1)], dim=2)
-    right = _project_rows(weight, k_in, side_seed(seed, spec.module, "in"))
+    right = _project_rows(spec.gradient_matrix(G), k_in, side_seed(seed, spec.module, "in"))
     both = _project_rows(right.transpose(1, 2), k_out, side_seed(seed, spec.module, "out"))  # (n, k_in, k_out)
     return both.transpose(1, 2).reshape(n, k_out * k_in)
 
@@ -225,9 +222,7 @@ def compress_gradient(G: Tensor, spec: LayerSpec, comp: Compression) -> Tensor:
     their factors; ``spec`` is the block's first module (``G`` laid out as in :func:`project_gradient`)."""
     n = G.shape[0]
     (k_out, k_in), (m_out, m_in) = comp.dims[spec.module], comp.masks[spec.module]
-    weight = spec.as_matrix(G[:, : spec.d_out * spec.d_in])  # (n, d_out, d_in) in the block's orientation
-    if spec.bias is not None:
-        weight = torch.cat([weight, G[:, spec.d_out * spec.d_in :].reshape(n, spec.d_out, 1)], dim=2)
+    weight = spec.gradient_matrix(G)  # (n, d_out, d_a) in the block's orientation
     right = _side(weight, k_in, m_in, comp.kind, side_seed(comp.seed, spec.module, "in"))  # (n, d_out, k_in)
     both = _side(right.transpose(1, 2), k_out, m_out, comp.kind, side_seed(comp.seed, spec.module, "out"))
     return both.transpose(1, 2).reshape(n, k_out * k_in)

@@ -29,6 +29,7 @@ from attrib_core import (
     layer_specs,
     per_sample_grad_loop,
     scale_factors,
+    scale_gradient,
     token_scores,
 )
 from attrib_core.layer_capture import capture_examples
@@ -61,17 +62,6 @@ class TokenScores(NamedTuple):
     def sequence(self, i: int) -> Tensor:
         """``(T_i, n_test)``: the rows of training sequence ``i``."""
         return self.scores[int(self.offsets[i]) : int(self.offsets[i + 1])]
-
-
-def _scaled(G: Tensor, spec, scales: Tuple[Tensor, Tensor]) -> Tensor:
-    """Explicit gradients ``(n, numel [+ d_out])`` of one layer multiplied by ``row columnᵀ`` (the factors' scaling)."""
-    row, column = (t.to(G.dtype) for t in scales)
-    n, weight = G.shape[0], spec.d_out * spec.d_in
-    W = spec.as_matrix(G[:, :weight]) * torch.outer(row, column[: spec.d_in])
-    parts = [spec.as_weight(W)]
-    if spec.bias is not None:
-        parts.append(G[:, weight:] * (row * column[spec.d_in]))
-    return torch.cat(parts, dim=1).reshape(n, -1)
 
 
 def _attention_mask(batch: Any) -> Optional[Tensor]:
@@ -177,7 +167,7 @@ class LoGraAttributor(BaseInnerProductAttributor):
             names = [spec.weight] + ([spec.bias] if spec.bias else [])
             G = torch.cat([dense[:, offsets[n][0] : offsets[n][1]] for n in names], dim=1)
             if self._scales is not None:
-                G = _scaled(G, spec, self._scales[spec.module])
+                G = scale_gradient(G, spec, self._scales[spec.module])
             parts.append(compress_gradient(G, spec, self.compression))
         expected = torch.cat(parts, dim=1).to(compressed.dtype)
         got = compressed[: expected.shape[0]]

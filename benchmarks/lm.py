@@ -74,9 +74,9 @@ class Problem:
         self.truth = retrain_lds(refit, target, data, n_subsets=n_subsets, key=f"lm-gpt2-fullbatch{STEPS}",
                                  progress=progress)
 
-    def task(self, target: str = "loss") -> at.AttributionTask:
-        target_func = at.CausalLMLoss(self.model, target=target) if target != "loss" else None
-        return at.AttributionTask(at.CausalLMLoss(self.model), self.model, self.state, target_func=target_func)
+    def task(self) -> at.AttributionTask:
+        """The trained model with its per-sequence loss as loss and target."""
+        return at.AttributionTask(at.CausalLMLoss(self.model), self.model, self.state)
 
 
 def _grad_dot(p: Problem) -> torch.Tensor:

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from attrib_core import Captured, LayerSpec, adam_second_moments, dense_scales, factored_dense, factored_scales
-from attrib_core import scale_factors
+from attrib_core import scale_factors, scale_gradient
 
 
 def test_adam_second_moments_are_the_bias_corrected_exp_avg_sq():
@@ -56,6 +56,7 @@ def test_a_rank_one_second_moment_scales_the_factors_exactly(n, t, d_in, d_out, 
     names = ["fc.weight"] + (["fc.bias"] if bias else [])
     dense = factored_dense({"fc": Captured(a, ds, n * t)}, [spec], names)
     flat_v = torch.cat([moments[k].reshape(-1) for k in names])
-    scaled = factored_dense(scale_factors({"fc": Captured(a, ds, n * t)}, {"fc": factored_scales(moments, spec, 0.0)}),
-                            [spec], names)
+    scales = factored_scales(moments, spec, 0.0)
+    scaled = factored_dense(scale_factors({"fc": Captured(a, ds, n * t)}, {"fc": scales}), [spec], names)
     torch.testing.assert_close(scaled, dense / flat_v.sqrt())
+    torch.testing.assert_close(scale_gradient(dense, spec, scales), dense / flat_v.sqrt())
