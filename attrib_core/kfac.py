@@ -25,7 +25,7 @@ import torch
 from opt_einsum import contract
 from torch import Tensor, nn
 
-from ._checks import as_block, check_nonnegative, check_reduction
+from ._checks import as_block, check_count, check_nonnegative, check_reduction
 from .accumulators import Accumulator, accumulate, add_states
 from .layer_capture import LayerSpec, capture_examples, layer_specs
 from .solution import Solution, Status, solution
@@ -237,6 +237,14 @@ class EKFAC(NamedTuple):
         x = self._apply(block, lambda lam, d: 1.0 / (lam + d), dampings)
         return solution(x, Status.CONVERGED, 0, single=single, damping=tuple(dampings))
 
+    def power(self, V: Tensor, exponent: float, *, damping: Damping) -> Tensor:
+        """``(F̂ + damping I)^exponent`` applied to the rows of ``V`` (``-0.5`` whitens; ``-1`` is :meth:`solve`'s x)."""
+        dampings = self._per_layer(damping)
+        if exponent < 0 and any(d == 0 and bool((layer.eigenvalues <= 0).any())
+                                for layer, d in zip(self.layers, dampings)):
+            raise ValueError("damping: F̂ has eigenvalues 0, so a negative power of it is undefined; pass damping > 0")
+        return self._apply(V, lambda lam, d: (lam + d).pow(exponent), dampings)
+
     def heuristic_damping(self, factor: float = 0.1) -> tuple[float, ...]:
         """Per layer, ``factor`` times the mean of its eigenvalues (Grosse et al., 2023; kronfluence's heuristic)."""
         factor = check_nonnegative(factor, "factor")
@@ -262,6 +270,25 @@ class EKFAC(NamedTuple):
             return self.solve(R, damping=damping).x
 
         return apply
+
+    def low_rank(self, V: Tensor, rank: int) -> Tensor:
+        """The rows of ``V`` ``(k, dim)`` with each layer's ``(d_out, d_a)`` matrix replaced by its best rank-``rank``
+        approximation (truncated SVD; Eckart–Young): kronfluence's ``query_gradient_low_rank``.
+
+        A layer whose matrix has rank ``rank`` or less is unchanged; parameters outside the
+        layers do not occur (vectors cover exactly :attr:`names`).
+        """
+        rank = check_count(rank, "rank")
+        block, single = as_block(V, self.dim)
+        offsets = dict(zip(self.names, _offsets(self.sizes)))
+        out = torch.empty_like(block)
+        for layer in self.layers:
+            M = _gather(block, layer.spec, offsets)  # (k, d_out, d_a)
+            if rank < min(M.shape[1:]):
+                U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+                M = contract("kor,kr,kra->koa", U[..., :rank], S[..., :rank], Vh[:, :rank])
+            _scatter(out, M, layer.spec, offsets)
+        return out[0] if single else out
 
     def _apply(self, V: Tensor, scale: Callable[[Tensor, float], Tensor], dampings: Sequence[float]) -> Tensor:
         block, single = as_block(V, self.dim)

@@ -35,13 +35,18 @@ from .gradients import _add_dim, _expand_in_dims, _take
 from .trees import examples_in
 
 __all__ = ["LayerSpec", "Captured", "Coverage", "layer_specs", "layer_kind", "coverage", "untracked_reason",
-           "capture", "capture_per_example", "capture_examples", "probed_pass", "DirectParameterUse", "MAX_EMBEDDING_ROWS"]
+           "capture", "capture_per_example", "capture_examples", "probed_pass", "DirectParameterUse", "MAX_EMBEDDING_ROWS",
+           "InputMaps"]
 
 _SUPPORTED = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.Embedding: "embedding"}
 # Hugging Face's Conv1D, recognised by where it is defined so that transformers is never imported here.
 _HF_CONV1D = ("transformers.pytorch_utils", "Conv1D")
-# An Embedding's input factor is one-hot over its rows: beyond this many rows, hold its gradients otherwise.
+# An Embedding's input factor is one-hot over its rows: beyond this many rows, hold its gradients otherwise
+# (or give the capture an input map that compresses the rows from their ids, as LoGra does).
 MAX_EMBEDDING_ROWS = 8192
+# ``input_maps[module](ids, dtype) -> (..., k)``: an Embedding's input factor computed from its ids, in place of
+# the one-hot rows (their compression, never forming the one-hot).
+InputMaps = Optional[Mapping[str, Callable[[Tensor, torch.dtype], Tensor]]]
 
 
 def layer_kind(module: nn.Module) -> Optional[str]:
@@ -118,7 +123,8 @@ class Captured(NamedTuple):
 
 
 def layer_specs(
-    model: nn.Module, params: Mapping[str, Tensor], layers: Union[None, str, Sequence[str]], *, tied: bool = False
+    model: nn.Module, params: Mapping[str, Tensor], layers: Union[None, str, Sequence[str]], *, tied: bool = False,
+    one_hot: bool = True,
 ) -> tuple[LayerSpec, ...]:
     """The factored layers: every tracked layer whose weight is in ``params`` (``layers=None``) or the named ones.
 
@@ -130,7 +136,8 @@ def layer_specs(
     With ``tied=True`` a weight shared by several layers (tied input and output
     embeddings) is kept: each of its layers gets a spec whose ``weight`` is the
     shared parameter's name in ``params``, for callers that add the layers' parts
-    (:func:`attrib_core.compression` does).
+    (:func:`attrib_core.compression` does). With ``one_hot=False`` embeddings of any
+    number of rows are kept, for callers that capture them through ``input_maps``.
 
     Raises:
         ValueError: a name is not a module of ``model``, its weight is not in
@@ -142,7 +149,7 @@ def layer_specs(
     weight_of = (lambda n: weights.get(n, f"{_prefix(n)}weight"))
     if layers is None:
         candidates = [n for n, m in modules.items() if layer_kind(m) is not None and weight_of(n) in params]
-        reasons = {n: untracked_reason(model, n, tied=tied) for n in candidates}
+        reasons = {n: untracked_reason(model, n, tied=tied, one_hot=one_hot) for n in candidates}
         names = [n for n in candidates if reasons[n] is None]
         if not names:
             why = "; ".join(f"{n!r}: {r}" for n, r in reasons.items())
@@ -162,7 +169,7 @@ def layer_specs(
                 )
             if weight_of(n) not in params:
                 raise ValueError(f"layers: the weight {weight_of(n)} of {n!r} is not in params")
-            reason = untracked_reason(model, n, tied=tied)
+            reason = untracked_reason(model, n, tied=tied, one_hot=one_hot)
             if reason is not None:
                 raise ValueError(f"layers: {n!r} cannot be factored exactly: {reason}")
     return tuple(_spec(n, modules[n], params, weight_of(n)) for n in names)
@@ -214,9 +221,9 @@ def coverage(model: nn.Module, params: Mapping[str, Tensor], specs: Sequence[Lay
     return Coverage(tuple(n for n in params if n in covered), left_out, share, reasons)
 
 
-def untracked_reason(model: nn.Module, name: str, *, tied: bool = False) -> Optional[str]:
+def untracked_reason(model: nn.Module, name: str, *, tied: bool = False, one_hot: bool = True) -> Optional[str]:
     """Why the tracked-kind layer ``name`` cannot be factored exactly, or None when it can (``tied``: a weight
-    shared with other layers is no reason)."""
+    shared with other layers is no reason; ``one_hot=False``: an embedding's number of rows is none)."""
     modules = dict(model.named_modules())
     module = modules[name]
     kind = layer_kind(module)
@@ -235,7 +242,7 @@ def untracked_reason(model: nn.Module, name: str, *, tied: bool = False) -> Opti
         except ValueError:
             return "it uses asymmetric 'same' padding"
     if kind == "embedding":
-        if module.num_embeddings > MAX_EMBEDDING_ROWS:
+        if one_hot and module.num_embeddings > MAX_EMBEDDING_ROWS:
             return (f"it has {module.num_embeddings:,} rows, more than the {MAX_EMBEDDING_ROWS:,} its one-hot "
                     "input factor is built for")
         if module.max_norm is not None:
@@ -283,6 +290,7 @@ def capture(
     reduction: str = "mean",
     mask: Optional[Tensor] = None,
     verify_broadcast: bool = True,
+    input_maps: InputMaps = None,
 ) -> dict[str, Captured]:
     """Per-layer activations and per-example output gradients for one batch.
 
@@ -307,6 +315,9 @@ def capture(
             once more to check the loss is unchanged (a caller that checks the
             gradients otherwise, e.g. against autograd on the first batch, may skip it
             on later batches).
+        input_maps: ``{embedding module: map(ids, dtype) -> (..., k)}``: that layer's
+            input factor is ``map`` of its ids (zero at its ``padding_idx``) instead of
+            its one-hot rows, e.g. their compression (:func:`attrib_core.embedding_input_maps`).
 
     Returns:
         ``{module: Captured(a, ds, positions)}`` with ``a`` of shape ``(B, T, d_a)``
@@ -326,7 +337,7 @@ def capture(
         x = inputs[spec.module]
         if reduction == "mean":
             grad = grad * examples
-        a, ds = _positions(spec, modules[spec.module], x, grad)
+        a, ds = _positions(spec, modules[spec.module], x, grad, _input_map(input_maps, spec))
         a, ds = _per_example(spec, examples, a, ds)
         if spec.bias is not None:
             a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
@@ -456,6 +467,7 @@ def capture_per_example(
     *,
     mask: Optional[Tensor] = None,
     ignore_direct_use: bool = False,
+    input_maps: InputMaps = None,
 ) -> dict[str, Captured]:
     """Per-layer inputs and output gradients of every example's own loss, in one vectorised pass.
 
@@ -468,7 +480,7 @@ def capture_per_example(
     dimension are mapped over; other fields (strings, 0-d tensors) are passed as they are.
 
     Args:
-        model, f, params, specs, mask: as in :func:`capture`.
+        model, f, params, specs, mask, input_maps: as in :func:`capture`.
         batch: a tuple, list or dict of tensors whose first dimension indexes examples.
         ignore_direct_use: keep the factors even when ``f`` reads a factored weight
             outside its layer; they then carry only the part of the gradient that flows
@@ -545,7 +557,7 @@ def capture_per_example(
         x, grad = inputs[spec.module], grads[spec.module]
         rows = x.shape[0] * x.shape[1]  # each example's rows, as a batch of one
         a, ds = _positions(spec, modules[spec.module], x.reshape(rows, *x.shape[2:]),
-                           grad.reshape(rows, *grad.shape[2:]))
+                           grad.reshape(rows, *grad.shape[2:]), _input_map(input_maps, spec))
         a, ds = a.reshape(examples, -1, a.shape[-1]), ds.reshape(examples, -1, ds.shape[-1])
         if spec.bias is not None:
             a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
@@ -563,9 +575,10 @@ def capture_examples(
     mask: Optional[Tensor] = None,
     reduction: Optional[str] = None,
     verify_broadcast: bool = True,
+    input_maps: InputMaps = None,
 ) -> dict[str, Captured]:
-    """Each example's own factors, by the fastest exact route ``f`` allows (``verify_broadcast`` as in
-    :func:`capture`).
+    """Each example's own factors, by the fastest exact route ``f`` allows (``verify_broadcast`` and
+    ``input_maps`` as in :func:`capture`).
 
     - ``f.per_example(params, batch) -> (B,)`` exists (:class:`attrib_torch.CausalLMLoss`):
       one batched pass over their sum (:func:`capture` with ``reduction="sum"``);
@@ -578,16 +591,17 @@ def capture_examples(
     per_example = getattr(f, "per_example", None)
     if callable(per_example):
         return capture(model, lambda p, b: per_example(p, b).sum(), params, batch, specs, reduction="sum",
-                       mask=mask, verify_broadcast=verify_broadcast)
+                       mask=mask, verify_broadcast=verify_broadcast, input_maps=input_maps)
     try:
-        return capture_per_example(model, f, params, batch, specs, mask=mask, ignore_direct_use=True)
+        return capture_per_example(model, f, params, batch, specs, mask=mask, ignore_direct_use=True,
+                                   input_maps=input_maps)
     except (RuntimeError, ValueError) as error:  # vmap cannot trace f (batch statistics, data-dependent flow)
         if reduction is None:
             raise ValueError(f"f: vmap cannot trace it ({str(error).splitlines()[0][:160]}) and it has no "
                              "per_example(params, batch) method giving one loss per example; wrap a Hugging "
                              "Face model's loss in attrib_torch.CausalLMLoss") from error
         return capture(model, f, params, batch, specs, reduction=reduction, mask=mask,
-                       verify_broadcast=verify_broadcast)
+                       verify_broadcast=verify_broadcast, input_maps=input_maps)
 
 
 def _layer_input(name: str, args: tuple, kwargs: dict) -> Tensor:
@@ -623,18 +637,33 @@ def _output_shapes(modules: dict, f: Callable, params: Mapping[str, Tensor], exa
     return found
 
 
-def _positions(spec: LayerSpec, module: nn.Module, x: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
-    """Inputs and output gradients as ``(B, T, d)`` rows, one per position the weight is applied at."""
+def _input_map(input_maps: InputMaps, spec: LayerSpec) -> Optional[Callable[[Tensor, torch.dtype], Tensor]]:
+    if not input_maps or spec.module not in input_maps:
+        return None
+    if spec.kind != "embedding":
+        raise ValueError(f"input_maps: {spec.module!r} is a {spec.kind} layer; only embeddings' inputs are mapped")
+    return input_maps[spec.module]
+
+
+def _positions(spec: LayerSpec, module: nn.Module, x: Tensor, grad: Tensor,
+               input_map: Optional[Callable[[Tensor, torch.dtype], Tensor]] = None) -> tuple[Tensor, Tensor]:
+    """Inputs and output gradients as ``(B, T, d)`` rows, one per position the weight is applied at (an
+    embedding's input through ``input_map`` of its ids where one is given)."""
     if spec.kind in ("linear", "conv1d"):
         if x.dim() == 1:
             raise ValueError(f"layer {spec.module!r}: input has no batch dimension, shape {tuple(x.shape)}")
         return x.reshape(x.shape[0], -1, x.shape[-1]), grad.reshape(grad.shape[0], -1, grad.shape[-1])
     if spec.kind == "embedding":
         # The input factor is the one-hot row of each id; the padding row gets no gradient in torch.
-        ids = x.reshape(x.shape[0], -1)
-        a = nn.functional.one_hot(ids.long(), spec.d_in).to(grad.dtype)
-        if module.padding_idx is not None:
-            a[..., module.padding_idx] = 0
+        ids = x.reshape(x.shape[0], -1).long()
+        if input_map is None:
+            a = nn.functional.one_hot(ids, spec.d_in).to(grad.dtype)
+            if module.padding_idx is not None:
+                a[..., module.padding_idx] = 0
+        else:
+            a = input_map(ids, grad.dtype)
+            if module.padding_idx is not None:
+                a = a * (ids != module.padding_idx).unsqueeze(-1).to(a.dtype)
         return a, grad.reshape(grad.shape[0], -1, grad.shape[-1])
     if x.dim() != 4:
         raise ValueError(f"layer {spec.module!r}: expected a (B, C, H, W) input, got shape {tuple(x.shape)}")

@@ -10,12 +10,15 @@ a batch of one), so they never depend on the other sequences of the batch.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from ._checks import check_reduction
 
-__all__ = ["IGNORE_INDEX", "token_losses", "sequence_losses", "token_margins", "sequence_margins"]
+__all__ = ["IGNORE_INDEX", "token_losses", "sequence_losses", "token_margins", "sequence_margins", "scored_positions",
+           "one_token_labels", "default_labels"]
 
 IGNORE_INDEX = -100
 
@@ -91,3 +94,30 @@ def sequence_margins(logits: Tensor, labels: Tensor, *, reduction: str = "sum", 
     margins, valid = token_margins(logits, labels, shift=shift, ignore_index=ignore_index)
     total = margins.sum(dim=1)
     return total / valid.sum(dim=1) if reduction == "mean" else total
+
+
+def default_labels(ids: Tensor, mask: Optional[Tensor] = None, *, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """The labels of a batch given none: its input ids, with ``ignore_index`` where ``mask`` marks padding."""
+    if mask is None:
+        return ids
+    return torch.where(mask.bool(), ids, torch.full_like(ids, ignore_index))
+
+
+def scored_positions(labels: Tensor, *, shift: bool = True, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """The positions of one sequence's ``labels`` ``(T,)`` that are scored, ascending.
+
+    With ``shift`` (a causal LM) position 0 is never scored: no logits predict it.
+    """
+    if labels.dim() != 1:
+        raise ValueError(f"labels: expected one sequence's (T,) labels, got shape {tuple(labels.shape)}")
+    valid = labels != ignore_index
+    if shift:
+        valid[:1] = False
+    return valid.nonzero().flatten()
+
+
+def one_token_labels(labels: Tensor, position: int, *, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """``labels`` with every position but ``position`` set to ``ignore_index``: the target of that token alone."""
+    out = torch.full_like(labels, ignore_index)
+    out[..., position] = labels[..., position]
+    return out

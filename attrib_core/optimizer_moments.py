@@ -15,7 +15,7 @@ factors: ``ds ⊙ r^{-1/2}`` and ``a ⊙ c^{-1/2}``, never forming the gradient.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence, Tuple
+from typing import Collection, Mapping, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -85,9 +85,15 @@ def factored_scales(moments: Mapping[str, Tensor], spec: LayerSpec, eps: float =
     return 1.0 / (r + eps).sqrt(), 1.0 / (c + eps).sqrt()
 
 
-def scale_factors(x: Mapping[str, Captured], scales: Mapping[str, Tuple[Tensor, Tensor]]) -> dict[str, Captured]:
-    """Each layer's factors scaled: ``ds ⊙ row`` and ``a ⊙ column``, so ``Σ_t ds_t a_tᵀ`` becomes ``G ⊙ (row columnᵀ)``."""
-    return {m: Captured(c.a * scales[m][1].to(c.a.dtype), c.ds * scales[m][0].to(c.ds.dtype), c.positions)
+def scale_factors(x: Mapping[str, Captured], scales: Mapping[str, Tuple[Tensor, Tensor]], *,
+                  indexed: Collection[str] = ()) -> dict[str, Captured]:
+    """Each layer's factors scaled: ``ds ⊙ row`` and ``a ⊙ column``, so ``Σ_t ds_t a_tᵀ`` becomes ``G ⊙ (row columnᵀ)``.
+
+    The embeddings in ``indexed`` were captured through :func:`attrib_core.embedding_input_maps`
+    given their column scales: only their ``ds`` is scaled here.
+    """
+    return {m: Captured(c.a if m in indexed else c.a * scales[m][1].to(c.a.dtype),
+                        c.ds * scales[m][0].to(c.ds.dtype), c.positions)
             for m, c in x.items()}
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import math
 import zlib
-from typing import Mapping, NamedTuple, Sequence, Tuple, Union
+from typing import Callable, Collection, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from opt_einsum import contract
@@ -31,9 +31,11 @@ import kernels
 import kernels.reference
 from kernels.hash import row_key, to_uint
 
+from .kfac import EKFAC, EKFACLayer
 from .layer_capture import Captured, LayerSpec
 
 __all__ = ["side_seed", "project_factors", "project_gradient", "Compression", "compression", "compress_factors",
+           "compress_one_hot", "embedding_input_maps", "compressed_covariances", "compressed_ekfac",
            "compress_gradient", "compressed_gradients", "token_scores", "COMPRESSION_KINDS"]
 
 COMPRESSION_KINDS = ("logra", "factgrass")
@@ -188,9 +190,14 @@ def _side(x: Tensor, k: int, m: int, kind: str, seed: int) -> Tensor:
     return sketched.to(wide.dtype).reshape(*x.shape[:-1], k)
 
 
-def compress_factors(x: Mapping[str, Captured], comp: Compression) -> dict[str, Captured]:
+def compress_factors(x: Mapping[str, Captured], comp: Compression, *,
+                     indexed: Collection[str] = ()) -> dict[str, Captured]:
     """Each module's factors compressed on its block's sides: ``a`` ``(n, T, k_in)`` and ``ds`` ``(n, T, k_out)``
-    (a swapped member's output gradient becomes its ``a``, its input its ``ds``)."""
+    (a swapped member's output gradient becomes its ``a``, its input its ``ds``).
+
+    The modules in ``indexed`` are embeddings captured through :func:`embedding_input_maps`:
+    their input factor is compressed already and is passed through.
+    """
     out = {}
     for block, group in comp.members.items():
         (k_out, k_in), (m_out, m_in) = comp.dims[block], comp.masks[block]
@@ -198,9 +205,60 @@ def compress_factors(x: Mapping[str, Captured], comp: Compression) -> dict[str, 
         for module, swapped in group:
             c = x[module]
             on_out, on_in = (c.a, c.ds) if swapped else (c.ds, c.a)
-            out[module] = Captured(_side(on_in, k_in, m_in, comp.kind, seeds[1]),
-                                   _side(on_out, k_out, m_out, comp.kind, seeds[0]), c.positions)
+            done = module in indexed  # its input factor (on_out when swapped, else on_in) is compressed
+            out[module] = Captured(on_in if done and not swapped else _side(on_in, k_in, m_in, comp.kind, seeds[1]),
+                                   on_out if done and swapped else _side(on_out, k_out, m_out, comp.kind, seeds[0]),
+                                   c.positions)
     return out
+
+
+_ONE_HOT_ENTRIES = 1 << 22  # one-hot rows formed at a time when an embedding's side is compressed from its ids
+
+
+def compress_one_hot(ids: Tensor, d: int, k: int, m: int, kind: str, seed: int, dtype: torch.dtype) -> Tensor:
+    """``(..., k)``: the one-hot rows of ``ids`` over ``d`` coordinates compressed as :func:`compress_factors`'s side
+    transform compresses them, without forming ``(..., d)``.
+
+    Each distinct id's row is compressed once (the dense matrix's rows, gathered, where it
+    is held; else a few thousand one-hot rows at a time through the same transform), then
+    gathered for every position: exact for any number of rows.
+    """
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    wide = torch.promote_types(dtype, torch.float32)
+    if k >= d:
+        rows = torch.eye(d, dtype=wide, device=ids.device)[unique]
+    elif kind == "logra" and d * k <= _HELD_ENTRIES:
+        rows = _rademacher(d, k, seed, ids.device, wide)[unique]
+    else:
+        step = max(1, _ONE_HOT_ENTRIES // d)
+        rows = torch.cat([_side(torch.nn.functional.one_hot(unique[i : i + step], d).to(wide), k, m, kind, seed)
+                          for i in range(0, len(unique), step)])
+    return rows[inverse]
+
+
+def embedding_input_maps(specs: Sequence[LayerSpec], comp: Compression,
+                         column_scales: Optional[Mapping[str, Tensor]] = None) -> dict[str, Callable]:
+    """``{embedding module: map(ids, dtype)}`` for :func:`attrib_core.capture`'s ``input_maps``: each embedding's
+    one-hot input factor compressed on its block's side (the output side for a swapped member) from its ids,
+    times ``column_scales[module][id]`` where given (:func:`attrib_core.factored_scales`' column), so that
+    :func:`compress_factors` with ``indexed=`` the maps' keys gives what compressing the one-hot rows would."""
+    swapped_of = {module: (block, swapped) for block, group in comp.members.items() for module, swapped in group}
+    maps = {}
+    for spec in specs:
+        if spec.kind != "embedding":
+            continue
+        block, swapped = swapped_of[spec.module]
+        side = 0 if swapped else 1
+        k, m = comp.dims[block][side], comp.masks[block][side]
+        seed = side_seed(comp.seed, block, ("out", "in")[side])
+        scale = None if column_scales is None else column_scales[spec.module]
+
+        def map_(ids: Tensor, dtype: torch.dtype, d=spec.d_in, k=k, m=m, seed=seed, scale=scale) -> Tensor:
+            rows = compress_one_hot(ids, d, k, m, comp.kind, seed, dtype)
+            return rows if scale is None else rows * scale.to(rows.device, rows.dtype)[ids].unsqueeze(-1)
+
+        maps[spec.module] = map_
+    return maps
 
 
 def compressed_gradients(projected: Mapping[str, Captured], comp: Compression) -> Tensor:
@@ -226,6 +284,45 @@ def compress_gradient(G: Tensor, spec: LayerSpec, comp: Compression) -> Tensor:
     right = _side(weight, k_in, m_in, comp.kind, side_seed(comp.seed, spec.module, "in"))  # (n, d_out, k_in)
     both = _side(right.transpose(1, 2), k_out, m_out, comp.kind, side_seed(comp.seed, spec.module, "out"))
     return both.transpose(1, 2).reshape(n, k_out * k_in)
+
+
+def compressed_covariances(projected: Mapping[str, Captured], comp: Compression) -> dict[str, Tuple[Tensor, Tensor]]:
+    """Per block, ``(Σ ds' ds'ᵀ, Σ a' a'ᵀ)`` over the examples and positions of compressed factors, float64:
+    K-FAC's output and input factors of the compressed gradients, unnormalised (a tied block's members pooled,
+    each in the block's orientation). Sums over batches add up."""
+    out = {}
+    for block, group in comp.members.items():
+        S = A = 0
+        for module, _ in group:
+            c = projected[module]
+            ds, a = c.ds.double().reshape(-1, c.ds.shape[-1]), c.a.double().reshape(-1, c.a.shape[-1])
+            S, A = S + ds.T @ ds, A + a.T @ a
+        out[block] = (S, A)
+    return out
+
+
+def compressed_ekfac(covariances: Mapping[str, Tuple[Tensor, Tensor]], gradients: Tensor, comp: Compression) -> EKFAC:
+    """EK-FAC of the compressed gradients ``(n, comp.width)``, block by block.
+
+    Each block's bases are the eigenvectors of its :func:`compressed_covariances`; its
+    eigenvalues are corrected to ``Λ = mean_i (Q_Sᵀ G̃_i Q_A)²`` over the rows of
+    ``gradients`` (George et al., 2018), so the fit is exact on the diagonal of that
+    basis. The result acts on vectors laid out as :func:`compressed_gradients` lays
+    them out (one pseudo-layer ``k_out × k_in`` per block, named ``"<block>.compressed"``).
+    """
+    if gradients.dim() != 2 or gradients.shape[1] != comp.width:
+        raise ValueError(f"gradients: expected (n, {comp.width}) compressed gradients, got {tuple(gradients.shape)}")
+    layers, start = [], 0
+    for block, (k_out, k_in) in comp.dims.items():
+        S, A = covariances[block]
+        QS, QA = torch.linalg.eigh(S)[1], torch.linalg.eigh(A)[1]
+        G = gradients[:, start : start + k_out * k_in].double().reshape(-1, k_out, k_in)
+        start += k_out * k_in
+        corrected = contract("so,nst,ta->noa", QS, G, QA).pow(2).mean(0)
+        spec = LayerSpec(block, "linear", f"{block}.compressed", None, k_in, k_out)
+        layers.append(EKFACLayer(spec, QA, QS, corrected))
+    names = tuple(layer.spec.weight for layer in layers)
+    return EKFAC(tuple(layers), names, tuple(k_out * k_in for k_out, k_in in comp.dims.values()), True)
 
 
 def token_scores(projected: Mapping[str, Captured], queries: Tensor, comp: Compression) -> Tensor:

@@ -24,7 +24,7 @@ from .influence import (
 )
 from .influence_legacy import IFAttributor
 from .layer_ablation import LayerFeatureAblation
-from .lm import CausalLMLoss, SequenceClassificationLoss
+from .lm import CausalLMLoss, QueryTokens, SequenceClassificationLoss
 from .logra import LoGraAttributor, TokenScores
 from .rps import RPSAttributor
 from .task import AttributionTask
@@ -35,6 +35,7 @@ from .trak import TRAKAttributor
 __all__ = [
     "AttributionTask",
     "CausalLMLoss",
+    "QueryTokens",
     "SequenceClassificationLoss",
     "BaseAttributor",
     "BaseInnerProductAttributor",

@@ -343,6 +343,10 @@ class IFAttributorEKFAC(BaseInnerProductAttributor):
             does; this assumes classification batches ``(inputs, ..., labels)`` whose
             model output on ``inputs`` are logits).
         seed: for the sampled labels.
+        query_rank: None, or keep each preconditioned test gradient's per-layer matrix at
+            its best rank-``query_rank`` approximation (truncated SVD), as kronfluence's
+            ``query_gradient_low_rank`` does to store queries of large models as factors;
+            an approximation (exact when every layer's matrix has rank ``query_rank`` or less).
 
     Dict batches with an ``attention_mask`` (Hugging Face's) leave padded positions out
     of the covariances. A ``loss_func`` with ``per_example`` (:class:`attrib_torch.CausalLMLoss`)
@@ -351,7 +355,8 @@ class IFAttributorEKFAC(BaseInnerProductAttributor):
 
     def __init__(self, task: AttributionTask, module_name: LayerName = None, device: Optional[str] = "cpu",
                  damping: Union[float, str] = 0.0, fisher: str = "empirical", seed: int = 0,
-                 show_progress: bool = True) -> None:
+                 query_rank: Optional[int] = None, show_progress: bool = True) -> None:
+        self.query_rank = None if query_rank is None else positive_int(query_rank, "query_rank")
         # Frozen parameters are left out unless module_name names their layers.
         candidates = task.params(0) if module_name is not None else task.selected(task.params(0), None)
         specs = layer_specs(task.get_model(), candidates, module_name)  # raises on bad names
@@ -407,4 +412,5 @@ class IFAttributorEKFAC(BaseInnerProductAttributor):
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
         fit = self._fits[ckpt_idx]
         damping = fit.heuristic_damping() if self.damping == "heuristic" else self.damping
-        return fit.solve(test_rep, damping=damping).x
+        solved = fit.solve(test_rep, damping=damping).x
+        return solved if self.query_rank is None else fit.low_rank(solved, self.query_rank)

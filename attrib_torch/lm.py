@@ -10,6 +10,9 @@ though HF's own batch loss averages over all tokens of the batch. Attributors us
 come from module hooks in one batched backward pass
 (:func:`attrib_core.hooked_grads`).
 
+:class:`QueryTokens` turns a dataset of query sequences into one query per scored
+token, so any attributor gives per-query-token scores.
+
 Nothing here imports ``transformers``: the model is any module that takes
 ``input_ids``/``attention_mask`` keywords and returns ``.logits`` (or a tensor).
 """
@@ -21,11 +24,12 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils.data import Dataset
 
 from attrib_core import lm
 from attrib_core._checks import check_reduction
 
-__all__ = ["CausalLMLoss", "SequenceClassificationLoss"]
+__all__ = ["CausalLMLoss", "SequenceClassificationLoss", "QueryTokens"]
 
 _TARGETS = ("loss", "margin")
 
@@ -114,7 +118,7 @@ class CausalLMLoss(_DictBatchLoss):
         ids, mask = batch["input_ids"], batch.get("attention_mask")
         labels = batch.get("labels")
         if labels is None:
-            labels = ids if mask is None else torch.where(mask.bool(), ids, torch.full_like(ids, lm.IGNORE_INDEX))
+            labels = lm.default_labels(ids, mask)
         elif labels.shape != ids.shape:
             raise ValueError(f"batch['labels']: expected the shape {tuple(ids.shape)} of input_ids, got "
                              f"{tuple(labels.shape)}")
@@ -164,3 +168,64 @@ class SequenceClassificationLoss(_DictBatchLoss):
 
     def __call__(self, params: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
         return self.per_example(params, batch).mean()
+
+
+class QueryTokens(Dataset):
+    """One query per scored token of each sequence of ``dataset``: targets per query token.
+
+    Item ``j`` is sequence ``index[j, 0]`` of ``dataset`` with every label but the one at
+    position ``index[j, 1]`` set to ``-100``, so a :class:`CausalLMLoss` target is that
+    token's loss (or margin) alone, given the whole sequence as context; any attributor
+    then scores each training example against each query token (columns
+    ``offsets[i] : offsets[i + 1]`` are sequence ``i``'s tokens). With ``reduction="sum"``
+    a sequence's token columns add up to its own column wherever scores are linear in
+    the target's gradient (Grad-Dot, influence functions, LoGra). Each query token costs
+    one forward and backward pass of its sequence.
+
+    Args:
+        dataset: a map-style dataset of dict examples (``input_ids``, optionally
+            ``attention_mask`` and ``labels``, each ``(T,)``), as a DataLoader over
+            it would batch them.
+
+    Raises:
+        TypeError / ValueError: an item that is not such a dict, or a sequence with no
+            scored token (named).
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise TypeError(f"dataset: expected a map-style dataset of dict examples, got {type(dataset).__name__}")
+        self.dataset = dataset
+        rows, positions, counts = [], [], []
+        for i in range(len(dataset)):
+            scored = lm.scored_positions(self._labels(i))
+            if not len(scored):
+                raise ValueError(f"dataset: sequence {i} has no scored token (every label is -100 after the shift)")
+            rows.append(torch.full_like(scored, i))
+            positions.append(scored)
+            counts.append(len(scored))
+        self.index = torch.stack([torch.cat(rows), torch.cat(positions)], dim=1) if rows else \
+            torch.zeros(0, 2, dtype=torch.long)
+        self.offsets = torch.zeros(len(counts) + 1, dtype=torch.long)
+        self.offsets[1:] = torch.tensor(counts, dtype=torch.long).cumsum(0)
+
+    def _item(self, i: int) -> Mapping[str, Tensor]:
+        item = self.dataset[i]
+        if not isinstance(item, Mapping) or not isinstance(item.get("input_ids"), Tensor) or \
+                item["input_ids"].dim() != 1:
+            raise TypeError(f"dataset[{i}]: expected a dict with a (T,) tensor 'input_ids', got "
+                            f"{type(item).__name__}" + (f" with keys {sorted(item)}" if isinstance(item, Mapping)
+                                                        else ""))
+        return item
+
+    def _labels(self, i: int) -> Tensor:
+        item = self._item(i)
+        labels = item.get("labels")
+        return lm.default_labels(item["input_ids"], item.get("attention_mask")) if labels is None else labels
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, j: int) -> dict:
+        i, position = (int(v) for v in self.index[j])
+        return {**self._item(i), "labels": lm.one_token_labels(self._labels(i), position)}

@@ -22,9 +22,12 @@ from torch import Tensor
 from attrib_core import (
     compress_factors,
     compress_gradient,
+    compressed_covariances,
+    compressed_ekfac,
     compressed_gradients,
     compression,
     coverage,
+    embedding_input_maps,
     factored_scales,
     layer_specs,
     per_sample_grad_loop,
@@ -44,7 +47,7 @@ from .user_warning import warn
 
 __all__ = ["LoGraAttributor", "TokenScores"]
 
-_PRECONDITIONERS = ("fisher", "identity")
+_PRECONDITIONERS = ("fisher", "ekfac", "identity")
 
 
 class TokenScores(NamedTuple):
@@ -80,11 +83,17 @@ class LoGraAttributor(BaseInnerProductAttributor):
             None for every one that can be factored exactly (what that leaves out is
             named in a warning with its share of the parameters). A weight tied between
             layers (GPT-2's input embedding and output layer) is compressed once, the
-            layers' parts added.
+            layers' parts added. An embedding of any vocabulary size is covered: its
+            compressed input rows are gathered from its ids, never formed one-hot.
         kind: ``"logra"`` (dense Rademacher matrices) or ``"factgrass"`` (sparse mask,
             then a sparse JL transform).
         preconditioner: ``"fisher"`` (the damped inverse of the compressed gradients'
-            second moment, per module) or ``"identity"`` (inner products).
+            second moment, per module: a ``(k_out k_in)²`` matrix), ``"ekfac"`` (EK-FAC of
+            the compressed gradients: Kronecker eigenbases of the compressed factors'
+            covariances, eigenvalues corrected to the gradients' second moments in that
+            basis, :func:`attrib_core.compressed_ekfac`; ``k_out² + k_in²`` numbers per
+            module, for ranks where the full matrix is too large) or ``"identity"``
+            (inner products).
         damping: per module, ``λ = damping ×`` the mean eigenvalue of its second moment
             (LogIX's and kronfluence's heuristic is 0.1).
         seed: of the compression; scores depend on it and on nothing else random.
@@ -104,7 +113,8 @@ class LoGraAttributor(BaseInnerProductAttributor):
             raise ValueError(f"preconditioner: expected one of {_PRECONDITIONERS}, got {preconditioner!r}")
         damping = nonnegative(damping, "damping")
         candidates = task.params(0) if module_name is not None else task.selected(task.params(0), None)
-        specs = layer_specs(task.get_model(), candidates, module_name, tied=True)  # raises on bad names
+        # embeddings of any size: their input factor is compressed from the ids, never one-hot
+        specs = layer_specs(task.get_model(), candidates, module_name, tied=True, one_hot=False)  # raises on bad names
         self.compression, exact = compression(specs, rank, kind=kind, seed=seed)  # raises on bad rank/kind
         if module_name is None:
             left = coverage(task.get_model(), candidates, specs)
@@ -127,11 +137,14 @@ class LoGraAttributor(BaseInnerProductAttributor):
             if missing:
                 raise ValueError(f"second_moments: no entry for {missing[:8]}")
             self._scales = {s.module: factored_scales(second_moments, s) for s in specs}
+        self._input_maps = embedding_input_maps(
+            specs, self.compression, None if self._scales is None else {m: c for m, (_, c) in self._scales.items()})
         self.normalize = bool(normalize)
         self.rank, self.kind, self.seed = rank, kind, seed
         self.preconditioner, self.damping = preconditioner, damping
         self._checked: set = set()  # functions whose compressed gradients were checked against autograd
-        self._inverses: Dict[int, List[Tuple[Tensor, Tensor]]] = {}
+        # per checkpoint: the Fisher's (eigenvectors, damped eigenvalues) per block, or (EK-FAC, dampings)
+        self._inverses: Dict[int, Any] = {}
 
     _cache_fields = BaseInnerProductAttributor._cache_fields + ("_inverses",)
 
@@ -143,10 +156,10 @@ class LoGraAttributor(BaseInnerProductAttributor):
         params = {**fixed, **chosen}
         first = which not in self._checked  # later batches: the head check below stands for the broadcast check
         captured = capture_examples(self.task.get_model(), func, params, data, self._specs,
-                                    mask=_attention_mask(data), verify_broadcast=first)
+                                    mask=_attention_mask(data), verify_broadcast=first, input_maps=self._input_maps)
         if self._scales is not None:
-            captured = scale_factors(captured, self._scales)
-        projected = compress_factors(captured, self.compression)
+            captured = scale_factors(captured, self._scales, indexed=self._input_maps)
+        projected = compress_factors(captured, self.compression, indexed=self._input_maps)
         if first:
             self._check_head(func, fixed, chosen, data, compressed_gradients(projected, self.compression))
             self._checked.add(which)
@@ -193,10 +206,30 @@ class LoGraAttributor(BaseInnerProductAttributor):
         """One pass over the cached training set: its compressed gradients, the preconditioner fitted on them, and
         the transformed training representations kept for scoring."""
         loader = self.full_train_dataloader
-        raw = torch.cat(list(self._grouped(loader, ckpt_idx, train=True, transform=lambda c, rep: rep)))
-        if self.preconditioner != "identity":
-            self._inverses[ckpt_idx] = self._fit(raw)
+        if self.preconditioner == "ekfac":
+            raw = self._fit_ekfac(ckpt_idx, loader)
+        else:
+            raw = torch.cat(list(self._grouped(loader, ckpt_idx, train=True, transform=lambda c, rep: rep)))
+            if self.preconditioner == "fisher":
+                self._inverses[ckpt_idx] = self._fit(raw)
         self._keep_train_reps(ckpt_idx, loader, self.transform_train_rep(ckpt_idx, raw))
+
+    def _fit_ekfac(self, ckpt_idx: int, loader: Any) -> Tensor:
+        """The training set's compressed gradients, with EK-FAC fitted on their factors in the same pass."""
+        raw, covariances = [], None
+        for batch in batches(loader, self.device, desc=f"train gradients, checkpoint {ckpt_idx}",
+                             show_progress=self.show_progress):
+            projected = self._projected(ckpt_idx, batch, "train")
+            sums = compressed_covariances(projected, self.compression)
+            covariances = sums if covariances is None else {b: (covariances[b][0] + S, covariances[b][1] + A)
+                                                            for b, (S, A) in sums.items()}
+            raw.append(compressed_gradients(projected, self.compression))
+        raw = torch.cat(raw)
+        fit = compressed_ekfac(covariances, raw, self.compression)
+        if self.damping <= 0 and any(bool((layer.eigenvalues <= 0).any()) for layer in fit.layers):
+            raise ValueError("damping: the compressed gradients' EK-FAC has eigenvalues 0; give damping > 0")
+        self._inverses[ckpt_idx] = (fit, fit.heuristic_damping(self.damping))
+        return raw
 
     def _fit(self, raw: Tensor) -> List[Tuple[Tensor, Tensor]]:
         """Per block, the eigenvectors and damped eigenvalues of the compressed gradients' second moment."""
@@ -215,6 +248,9 @@ class LoGraAttributor(BaseInnerProductAttributor):
 
     def _powered(self, ckpt_idx: int, rep: Tensor, power: float) -> Tensor:
         """``(F̃ + λI)^power`` applied block by block to the rows of ``rep``."""
+        if self.preconditioner == "ekfac":
+            fit, dampings = self._inverses[ckpt_idx]
+            return fit.power(rep, power, damping=dampings).to(rep.dtype)
         out, start = [], 0
         for vectors, values in self._inverses[ckpt_idx]:
             width = vectors.shape[0]

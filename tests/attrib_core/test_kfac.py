@@ -316,3 +316,28 @@ def test_conv_factors_are_patch_averages():
     a = torch.cat([patches, torch.ones(3, 25, 1, dtype=DT)], dim=-1)
     torch.testing.assert_close(conv.A, torch.einsum("bti,btj->ij", a, a) / (3 * 25))
     assert conv.positions == 75 and conv.examples == 3
+
+
+def test_low_rank_keeps_each_layers_best_approximation():
+    """Eckart–Young per layer, against the SVD of each layer's matrix laid out by hand ([W | b], then W alone)."""
+    torch.manual_seed(2)
+    model = TwoLayer().double()
+    params, f = params_of(model), loss_of(model)
+    fit = ekfac(model, f, params, [(torch.randn(9, 5, dtype=DT), torch.randint(0, 3, (9,)))])
+    V = torch.randn(3, fit.dim, dtype=DT)
+    hidden_w, hidden_b, head_w = V.split(fit.sizes, dim=1)
+
+    def best(M, r):
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        return U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
+
+    for rank in (1, 2):
+        expected = []
+        for k in range(3):
+            hidden = best(torch.cat([hidden_w[k].reshape(6, 5), hidden_b[k].reshape(6, 1)], 1), rank)
+            head = best(head_w[k].reshape(3, 6), rank)
+            expected.append(torch.cat([hidden[:, :5].reshape(-1), hidden[:, 5], head.reshape(-1)]))
+        torch.testing.assert_close(fit.low_rank(V, rank), torch.stack(expected))
+    torch.testing.assert_close(fit.low_rank(V, 6), V)  # no layer's matrix has rank above 6: unchanged
+    with pytest.raises(ValueError, match="rank"):
+        fit.low_rank(V, 0)

@@ -11,8 +11,10 @@ from attrib_core import (
     LayerSpec,
     compress_factors,
     compress_gradient,
+    compress_one_hot,
     compressed_gradients,
     compression,
+    embedding_input_maps,
     factored_dense,
     factored_inner,
     project_factors,
@@ -113,3 +115,31 @@ def test_compression_rejects_bad_ranks_and_kinds():
             compression(spec, rank)
     with pytest.raises(ValueError, match="kind"):
         compression(spec, 2, kind="grass")
+
+
+@pytest.mark.parametrize("kind", COMPRESSION_KINDS)
+@pytest.mark.parametrize("rows, rank", [(7, 3), (7, 9), (300_000, 16)])  # projected; kept exact; streamed rows
+def test_an_embedding_compressed_from_its_ids_equals_its_one_hot_rows_compressed(kind, rows, rank):
+    """Both sides of a tied pair (an embedding and a swapped output layer) from ids, against the one-hot factors."""
+    g = torch.Generator().manual_seed(rows + rank)
+    ids = torch.randint(0, rows, (2, 3), generator=g)
+    ids[0, 1] = ids[1, 2]  # a repeated id
+    ds = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    embed = LayerSpec("wte", "embedding", "wte.weight", None, rows, 4)
+    head = LayerSpec("head", "linear", "wte.weight", None, 4, rows)  # the tied output layer, weight (rows, 4)
+    comp, _ = compression([embed, head], rank, kind=kind, seed=3)
+    assert comp.members["wte"] == (("wte", False), ("head", True))
+    one_hot = torch.nn.functional.one_hot(ids, rows).double()
+    h = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    out = torch.randn(2, 3, rows, generator=g, dtype=torch.float64) if rows < 1000 else one_hot * 0.5
+    explicit = compress_factors({"wte": Captured(one_hot, ds, 6), "head": Captured(h, out, 6)}, comp)
+    maps = embedding_input_maps([embed, head], comp)
+    assert set(maps) == {"wte"}
+    mapped = compress_factors({"wte": Captured(maps["wte"](ids, torch.float64), ds, 6), "head": Captured(h, out, 6)},
+                              comp, indexed=maps)
+    for module in ("wte", "head"):
+        torch.testing.assert_close(mapped[module].a, explicit[module].a, rtol=0, atol=0)
+        torch.testing.assert_close(mapped[module].ds, explicit[module].ds, rtol=0, atol=0)
+    k, m = comp.dims["wte"][1], comp.masks["wte"][1]
+    direct = compress_one_hot(ids, rows, k, m, kind, side_seed(3, "wte", "in"), torch.float64)
+    torch.testing.assert_close(direct, explicit["wte"].a, rtol=0, atol=0)

@@ -195,3 +195,85 @@ def test_hessian_attributors_explain_fused_attention_and_run_with_eager_attentio
             attributor.cache(train)
             scores = attributor.attribute(test, train) if name == "trak" else attributor.attribute(train, test)
         assert scores.shape == (6, 2) and bool(torch.isfinite(scores).all()), name
+
+
+def test_query_tokens_score_each_token_against_autograd_and_add_up_to_the_sequence():
+    from attrib_torch import LoGraAttributor, QueryTokens
+
+    model = gpt2()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    train_set, queries = Sequences(5, 11), Sequences(3, 12)
+    tokens = QueryTokens(queries)
+    lengths = queries.mask.sum(1)
+    assert tokens.offsets.tolist() == [0, *(lengths - 1).cumsum(0).tolist()]  # positions 1 .. length-1
+    assert tokens.index[: int(lengths[0]) - 1, 1].tolist() == list(range(1, int(lengths[0])))
+    train = DataLoader(train_set, batch_size=3)
+    task = AttributionTask(CausalLMLoss(model), model, state, target_func=CausalLMLoss(model, reduction="sum"))
+    per_token = TracInAttributor(task, [1.0], False, show_progress=False).attribute(
+        train, DataLoader(tokens, batch_size=4))
+    # the oracle: autograd of each token's cross-entropy written out, each sequence alone (in float64: HF's own
+    # .loss upcasts only to float32)
+    params = dict(model.named_parameters())
+
+    def token_loss(item, t):
+        logits = model(input_ids=item["input_ids"][None], attention_mask=item["attention_mask"][None]).logits
+        return -torch.log_softmax(logits[0, t - 1], -1)[item["input_ids"][t]]
+
+    def gradient(loss):
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(params.values()))])
+
+    g_train = torch.stack([gradient(sum(token_loss(item, t) for t in range(1, n)) / (n - 1))
+                           for item, n in ((train_set[i], int(train_set.mask[i].sum())) for i in range(5))])
+    expected = torch.stack([gradient(token_loss(queries[i], t)) for i, t in tokens.index.tolist()])
+    torch.testing.assert_close(per_token, g_train @ expected.T)
+    # linear in the target's gradient: a sequence's token columns add up to its summed-loss column
+    for attributor in (TracInAttributor(task, [1.0], False, show_progress=False),
+                       LoGraAttributor(task, rank=3, show_progress=False)):
+        whole = attributor.attribute(train, DataLoader(queries, batch_size=3))
+        split = attributor.attribute(train, DataLoader(tokens, batch_size=5))
+        summed = torch.stack([split[:, a:b].sum(1) for a, b in zip(tokens.offsets[:-1], tokens.offsets[1:])], 1)
+        torch.testing.assert_close(summed, whole)
+
+
+def test_query_tokens_reject_a_sequence_without_scored_tokens():
+    from attrib_torch import QueryTokens
+
+    queries = [{"input_ids": torch.tensor([3, 4, 5]), "labels": torch.tensor([3, 4, 5])},
+               {"input_ids": torch.tensor([3, 4, 5]), "labels": torch.tensor([3, -100, -100])}]
+    with pytest.raises(ValueError, match="sequence 1 has no scored token"):
+        QueryTokens(queries)
+    with pytest.raises(TypeError, match=r"dataset\[0\]"):
+        QueryTokens([(torch.tensor([1, 2]), 0)])
+    assert QueryTokens(queries[:1]).index.tolist() == [[0, 1], [0, 2]]
+
+
+def test_ekfac_query_rank_scores_low_rank_preconditioned_queries():
+    from attrib_core import per_sample_grad_loop
+
+    model = gpt2()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    train, test = DataLoader(Sequences(6, 31), batch_size=3), DataLoader(Sequences(3, 32), batch_size=3)
+    runs = {}
+    for rank in (None, 1, 64):
+        task = AttributionTask(CausalLMLoss(model), model, state)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            attributor = IFAttributorEKFAC(task, damping="heuristic", query_rank=rank, show_progress=False)
+        attributor.cache(train)
+        runs[rank] = (attributor, attributor.attribute(train, test))
+    torch.testing.assert_close(runs[64][1], runs[None][1])  # rank above every layer's: exact
+    attributor, low = runs[1]
+    fit = attributor._fits[0]
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    chosen = {n: params[n] for n in fit.names}
+    loss = CausalLMLoss(model)
+
+    def gradients(loader):
+        batch = {k: torch.cat([b[k] for b in loader]) for k in ("input_ids", "attention_mask", "labels")}
+        return per_sample_grad_loop(lambda c, b: loss({**params, **c}, b))(chosen, batch)
+
+    queries = fit.low_rank(fit.solve(gradients(test), damping=fit.heuristic_damping()).x, 1)
+    torch.testing.assert_close(low, gradients(train) @ queries.T)
+    assert not torch.allclose(low, runs[None][1])
+    with pytest.raises((TypeError, ValueError), match="query_rank"):
+        IFAttributorEKFAC(AttributionTask(CausalLMLoss(model), model, state), query_rank=0)

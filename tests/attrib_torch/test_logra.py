@@ -92,6 +92,49 @@ def test_fisher_preconditioned_scores_equal_an_explicit_solve(kind):
     torch.testing.assert_close(scores, expected)
 
 
+def test_ekfac_preconditioner_equals_a_dense_ekfac_of_explicitly_projected_factors():
+    """The oracle: factors from attrib_core.capture, projected by the explicit Rademacher matrices, EK-FAC built as a
+    dense (k_out k_in)² matrix per module from its own eigendecompositions, and solved."""
+    from attrib_core import capture, side_seed
+    from kernels import projection_entries
+
+    model = token_model()
+    loss = next_token_loss(model)
+    task = AttributionTask(loss, model, model.state_dict())
+    train, test = id_loader(12, 3, 5), id_loader(4, 4, 4)
+    rank, seed = 3, 7
+    scores = LoGraAttributor(task, rank=rank, preconditioner="ekfac", damping=0.1, seed=seed,
+                             show_progress=False).attribute(train, test)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    specs = layer_specs(model, params, None)
+
+    def projected(loader):  # per module: compressed ds (n, T, k) and a (n, T, k)
+        out = {s.module: ([], []) for s in specs}
+        for (ids,) in loader:
+            captured = capture(model, loss, params, (ids,), specs, reduction="mean")
+            for s in specs:
+                R_in = projection_entries(s.d_a, rank, seed=side_seed(seed, s.module, "in")).double()
+                R_out = projection_entries(s.d_out, rank, seed=side_seed(seed, s.module, "out")).double()
+                out[s.module][0].append(captured[s.module].ds @ R_out)
+                out[s.module][1].append(captured[s.module].a @ R_in)
+        return {m: (torch.cat(ds), torch.cat(a)) for m, (ds, a) in out.items()}
+
+    P_train, P_test = projected(train), projected(test)
+    expected = 0
+    for s in specs:
+        ds, a = P_train[s.module]
+        G = torch.einsum("ntk,ntl->nkl", ds, a).reshape(len(ds), -1)
+        Q = torch.einsum("ntk,ntl->nkl", *P_test[s.module]).reshape(len(P_test[s.module][0]), -1)
+        QS = torch.linalg.eigh(torch.einsum("ntk,ntl->kl", ds, ds))[1]
+        QA = torch.linalg.eigh(torch.einsum("ntk,ntl->kl", a, a))[1]
+        basis = torch.kron(QS, QA)
+        corrected = ((G @ basis) ** 2).mean(0)
+        F = basis @ torch.diag(corrected) @ basis.T
+        damping = 0.1 * float(corrected.mean())
+        expected = expected + G @ torch.linalg.solve(F + damping * torch.eye(len(F), dtype=F.dtype), Q.T)
+    torch.testing.assert_close(scores, expected)
+
+
 def test_normalized_at_full_rank_is_grad_cos():
     model = token_model()
     task = AttributionTask(next_token_loss(model), model, model.state_dict())
@@ -276,3 +319,44 @@ def test_other_architectures_at_full_rank_are_grad_dot(arch):
     logra = quiet(lambda: LoGraAttributor(task, rank=1000, preconditioner="identity", show_progress=False))
     grad_dot = TracInAttributor(task, [1.0], False, layer_name=logra.names, show_progress=False)
     torch.testing.assert_close(logra.attribute(train, test), grad_dot.attribute(train, test))
+
+
+@pytest.mark.parametrize("kind", ["logra", "factgrass"])
+def test_a_vocabulary_beyond_one_hot_size_is_compressed_from_the_ids(kind):
+    """GPT-2 with 8,200 tokens (more rows than a one-hot factor is built for): the tied embedding is covered, and the
+    scores are the inner products of autograd's gradients compressed explicitly."""
+    from attrib_core import MAX_EMBEDDING_ROWS
+
+    vocab = MAX_EMBEDDING_ROWS + 8
+    config = transformers.GPT2Config(vocab_size=vocab, n_positions=16, n_embd=8, n_layer=1, n_head=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).double().eval()
+    loss = CausalLMLoss(model)
+    task = AttributionTask(loss, model, {k: v.clone() for k, v in model.state_dict().items()})
+    train_data, test_data = Sequences(5, 21), Sequences(2, 22)
+    for data in (train_data, test_data):  # ids across the whole vocabulary
+        data.ids = torch.randint(1, vocab, data.ids.shape, generator=torch.Generator().manual_seed(5)) * data.mask
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # wpe, norms: left out, named
+        logra = LoGraAttributor(task, rank=3, kind=kind, preconditioner="identity", show_progress=False)
+    assert "transformer.wte.weight" in logra.names
+    scores = logra.attribute(DataLoader(train_data, batch_size=3), DataLoader(test_data, batch_size=2))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    chosen = {n: params[n] for n in logra.names}
+    specs = {s.module: s for s in logra._specs}
+
+    def compressed(data):
+        batch = {k: torch.stack([data[i][k] for i in range(len(data))]) for k in ("input_ids", "attention_mask",
+                                                                                  "labels")}
+        dense = per_sample_grad_loop(lambda c, b: loss({**params, **c}, b))(chosen, batch)
+        offsets = dict(zip(chosen, torch.tensor([0] + [p.numel() for p in chosen.values()]).cumsum(0).tolist()))
+        parts = []
+        for block in logra.compression.members:
+            spec = specs[block]
+            G = torch.cat([dense[:, offsets[n] : offsets[n] + params[n].numel()] for n in (spec.weight, spec.bias)
+                           if n], 1)
+            parts.append(compress_gradient(G, spec, logra.compression))
+        return torch.cat(parts, 1)
+
+    torch.testing.assert_close(scores, compressed(train_data) @ compressed(test_data).T)
