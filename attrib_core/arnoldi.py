@@ -35,8 +35,8 @@ class ArnoldiResult(NamedTuple):
             (``|β_m s_{m,i}|``); small means converged.
         breakdown: the iteration stopped early on an invariant subspace (then the
             Ritz pairs are exact eigenpairs of ``A`` on that subspace).
-        orthogonality: ``max |QᵀQ - I|`` of the Krylov basis used: the loss of
-            orthogonality, near the working precision's epsilon when all went well.
+        orthogonality: ``max |QᵀQ - I|`` of the Krylov basis used, computed in float64:
+            the loss of orthogonality, near the working precision's epsilon when all went well.
     """
 
     eigenvalues: Tensor
@@ -132,7 +132,8 @@ def arnoldi(
     order = torch.argsort(evals.abs(), descending=True)[: min(top_k, m)]
     basis = final.basis[:m]
     beta_m = 0.0 if final.breakdown else float(T[m, m - 1])
-    gram = basis @ basis.T
+    wide = basis.double()  # measured in float64: a float32 Gram matrix's own rounding (about eps·sqrt(dim)) is
+    gram = wide @ wide.T  # far larger than the loss of orthogonality of the float32 vectors it would measure
     gram.diagonal().sub_(1)
     return ArnoldiResult(
         evals[order],

@@ -1,6 +1,7 @@
 """Language-model attribution on text that ships with Python: LDS against retrained GPT-2s, and capture throughput.
 
-    PYTHONPATH=. python -m benchmarks.lm [--subsets 32] [--methods grad-dot,logra-8,...] [--throughput] [--trak-sweep]
+    PYTHONPATH=. python -m benchmarks.lm [--subsets 32] [--methods grad-dot,logra-8,...] [--throughput] [--arnoldi]
+        [--trak-sweep]
 
 A GPT-2 from its config (170k parameters, byte tokens) is trained by full-batch Adam on 512 paragraphs of
 ``pydoc_data.topics`` (:mod:`benchmarks.lm_data`) and retrained on ``--subsets`` random
@@ -10,7 +11,8 @@ effect of a half with the loss a model trained on it reaches. Every method attri
 the same trained model with the same loaders; the table gives LDS with its 95%
 interval over test sequences and wall seconds (construction through scores).
 ``--throughput`` times compressed capture against a plain forward+backward of the same
-batches, side by side in one process.
+batches, side by side in one process; ``--arnoldi`` times ``IFAttributorArnoldi``'s fit
+against as many plain Hessian-vector products over the training set as it iterates.
 """
 
 from __future__ import annotations
@@ -103,10 +105,13 @@ def _trackstar(rank: int) -> Callable[[Problem], torch.Tensor]:
     return run
 
 
-def _ekfac(p: Problem) -> torch.Tensor:
-    attributor = at.IFAttributorEKFAC(p.task(), damping="heuristic", show_progress=False)
-    attributor.cache(p.train_loader)
-    return attributor.attribute(p.train_loader, p.test_loader)
+def _ekfac(query_rank=None) -> Callable[[Problem], torch.Tensor]:
+    def run(p: Problem) -> torch.Tensor:
+        attributor = at.IFAttributorEKFAC(p.task(), damping="heuristic", query_rank=query_rank, show_progress=False)
+        attributor.cache(p.train_loader)
+        return attributor.attribute(p.train_loader, p.test_loader)
+
+    return run
 
 
 def _trak(proj_dim: int, target: str = "margin", regularization: float = 0.0) -> Callable[[Problem], torch.Tensor]:
@@ -137,9 +142,12 @@ METHODS: Dict[str, Callable[[Problem], torch.Tensor]] = {
     "logra-16": _logra(16),
     "logra-16-identity": _logra(16, preconditioner="identity"),
     "logra-64-identity": _logra(64, preconditioner="identity"),
+    "logra-16-ekfac": _logra(16, preconditioner="ekfac"),
+    "logra-64-ekfac": _logra(64, preconditioner="ekfac"),
     "factgrass-16": _logra(16, kind="factgrass"),
     "trackstar-16": _trackstar(16),
-    "ekfac": _ekfac,
+    "ekfac": _ekfac(),
+    "ekfac-query-rank-8": _ekfac(query_rank=8),
     "trak-512": _trak(512),
     "trak-128": _trak(128),
     "trak-512-loss-reg1": _trak(512, target="loss", regularization=1.0),
@@ -188,12 +196,56 @@ def throughput(p: Problem, repeats: int) -> None:
           f"(ratio {per_token / sequences:.2f}; the per-token pass recaptures the training set)")
 
 
+def arnoldi_cost(p: Problem, iterations: int, pairs: int, repeats: int) -> None:
+    """``IFAttributorArnoldi``'s fit against ``iterations`` plain Hessian-vector products of the training loss.
+
+    The baseline HVP is plain torch on the same batches: per batch, the gradient of its
+    share of the mean loss with ``create_graph``, then the gradient of its dot product with
+    ``v``, summed. Both run on the same eager-attention copy of the trained model (fused
+    attention has no double backward on CPU).
+    """
+    model = gpt2(attention="eager")
+    model.load_state_dict(p.state)
+    task = at.AttributionTask(at.CausalLMLoss(model), model, p.state)
+    params = {n: v.detach().clone() for n, v in model.named_parameters()}
+    loaded = list(p.train_loader)
+    n = sum(len(b["input_ids"]) for b in loaded)
+    v = {k: torch.randn_like(x) for k, x in params.items()}
+
+    def plain_hvp():
+        total = {k: torch.zeros_like(x) for k, x in params.items()}
+        for batch in loaded:
+            chosen = {k: x.requires_grad_(True) for k, x in params.items()}
+            loss = task.loss_func(chosen, batch) * (len(batch["input_ids"]) / n)
+            grads = torch.autograd.grad(loss, list(chosen.values()), create_graph=True)
+            dot = sum((g * v[k]).sum() for g, k in zip(grads, chosen))
+            for k, h in zip(chosen, torch.autograd.grad(dot, list(chosen.values()))):
+                total[k] += h
+        return total
+
+    one = timed(plain_hvp, repeats).seconds
+
+    def fit():
+        attributor = at.IFAttributorArnoldi(task, proj_dim=pairs, max_iter=iterations, show_progress=False)
+        attributor.cache(p.train_loader)
+        return attributor
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        seconds, _ = timed(fit, warmup=False)
+    print(f"Arnoldi ({pairs} pairs from {iterations} iterations, {n} sequences): fit {seconds:.1f} s; one plain HVP "
+          f"over the training set {one:.3f} s, x {iterations} = {iterations * one:.1f} s; ratio "
+          f"{seconds / (iterations * one):.2f}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subsets", type=int, default=32)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--throughput", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--arnoldi", action="store_true", help="IFAttributorArnoldi's fit (100 pairs from 200 "
+                        "iterations) against 200 plain Hessian-vector products over the training set")
     parser.add_argument("--trak-sweep", action="store_true", help="LDS of TRAK over TRAK_SWEEP (a diagnosis: "
                         "on the reported models, not held out)")
     args = parser.parse_args(argv)
@@ -208,6 +260,8 @@ def main(argv=None) -> None:
           f"{time.perf_counter() - started:.0f} s")
     if args.throughput:
         throughput(p, args.repeats)
+    if args.arnoldi:
+        arnoldi_cost(p, iterations=200, pairs=100, repeats=args.repeats)
     if names:
         print("| method | LDS (95% interval) | time (s) |")
         print("|---|---|---:|")

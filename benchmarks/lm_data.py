@@ -11,7 +11,7 @@ comes from a ``GPT2Config``.
 from __future__ import annotations
 
 import re
-from typing import Mapping, NamedTuple
+from typing import Mapping, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -67,13 +67,20 @@ def batch_of(ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.where(mask.bool(), ids, -100)}
 
 
-def gpt2(*, seed: int = 0, n_embd: int = 64, n_layer: int = 3, n_head: int = 4) -> nn.Module:
-    """A GPT-2 from its config over the 256 byte values (about 170k parameters at the defaults), eval mode."""
+def gpt2(*, seed: int = 0, n_embd: int = 64, n_layer: int = 3, n_head: int = 4,
+         attention: Optional[str] = None) -> nn.Module:
+    """A GPT-2 from its config over the 256 byte values (about 170k parameters at the defaults), eval mode.
+
+    ``attention`` is the config's attention implementation (``"eager"`` for Hessian
+    products: torch's fused attention has no double backward on CPU); None for the default.
+    """
     import transformers
 
     config = transformers.GPT2Config(vocab_size=256, n_positions=LENGTH, n_embd=n_embd, n_layer=n_layer,
                                      n_head=n_head, bos_token_id=PAD, eos_token_id=PAD, pad_token_id=PAD,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    if attention is not None:
+        config._attn_implementation = attention
     torch.manual_seed(seed)
     return transformers.GPT2LMHeadModel(config).eval()
 

@@ -108,6 +108,11 @@ def test_ekfac_exact_on_eigenbasis_diagonal_for_an_mlp_over_several_batches():
                        torch.full((fit.dim - split,), dampings[1], dtype=DT)])
     expected = torch.linalg.solve(dense + torch.diag(shift), V.T).T
     torch.testing.assert_close(fit.solve(V, damping=dampings).x, expected)
+    # Powers: 1 is matvec, -1 is solve, -1/2 twice is solve.
+    torch.testing.assert_close(fit.power(V, 1.0, damping=dampings), fit.matvec(V, damping=dampings))
+    torch.testing.assert_close(fit.power(V, -1.0, damping=dampings), expected)
+    half = fit.power(V, -0.5, damping=dampings)
+    torch.testing.assert_close(fit.power(half, -0.5, damping=dampings), expected)
     means = [float(layer.eigenvalues.mean()) for layer in fit.layers]
     assert fit.heuristic_damping() == pytest.approx([0.1 * m for m in means])
     with pytest.raises(ValueError, match="one value per layer"):
