@@ -103,6 +103,7 @@ from .representer import (
 )
 from .representations import (
     Representation,
+    exact_factors,
     factored_plan,
     rep_concat,
     rep_inner,
@@ -211,6 +212,7 @@ __all__ = [
     "rep_rowwise",
     "rep_normalized",
     "factored_plan",
+    "exact_factors",
     "project_factors",
     "project_gradient",
     "side_seed",

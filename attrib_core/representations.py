@@ -16,11 +16,13 @@ from torch import Tensor, nn
 
 import kernels
 
-from .factored import concat_captured, factored_cost, factored_inner, factored_rowwise, factored_sq_norms
-from .layer_capture import Captured, LayerSpec, capture_per_example, layer_specs
+from .factored import (concat_captured, factored_cost, factored_dense, factored_inner, factored_rowwise,
+                       factored_sq_norms)
+from .gradients import per_sample_grad_loop
+from .layer_capture import Captured, LayerSpec, capture_examples, capture_per_example, layer_specs
 
 __all__ = ["Representation", "rep_rows", "rep_concat", "rep_slice", "rep_inner", "rep_rowwise", "rep_normalized",
-           "factored_plan"]
+           "factored_plan", "exact_factors"]
 
 Representation = Union[Tensor, Mapping[str, Captured]]
 
@@ -78,10 +80,12 @@ def factored_plan(model: nn.Module, funcs: Sequence[Callable], params: Mapping[s
     """The layers to keep gradients factored over, or None where dense gradients are the way.
 
     ``params`` are all the model's parameters, ``names`` those the gradients are taken
-    with respect to. Factored only if every one of them belongs to an ``nn.Linear``/``nn.Conv2d``
-    layer, each of ``funcs`` (the losses whose gradients are taken) captures exactly on
-    the example batch ``head`` (a weight read outside its layer, a layer run twice, or a
-    model ``vmap`` cannot trace do not), and the factored products cost no more than
+    with respect to. Factored only if every one of them belongs to a tracked layer
+    (``nn.Linear``, ``nn.Conv2d``, Conv1D, Embedding), each of ``funcs`` (the losses whose
+    gradients are taken) captures exactly on the example batch ``head`` (a weight read
+    outside its layer, a layer run twice, or a model ``vmap`` cannot trace do not; a
+    loss with ``per_example`` is captured by hooks and its factors must equal an
+    autograd loop's gradients on ``head``), and the factored products cost no more than
     dense ones (:func:`factored_cost`).
     """
     try:
@@ -93,10 +97,34 @@ def factored_plan(model: nn.Module, funcs: Sequence[Callable], params: Mapping[s
         return None
     for func in funcs:
         try:
-            captured = capture_per_example(model, func, params, head, specs)
+            captured = exact_factors(model, func, params, head, specs)
         except Exception:  # noqa: BLE001 - a direct use of a weight, shared weights, vmap cannot trace: no factors
             return None
         cost, dense_cost = factored_cost(specs, {m: c.a.shape[1] for m, c in captured.items()})
         if cost > dense_cost:
             return None
+        if callable(getattr(func, "per_example", None)) and not _equal_to_autograd(func, params, names, head,
+                                                                                  captured, specs):
+            return None
     return specs
+
+
+def exact_factors(model: nn.Module, func: Callable, params: Mapping[str, Tensor], batch: Any,
+                  specs: Sequence[LayerSpec]) -> dict[str, Captured]:
+    """Each example's factors of ``func`` on ``batch``: through ``vmap`` (:func:`capture_per_example`, which proves
+    them exact or raises), or, for a loss with ``per_example`` (a Hugging Face model vmap cannot trace), from one
+    batched pass of its per-example losses (:func:`capture_examples`; :func:`factored_plan` checks those against
+    autograd before choosing them)."""
+    if callable(getattr(func, "per_example", None)):
+        return capture_examples(model, func, params, batch, specs)
+    return capture_per_example(model, func, params, batch, specs)
+
+
+def _equal_to_autograd(func: Callable, params: Mapping[str, Tensor], names: Sequence[str], batch: Any,
+                       captured: Mapping[str, Captured], specs: Sequence[LayerSpec]) -> bool:
+    """Whether the factors' gradients equal an autograd loop's on ``batch`` (float rounding aside)."""
+    chosen = {n: params[n] for n in names}
+    dense = per_sample_grad_loop(lambda c, b: func({**params, **c}, b))(chosen, batch)
+    formed = factored_dense(captured, specs, names).to(dense.dtype)
+    tolerance = 1e-8 if dense.dtype == torch.float64 else 1e-4
+    return float((formed - dense).norm()) <= tolerance * max(float(dense.norm()), 1e-30)

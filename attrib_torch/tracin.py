@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from attrib_core import capture_per_example, factored_dense, factored_plan, rep_normalized
+from attrib_core import exact_factors, factored_dense, factored_plan, rep_normalized
 
 from .base import BaseInnerProductAttributor
 from .checks import flag
@@ -107,7 +107,7 @@ class TracInAttributor(BaseInnerProductAttributor):
         func = self.task.loss_func if which == "train" else self.task.target_func
         chosen, fixed = self._split_params(ckpt_idx)
         try:
-            return capture_per_example(self.task.get_model(), func, {**fixed, **chosen}, data, self._factored)
+            return exact_factors(self.task.get_model(), func, {**fixed, **chosen}, data, self._factored)
         except Exception as error:  # noqa: BLE001 - this batch cannot be factored exactly: redo the call unfactored
             raise _Unfactorable(error) from error
 

@@ -277,3 +277,32 @@ def test_ekfac_query_rank_scores_low_rank_preconditioned_queries():
     assert not torch.allclose(low, runs[None][1])
     with pytest.raises((TypeError, ValueError), match="query_rank"):
         IFAttributorEKFAC(AttributionTask(CausalLMLoss(model), model, state), query_rank=0)
+
+
+def test_tracin_on_gpt2_keeps_gradients_factored_where_cheaper_checked_against_autograd():
+    """Short sequences through wide MLP layers: the factored inner products cost less than the gradients, so the
+    cost model takes them, from hooks (vmap cannot trace GPT-2); the scores equal explicit autograd gradients'."""
+    from attrib_core import per_sample_grad_loop
+
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=8, n_embd=32, n_layer=1, n_head=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(3)
+    model = transformers.GPT2LMHeadModel(config).double().eval()
+    g = torch.Generator().manual_seed(4)
+    examples = [{"input_ids": ids, "attention_mask": torch.ones(4, dtype=torch.long), "labels": ids}
+                for ids in torch.randint(0, VOCAB, (7, 4), generator=g)]
+    train, test = DataLoader(examples[:5], batch_size=3), DataLoader(examples[5:], batch_size=2)
+    names = [n for n, _ in model.named_parameters() if ".mlp." in n]  # c_fc, c_proj: 32 <-> 128 wide, 4 tokens
+    task = AttributionTask(CausalLMLoss(model), model, {k: v.clone() for k, v in model.state_dict().items()})
+    attributor = TracInAttributor(task, [1.0], False, layer_name=names, show_progress=False)
+    scores = attributor.attribute(train, test)
+    assert attributor._factored and {s.module for s in attributor._factored} == {
+        "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"}
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    loss = CausalLMLoss(model)
+
+    def gradients(batch):
+        return per_sample_grad_loop(lambda c, b: loss({**params, **c}, b))({n: params[n] for n in names}, batch)
+
+    stack = lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]}  # noqa: E731
+    torch.testing.assert_close(scores, gradients(stack(examples[:5])) @ gradients(stack(examples[5:])).T)
