@@ -27,6 +27,7 @@ from .layer_ablation import LayerFeatureAblation
 from .lm import CausalLMLoss, QueryTokens, SequenceClassificationLoss
 from .logra import LoGraAttributor, TokenScores
 from .rps import RPSAttributor
+from .store import FeatureStore, StoreCorrupted, StoreMismatch, build_store
 from .task import AttributionTask
 from .tracin import TracInAttributor
 from .tracincp import KMostInfluentialResults, TracInCP, TracInCPFast, TracInCPFastRandProj
@@ -34,6 +35,10 @@ from .trak import TRAKAttributor
 
 __all__ = [
     "AttributionTask",
+    "FeatureStore",
+    "StoreCorrupted",
+    "StoreMismatch",
+    "build_store",
     "CausalLMLoss",
     "QueryTokens",
     "SequenceClassificationLoss",

@@ -15,6 +15,7 @@ prediction.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -27,7 +28,7 @@ from attrib_core import rep_concat, rep_inner, rep_rows, rep_rowwise, rep_slice
 from kernels import TopK
 
 from .data import batches, check_loader, fingerprint
-from .guard import guard_public_methods
+from .guard import guard_public_methods, untouched
 from .per_example import PerExampleGradients
 from .task import AttributionTask
 
@@ -101,6 +102,7 @@ class BaseInnerProductAttributor(BaseAttributor):
         self._cache_key: Any = None  # fingerprint of full_train_dataloader when it was cached
         self._train_reps: Dict[int, Tuple[Any, Any, Tensor]] = {}  # (loader, its fingerprint, representations)
         self._gradients = PerExampleGradients()  # vmap, else hooks, else a loop: decided on first use
+        self._stores: Dict[int, Any] = {}  # per checkpoint, the FeatureStore cache() reads representations from
 
     # The progress bars' texts over training batches and over checkpoints (self_attribute), when a front
     # end (captum's TracInCP) names them.
@@ -114,6 +116,7 @@ class BaseInnerProductAttributor(BaseAttributor):
         """Forget the cached training loader, its representations and every curvature fitted on it."""
         self.full_train_dataloader = None
         self._cache_key = None
+        self._stores = {}
         for field in self._cache_fields:
             getattr(self, field).clear()
 
@@ -148,15 +151,68 @@ class BaseInnerProductAttributor(BaseAttributor):
 
     # -- caching -------------------------------------------------------------------------------
 
-    def cache(self, full_train_dataloader: Any) -> None:
-        """Keep the full training loader and precompute, per checkpoint, what the transforms need."""
+    def cache(self, full_train_dataloader: Any, stores: Optional[Sequence[Any]] = None) -> None:
+        """Keep the full training loader and precompute, per checkpoint, what the transforms need.
+
+        ``stores``: one :class:`attrib_torch.store.FeatureStore` per checkpoint, built by
+        :meth:`build_store` over this loader's dataset; the training representations are
+        then read from them instead of computed (each store is checked to hold this
+        attributor's features of that checkpoint's parameters over this data).
+        """
         check_loader(full_train_dataloader, "full_train_dataloader")
         self.check_checkpoints()
+        if stores is not None:
+            self._check_stores(full_train_dataloader, stores)
         self.clear_cache()
         self.full_train_dataloader = full_train_dataloader
         self._cache_key = fingerprint(full_train_dataloader)
+        self._stores = {} if stores is None else dict(enumerate(stores))
         for ckpt_idx in range(len(self.task)):
             self._prepare(ckpt_idx)
+
+    # -- stores ---------------------------------------------------------------------------------
+
+    def store_description(self, ckpt_idx: int) -> Dict[str, Any]:
+        """What this attributor's training representations are (JSON values): a store holding others is refused."""
+        return {"attributor": type(self).__name__, "parameters": list(self.names), "width": self._width}
+
+    def build_store(self, path: Any, dataset: Any, *, ckpt_idx: int = 0, dtype: str = "float32",
+                    batch_size: int = 32, chunk_rows: int = 1024, rank: int = 0, world: int = 1) -> Any:
+        """Featurise ``dataset`` (map-style) into a store of this attributor's training representations of
+        checkpoint ``ckpt_idx`` (:func:`attrib_torch.store.build_store`: resumable, one shard per writer)."""
+        from .store import build_store
+
+        with untouched(self.task):
+            state = {k: v.detach() for k, v in self.task.params(ckpt_idx).items()}
+            return build_store(path, lambda batch: self.generate_train_rep(ckpt_idx, batch), dataset,
+                               width=self._width, description=self.store_description(ckpt_idx), model_state=state,
+                               dtype=dtype, batch_size=batch_size, chunk_rows=chunk_rows, rank=rank, world=world,
+                               device=self.device, show_progress=self.show_progress)
+
+    def _check_stores(self, loader: Any, stores: Sequence[Any]) -> None:
+        """Each store holds this attributor's features of its checkpoint over ``loader``'s dataset, or a
+        StoreMismatch naming what differs."""
+        from torch.utils.data import DataLoader, SequentialSampler
+
+        from .store import FeatureStore, StoreMismatch, fingerprint_data, fingerprint_state
+
+        if len(stores) != len(self.task):
+            raise ValueError(f"stores: expected one per checkpoint ({len(self.task)}), got {len(stores)}")
+        if not isinstance(loader, DataLoader) or not isinstance(loader.sampler, SequentialSampler):
+            raise ValueError("stores: the training loader must be a DataLoader that reads its dataset in order, "
+                             "as the store was built")
+        data = fingerprint_data(loader.dataset)
+        for ckpt_idx, store in enumerate(stores):
+            if not isinstance(store, FeatureStore):
+                raise TypeError(f"stores[{ckpt_idx}]: expected a FeatureStore, got {type(store).__name__}")
+            state = {k: v.detach() for k, v in self.task.params(ckpt_idx).items()}
+            wanted = {"description": self.store_description(ckpt_idx), "model": fingerprint_state(state),
+                      "data": data, "rows": len(loader.dataset), "width": self._width}
+            for field, value in wanted.items():
+                held = store.manifest.get(field)
+                if json.loads(json.dumps(value)) != held:
+                    raise StoreMismatch(f"stores[{ckpt_idx}] ({store.path}): its {field} is "
+                                        f"{json.dumps(held)[:200]}, this attributor's is {json.dumps(value)[:200]}")
 
     def check_checkpoints(self) -> None:
         """Every checkpoint holds the attributed parameters, with the shapes of the first (before any gradient).
@@ -222,6 +278,13 @@ class BaseInnerProductAttributor(BaseAttributor):
         if transform is None:
             transform = self.transform_train_rep if train else self.transform_test_rep
         limit = max(1, min(_GROUP_MAX_ROWS, _GROUP_BYTES // (4 * self._width)))
+        store = self._stores.get(ckpt_idx) if train and loader is self.full_train_dataloader else None
+        if store is not None:  # the representations were computed before, into a store: read them
+            wide = torch.promote_types(store.torch_dtype, torch.float32)
+            for start in range(0, store.n_rows, limit if group else self._store_batch(loader)):
+                stop = min(start + (limit if group else self._store_batch(loader)), store.n_rows)
+                yield transform(ckpt_idx, store.rows(start, stop).to(self.device, wide))
+            return
         pending: List[Tensor] = []
         rows = 0
         desc = (self.progress_desc if train and self.progress_desc else
@@ -235,6 +298,10 @@ class BaseInnerProductAttributor(BaseAttributor):
                 pending, rows = [], 0
         if pending:
             yield transform(ckpt_idx, rep_concat(pending))
+
+    @staticmethod
+    def _store_batch(loader: Any) -> int:
+        return max(1, getattr(loader, "batch_size", None) or 1)
 
     # -- answers ---------------------------------------------------------------------------------
 

@@ -139,6 +139,7 @@ class LoGraAttributor(BaseInnerProductAttributor):
             self._scales = {s.module: factored_scales(second_moments, s) for s in specs}
         self._input_maps = embedding_input_maps(
             specs, self.compression, None if self._scales is None else {m: c for m, (_, c) in self._scales.items()})
+        self._second_moments = None if second_moments is None else {n: second_moments[n] for n in self.names}
         self.normalize = bool(normalize)
         self.rank, self.kind, self.seed = rank, kind, seed
         self.preconditioner, self.damping = preconditioner, damping
@@ -200,6 +201,15 @@ class LoGraAttributor(BaseInnerProductAttributor):
         """Compressed per-example target gradients ``(B, Σ k_out · k_in)``."""
         return compressed_gradients(self._projected(ckpt_idx, data, "test"), self.compression)
 
+    def store_description(self, ckpt_idx: int) -> Dict[str, Any]:
+        """The base's, with the compression (kind, seed, per-block dims and masks) and the second moments' digest."""
+        from .store import fingerprint_state
+
+        comp = self.compression
+        return {**super().store_description(ckpt_idx), "kind": comp.kind, "seed": comp.seed,
+                "dims": {b: list(d) for b, d in comp.dims.items()}, "masks": {b: list(m) for b, m in comp.masks.items()},
+                "second_moments": None if self._second_moments is None else fingerprint_state(self._second_moments)}
+
     # -- preconditioner ---------------------------------------------------------------------
 
     def _prepare(self, ckpt_idx: int) -> None:
@@ -207,6 +217,9 @@ class LoGraAttributor(BaseInnerProductAttributor):
         the transformed training representations kept for scoring."""
         loader = self.full_train_dataloader
         if self.preconditioner == "ekfac":
+            if ckpt_idx in self._stores:
+                raise ValueError("stores: preconditioner='ekfac' fits on the compressed factors of every position, "
+                                 "which a store of compressed gradients does not hold; use 'fisher' or 'identity'")
             raw = self._fit_ekfac(ckpt_idx, loader)
         else:
             raw = torch.cat(list(self._grouped(loader, ckpt_idx, train=True, transform=lambda c, rep: rep)))
