@@ -174,7 +174,20 @@ class BaseInnerProductAttributor(BaseAttributor):
 
     def store_description(self, ckpt_idx: int) -> Dict[str, Any]:
         """What this attributor's training representations are (JSON values): a store holding others is refused."""
-        return {"attributor": type(self).__name__, "parameters": list(self.names), "width": self._width}
+        return {"attributor": type(self).__name__, "parameters": list(self.names), "width": self.rep_width}
+
+    @property
+    def rep_width(self) -> int:
+        """Numbers per example in the training representations a store holds (:meth:`stored_rep`)."""
+        return self._width
+
+    def stored_rep(self, ckpt_idx: int, data: Any) -> Tensor:
+        """What a store holds of a training batch: :meth:`generate_train_rep` here."""
+        return self.generate_train_rep(ckpt_idx, data)
+
+    def transform_stored_rep(self, ckpt_idx: int, rows: Tensor) -> Tensor:
+        """Stored rows to scoring representations: :meth:`transform_train_rep` here."""
+        return self.transform_train_rep(ckpt_idx, rows)
 
     def build_store(self, path: Any, dataset: Any, *, ckpt_idx: int = 0, dtype: str = "float32",
                     batch_size: int = 32, chunk_rows: int = 1024, rank: int = 0, world: int = 1) -> Any:
@@ -184,8 +197,8 @@ class BaseInnerProductAttributor(BaseAttributor):
 
         with untouched(self.task):
             state = {k: v.detach() for k, v in self.task.params(ckpt_idx).items()}
-            return build_store(path, lambda batch: self.generate_train_rep(ckpt_idx, batch), dataset,
-                               width=self._width, description=self.store_description(ckpt_idx), model_state=state,
+            return build_store(path, lambda batch: self.stored_rep(ckpt_idx, batch), dataset,
+                               width=self.rep_width, description=self.store_description(ckpt_idx), model_state=state,
                                dtype=dtype, batch_size=batch_size, chunk_rows=chunk_rows, rank=rank, world=world,
                                device=self.device, show_progress=self.show_progress)
 
@@ -207,7 +220,7 @@ class BaseInnerProductAttributor(BaseAttributor):
                 raise TypeError(f"stores[{ckpt_idx}]: expected a FeatureStore, got {type(store).__name__}")
             state = {k: v.detach() for k, v in self.task.params(ckpt_idx).items()}
             wanted = {"description": self.store_description(ckpt_idx), "model": fingerprint_state(state),
-                      "data": data, "rows": len(loader.dataset), "width": self._width}
+                      "data": data, "rows": len(loader.dataset), "width": self.rep_width}
             for field, value in wanted.items():
                 held = store.manifest.get(field)
                 if json.loads(json.dumps(value)) != held:
@@ -275,11 +288,14 @@ class BaseInnerProductAttributor(BaseAttributor):
         ``group=False`` transforms and yields each loader batch on its own.
         """
         generate = self.generate_train_rep if train else self.generate_test_rep
+        explicit = transform
         if transform is None:
             transform = self.transform_train_rep if train else self.transform_test_rep
         limit = max(1, min(_GROUP_MAX_ROWS, _GROUP_BYTES // (4 * self._width)))
         store = self._stores.get(ckpt_idx) if train and loader is self.full_train_dataloader else None
         if store is not None:  # the representations were computed before, into a store: read them
+            if explicit is None:
+                transform = self.transform_stored_rep
             wide = torch.promote_types(store.torch_dtype, torch.float32)
             for start in range(0, store.n_rows, limit if group else self._store_batch(loader)):
                 stop = min(start + (limit if group else self._store_batch(loader)), store.n_rows)

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+import kernels
+
 from .data import batches
 
 __all__ = ["FeatureStore", "StoreMismatch", "StoreCorrupted", "build_store", "fingerprint_state",
@@ -239,6 +241,33 @@ class FeatureStore:
         parts = [t[max(start - s, 0) : max(min(stop - s, len(t)), 0)] for s, t in self.features()]
         parts = [p for p in parts if len(p)]
         return torch.cat(parts) if parts else torch.zeros(0, self.width, dtype=self.torch_dtype)
+
+
+    def topk(self, queries: Tensor, k: int, *, largest: bool = True, block_rows: int = 65536) -> kernels.TopK:
+        """For each query row ``(m, width)``, the ``k`` store rows with the largest (or smallest) inner product.
+
+        Exact: the store is streamed shard by shard in blocks of ``block_rows`` rows
+        (read from the memory map, scored with :func:`kernels.inner`, merged into a
+        running top-k with :func:`kernels.merge_topk`), so memory holds one block and
+        the ``(m, k)`` result whatever the store's size; indices are rows of the
+        training set, ties to the smaller index.
+        """
+        if not isinstance(queries, Tensor) or queries.dim() != 2 or queries.shape[1] != self.width:
+            raise ValueError(f"queries: expected a (m, {self.width}) tensor, got "
+                             f"{tuple(queries.shape) if isinstance(queries, Tensor) else type(queries).__name__}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.n_rows:
+            raise ValueError(f"k: expected an integer in [1, {self.n_rows}], got {k!r}")
+        if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
+            raise ValueError(f"block_rows: expected a positive integer, got {block_rows!r}")
+        wide = torch.promote_types(torch.promote_types(queries.dtype, self.torch_dtype), torch.float32)
+        queries = queries.to(wide)
+        running = kernels.empty_topk(queries.shape[0], wide, queries.device)
+        for start, rows in self.features():
+            for offset in range(0, len(rows), block_rows):
+                block = rows[offset : offset + block_rows].to(queries.device, wide)
+                scores = kernels.inner(block, queries).T  # (m, block)
+                running = kernels.merge_topk(running, scores, start + offset, k, largest=largest)
+        return running
 
 
 def _check_agrees(path: Path, existing: dict, wanted: dict) -> None:

@@ -77,13 +77,48 @@ class TracInAttributor(BaseInnerProductAttributor):
     def checkpoint_weights(self) -> List[float]:
         return self.weight_list.tolist()
 
-    def cache(self, full_train_dataloader: Any = None) -> None:
-        """Keep the training loader; nothing else needs precomputing (gradients are kept on first use)."""
+    def cache(self, full_train_dataloader: Any = None, stores: Any = None) -> None:
+        """Keep the training loader; nothing else needs precomputing (gradients are kept on first use).
+
+        ``stores``: one :class:`attrib_torch.FeatureStore` per checkpoint of this attributor's
+        (projected) gradients over the loader's dataset (:meth:`build_store`), read in their place.
+        """
         if full_train_dataloader is not None:
             check_loader(full_train_dataloader, "full_train_dataloader")
         self.check_checkpoints()
+        if stores is not None:
+            if full_train_dataloader is None:
+                raise ValueError("stores: give the training loader they were built over")
+            self._check_stores(full_train_dataloader, stores)
         self.clear_cache()
         self.full_train_dataloader = full_train_dataloader
+        self._stores = {} if stores is None else dict(enumerate(stores))
+        if stores is not None:
+            self._factored = False  # the stored representations are explicit (projected) gradients
+
+    @property
+    def rep_width(self) -> int:
+        return self._width if self.projector is None else self.projector.dim_out
+
+    def store_description(self, ckpt_idx: int) -> Dict[str, Any]:
+        """The base's, with the projection (kind, seed, nnz, output dims); stored gradients are never factored."""
+        p = self.projector
+        return {**super().store_description(ckpt_idx),
+                "projection": None if p is None else {"kind": p.kind, "seed": p.seed, "nnz": p.nnz,
+                                                      "dim": p.dim_out}}
+
+    def stored_rep(self, ckpt_idx: int, data: Any) -> Tensor:
+        """The projected gradients (before the unit normalisation of ``normalized_grad``)."""
+        rep = self.generate_train_rep(ckpt_idx, data)
+        return rep if self.projector is None else self.projector(rep)
+
+    def transform_stored_rep(self, ckpt_idx: int, rows: Tensor) -> Tensor:
+        return rep_normalized(rows) if self.normalized_grad else rows
+
+    def build_store(self, path: Any, dataset: Any, **kwargs: Any) -> Any:
+        """As the base's; the gradients are formed explicitly (a store holds rows, not factors)."""
+        self._factored = False
+        return super().build_store(path, dataset, **kwargs)
 
     def _ensure_cached(self, train_dataloader: Any) -> None:
         if self.full_train_dataloader is None:

@@ -248,3 +248,57 @@ def test_torchrun_ranks_write_the_bytes_of_one_process(tmp_path, ranks):
     assert torch.equal(store.rows(), one.rows())
     joined = b"".join(np.load(tmp_path / "ranks" / s.file).tobytes() for s in store.shards)
     assert joined == np.load(tmp_path / "one" / "part-00000.npy").tobytes()
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_streamed_topk_over_shards_equals_a_dense_topk(tmp_path, largest):
+    build(tmp_path / "s", rank=0, world=3)
+    build(tmp_path / "s", rank=1, world=3)
+    build(tmp_path / "s", rank=2, world=3)
+    store = build(tmp_path / "s", rank=0, world=3)
+    queries = torch.randn(5, WIDTH, generator=torch.Generator().manual_seed(7))
+    got = store.topk(queries, 6, largest=largest, block_rows=5)  # blocks straddle chunks and shards
+    dense = (store.rows() @ queries.T).T
+    expected = torch.topk(dense, 6, dim=1, largest=largest)
+    assert torch.equal(got.indices, expected.indices)
+    torch.testing.assert_close(got.values, expected.values)
+    for bad, match in (({"queries": torch.zeros(2, WIDTH + 1)}, "queries"), ({"k": N + 1}, "k"),
+                       ({"block_rows": 0}, "block_rows")):
+        args = {"queries": queries, "k": 3, **bad}
+        with pytest.raises(ValueError, match=match):
+            store.topk(args.pop("queries"), args.pop("k"), **args)
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_tracin_with_a_projection_caches_from_a_store_of_projected_gradients(tmp_path, normalized):
+    from torch import nn
+    from torch.func import functional_call
+    from torch.utils.data import DataLoader
+
+    from attrib_torch import AttributionTask, TracInAttributor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, 3))
+    g = torch.Generator().manual_seed(2)
+    train_set = TensorDataset(torch.randn(30, D, generator=g), torch.randint(0, 3, (30,), generator=g))
+    test_set = TensorDataset(torch.randn(4, D, generator=g), torch.randint(0, 3, (4,), generator=g))
+
+    def loss(params, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
+
+    def attributor():
+        return TracInAttributor(AttributionTask(loss, model, model.state_dict()), [1.0], normalized,
+                                projector_kwargs={"proj_dim": 5, "proj_seed": 1}, show_progress=False)
+
+    train, test = DataLoader(train_set, batch_size=8), DataLoader(test_set, batch_size=4)
+    direct = attributor().attribute(train, test)
+    store = attributor().build_store(tmp_path / "s", train_set, batch_size=8, chunk_rows=16)
+    assert store.width == 5 and store.manifest["description"]["projection"]["dim"] == 5
+    stored = attributor()
+    stored.cache(train, stores=[store])
+    torch.testing.assert_close(stored.attribute(train, test), direct)
+    unnormalized = TracInAttributor(AttributionTask(loss, model, model.state_dict()), [1.0], False,
+                                    projector_kwargs={"proj_dim": 5, "proj_seed": 2}, show_progress=False)
+    with pytest.raises(StoreMismatch, match="its description"):
+        unnormalized.cache(train, stores=[store])
