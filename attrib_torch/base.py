@@ -190,7 +190,8 @@ class BaseInnerProductAttributor(BaseAttributor):
         return self.transform_train_rep(ckpt_idx, rows)
 
     def build_store(self, path: Any, dataset: Any, *, ckpt_idx: int = 0, dtype: str = "float32",
-                    batch_size: int = 32, chunk_rows: int = 1024, rank: int = 0, world: int = 1) -> Any:
+                    batch_size: int = 32, chunk_rows: int = 1024, rank: int = 0, world: int = 1,
+                    timings: Optional[Dict[str, float]] = None) -> Any:
         """Featurise ``dataset`` (map-style) into a store of this attributor's training representations of
         checkpoint ``ckpt_idx`` (:func:`attrib_torch.store.build_store`: resumable, one shard per writer)."""
         from .store import build_store
@@ -200,7 +201,7 @@ class BaseInnerProductAttributor(BaseAttributor):
             return build_store(path, lambda batch: self.stored_rep(ckpt_idx, batch), dataset,
                                width=self.rep_width, description=self.store_description(ckpt_idx), model_state=state,
                                dtype=dtype, batch_size=batch_size, chunk_rows=chunk_rows, rank=rank, world=world,
-                               device=self.device, show_progress=self.show_progress)
+                               device=self.device, show_progress=self.show_progress, timings=timings)
 
     def _check_stores(self, loader: Any, stores: Sequence[Any]) -> None:
         """Each store holds this attributor's features of its checkpoint over ``loader``'s dataset, or a

@@ -185,8 +185,11 @@ def build(args: argparse.Namespace) -> None:
     if rank == 0:
         store.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(config, indent=1, sort_keys=True))
+    timings: dict = {}
     result = attributor.build_store(store, dataset, dtype=config["dtype"], batch_size=config["batch_size"],
-                                    chunk_rows=config["chunk_rows"], rank=rank, world=world)
+                                    chunk_rows=config["chunk_rows"], rank=rank, world=world, timings=timings)
+    print(f"rank {rank} of {world}: fingerprints {timings['fingerprints']:.2f} s, featurised "
+          f"{timings['rows_written']} rows in {timings['rows']:.2f} s", flush=True)
     if rank == 0 and result is not None:
         print(f"{store}: {result.n_rows} rows x {result.width} ({config['dtype']}), {len(result.shards)} shard(s)")
 

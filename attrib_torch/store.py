@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -243,7 +244,7 @@ class FeatureStore:
         return torch.cat(parts) if parts else torch.zeros(0, self.width, dtype=self.torch_dtype)
 
 
-    def topk(self, queries: Tensor, k: int, *, largest: bool = True, block_rows: int = 65536) -> kernels.TopK:
+    def topk(self, queries: Tensor, k: int, *, largest: bool = True, block_rows: int = 16384) -> kernels.TopK:
         """For each query row ``(m, width)``, the ``k`` store rows with the largest (or smallest) inner product.
 
         Exact: the store is streamed shard by shard in blocks of ``block_rows`` rows
@@ -262,12 +263,34 @@ class FeatureStore:
         wide = torch.promote_types(torch.promote_types(queries.dtype, self.torch_dtype), torch.float32)
         queries = queries.to(wide)
         running = kernels.empty_topk(queries.shape[0], wide, queries.device)
-        for start, rows in self.features():
-            for offset in range(0, len(rows), block_rows):
-                block = rows[offset : offset + block_rows].to(queries.device, wide)
-                scores = kernels.inner(block, queries).T  # (m, block)
-                running = kernels.merge_topk(running, scores, start + offset, k, largest=largest)
+        for start, block in self.blocks(block_rows):
+            scores = kernels.inner(block.to(queries.device, wide), queries).T  # (m, block)
+            running = kernels.merge_topk(running, scores, start, k, largest=largest)
         return running
+
+    def blocks(self, block_rows: int) -> Iterator[Tuple[int, Tensor]]:
+        """``(first row, rows)`` blocks of at most ``block_rows`` rows, read from the shards into one reused
+        buffer (plain reads, not the memory map: the process holds one block, whatever the store's size).
+        Each block is valid until the next is read."""
+        row_bytes = self.width * np.dtype(self._np_dtype).itemsize
+        buffer = np.empty((block_rows, self.width), dtype=self._np_dtype)
+        for shard in self.shards:
+            file = self.path / shard.file
+            offset = np.load(file, mmap_mode="r").offset
+            with open(file, "rb", buffering=0) as f:
+                f.seek(offset)
+                for first in range(0, shard.rows, block_rows):
+                    n = min(block_rows, shard.rows - first)
+                    view = memoryview(buffer[:n].reshape(-1).view(np.uint8))
+                    got = 0
+                    while got < n * row_bytes:
+                        read = f.readinto(view[got:])
+                        if not read:
+                            raise StoreCorrupted(f"store {self.path}: shard {shard.file} ended early")
+                        got += read
+                    tensor = torch.from_numpy(buffer[:n])
+                    yield shard.start + first, (tensor.view(torch.bfloat16) if self.manifest["dtype"] == "bfloat16"
+                                                else tensor)
 
 
 def _check_agrees(path: Path, existing: dict, wanted: dict) -> None:
@@ -297,6 +320,7 @@ def build_store(
     world: int = 1,
     device: Optional[str] = "cpu",
     show_progress: bool = True,
+    timings: Optional[Dict[str, float]] = None,
 ) -> Optional[FeatureStore]:
     """Featurise ``dataset`` into the store at ``path``, or finish a build that was interrupted there.
 
@@ -313,6 +337,9 @@ def build_store(
         chunk_rows: rows written and recorded at a time (a multiple of ``batch_size``).
         rank, world: this writer and the number of writers (each writes its own shard
             of whole chunks; under ``torch.distributed`` pass its rank and world size).
+        timings: a dict to receive this writer's seconds spent fingerprinting
+            (``"fingerprints"``) and featurising and writing its rows (``"rows"``, with
+            ``"rows_written"``, the rows this call computed).
 
     Returns:
         The opened store once every writer's shard is complete (on ``rank`` 0 when
@@ -342,6 +369,7 @@ def build_store(
         raise ValueError(f"layout: its widths add up to {sum(w for _, w in layout)}, not width={width}")
     n = len(dataset)
     chunks = _chunk_ranges(n, chunk_rows)
+    clock = time.perf_counter()
     wanted = {
         "format": FORMAT, "rows": n, "width": width, "dtype": dtype, "layout": layout,
         "description": json.loads(json.dumps(dict(description))), "model": fingerprint_state(model_state),
@@ -349,6 +377,7 @@ def build_store(
         "version": _library_version(),
     }
     wanted = json.loads(json.dumps(wanted))  # as it reads back from the manifest (tuples become lists)
+    fingerprinted = time.perf_counter() - clock
     path.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         if (path / MANIFEST).exists():
@@ -365,7 +394,10 @@ def build_store(
     mine = chunks[lo:hi]
     start = mine[0][0] if mine else n
     rows = sum(b - a for a, b in mine)
-    _write_shard(path, rank, mine, start, rows, featurize, dataset, wanted, device, show_progress)
+    clock = time.perf_counter()
+    written = _write_shard(path, rank, mine, start, rows, featurize, dataset, wanted, device, show_progress)
+    if timings is not None:
+        timings.update(fingerprints=fingerprinted, rows=time.perf_counter() - clock, rows_written=written)
     _barrier(world)
     return _finish(path, wanted, chunks, rank)
 
@@ -378,7 +410,8 @@ def _barrier(world: int) -> None:
 
 def _write_shard(path: Path, rank: int, mine: List[Tuple[int, int]], start: int, rows: int,
                  featurize: Callable[[Any], Tensor], dataset: Any, wanted: dict, device: Optional[str],
-                 show_progress: bool) -> None:
+                 show_progress: bool) -> int:
+    """Compute and record this writer's chunks not yet in its ledger; returns the rows it computed."""
     from torch.utils.data import DataLoader, Subset
 
     torch_dtype, np_dtype = STORE_DTYPES[wanted["dtype"]]
@@ -418,6 +451,7 @@ def _write_shard(path: Path, rank: int, mine: List[Tuple[int, int]], start: int,
     if not ledger.get("sha256"):
         ledger["sha256"] = _file_sha256(file)
         _write_json_atomic(ledger_path, ledger)
+    return sum(b - a for a, b in todo)
 
 
 def _finish(path: Path, wanted: dict, chunks: List[Tuple[int, int]], rank: int) -> Optional[FeatureStore]:
