@@ -244,14 +244,18 @@ class FeatureStore:
         return torch.cat(parts) if parts else torch.zeros(0, self.width, dtype=self.torch_dtype)
 
 
-    def topk(self, queries: Tensor, k: int, *, largest: bool = True, block_rows: int = 16384) -> kernels.TopK:
+    def topk(self, queries: Tensor, k: int, *, largest: bool = True, block_rows: int = 16384,
+             distributed: bool = False) -> kernels.TopK:
         """For each query row ``(m, width)``, the ``k`` store rows with the largest (or smallest) inner product.
 
         Exact: the store is streamed shard by shard in blocks of ``block_rows`` rows
         (read from the memory map, scored with :func:`kernels.inner`, merged into a
         running top-k with :func:`kernels.merge_topk`), so memory holds one block and
         the ``(m, k)`` result whatever the store's size; indices are rows of the
-        training set, ties to the smaller index.
+        training set, ties to the smaller index. With ``distributed`` (under
+        ``torch.distributed``) each rank scans every ``world``-th shard and the ranks'
+        results are gathered and merged (:func:`attrib_torch.distributed.gather_topk`):
+        every rank returns what one process scanning all shards would.
         """
         if not isinstance(queries, Tensor) or queries.dim() != 2 or queries.shape[1] != self.width:
             raise ValueError(f"queries: expected a (m, {self.width}) tensor, got "
@@ -262,19 +266,22 @@ class FeatureStore:
             raise ValueError(f"block_rows: expected a positive integer, got {block_rows!r}")
         wide = torch.promote_types(torch.promote_types(queries.dtype, self.torch_dtype), torch.float32)
         queries = queries.to(wide)
+        from .distributed import gather_topk, my_part
+
+        shards = list(my_part(self.shards)) if distributed else self.shards
         running = kernels.empty_topk(queries.shape[0], wide, queries.device)
-        for start, block in self.blocks(block_rows):
+        for start, block in self.blocks(block_rows, shards=shards):
             scores = kernels.inner(block.to(queries.device, wide), queries).T  # (m, block)
             running = kernels.merge_topk(running, scores, start, k, largest=largest)
-        return running
+        return gather_topk(running, k, largest=largest) if distributed else running
 
-    def blocks(self, block_rows: int) -> Iterator[Tuple[int, Tensor]]:
+    def blocks(self, block_rows: int, *, shards: Optional[Sequence[Shard]] = None) -> Iterator[Tuple[int, Tensor]]:
         """``(first row, rows)`` blocks of at most ``block_rows`` rows, read from the shards into one reused
         buffer (plain reads, not the memory map: the process holds one block, whatever the store's size).
         Each block is valid until the next is read."""
         row_bytes = self.width * np.dtype(self._np_dtype).itemsize
         buffer = np.empty((block_rows, self.width), dtype=self._np_dtype)
-        for shard in self.shards:
+        for shard in self.shards if shards is None else shards:
             file = self.path / shard.file
             offset = np.load(file, mmap_mode="r").offset
             with open(file, "rb", buffering=0) as f:

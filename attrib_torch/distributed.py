@@ -1,0 +1,94 @@
+"""Scale-out over ``torch.distributed`` (``torchrun``; gloo on CPU, NCCL on GPU): merged statistics and top-k.
+
+Ranks take deterministic, disjoint parts of the work (:func:`my_part`); a training-set
+statistic folded by each rank over its batches is combined by :func:`all_merge`,
+which gathers every rank's accumulator state and folds them with the accumulator's own
+``merge`` in rank order, so every rank holds the same result (the states are small:
+factor covariances, second moments, products). :func:`gather_topk` merges each rank's
+top-k into the top-k of their union, ties to the smaller index as a single process
+breaks them. Without an initialised process group every function is the one-process
+identity, so the same code runs under ``python`` and ``torchrun``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+import kernels
+from attrib_core import Accumulator
+
+__all__ = ["world", "my_part", "all_merge", "gather_topk", "merge_topks"]
+
+
+def world() -> Tuple[int, int]:
+    """``(rank, world size)`` of this process: ``(0, 1)`` without an initialised process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def my_part(items: Sequence[Any]) -> Sequence[Any]:
+    """This rank's items of ``items``: every ``world``-th one from its rank (deterministic, disjoint, covering)."""
+    rank, size = world()
+    return items[rank::size]
+
+
+def _to_cpu(state: Any) -> Any:
+    if isinstance(state, Tensor):
+        return state.detach().cpu()
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        return type(state)(*(_to_cpu(v) for v in state))
+    if isinstance(state, (list, tuple)):
+        return type(state)(_to_cpu(v) for v in state)
+    if isinstance(state, dict):
+        return {k: _to_cpu(v) for k, v in state.items()}
+    return state
+
+
+def all_merge(accumulator: Accumulator, state: Any) -> Any:
+    """Every rank's ``state`` merged, in rank order, by ``accumulator.merge``; the same result on every rank.
+
+    Each rank folds its own batches (``accumulate`` or ``update`` calls), then calls
+    this; ``accumulator.finalize`` of the result equals a fold over all ranks' batches
+    up to the order of floating-point sums (bit-equal where the merge tree is the same).
+    """
+    import torch.distributed as dist
+
+    rank, size = world()
+    if size == 1:
+        return state
+    states: list = [None] * size
+    dist.all_gather_object(states, _to_cpu(state))
+    merged = states[0]
+    for other in states[1:]:
+        merged = accumulator.merge(merged, other)
+    return merged
+
+
+def merge_topks(parts: Sequence[kernels.TopK], k: int, *, largest: bool = True) -> kernels.TopK:
+    """The top-``k`` of the union of several top-k results over disjoint candidates (global indices), each
+    ``(m, k_i)``; ties go to the smaller index, as :func:`kernels.merge_topk` breaks them."""
+    values = torch.cat([p.values for p in parts], dim=1)
+    indices = torch.cat([p.indices for p in parts], dim=1)
+    by_index = indices.argsort(dim=1, stable=True)
+    values, indices = values.gather(1, by_index), indices.gather(1, by_index)
+    order = values.argsort(dim=1, descending=largest, stable=True)[:, :k]
+    return kernels.TopK(values.gather(1, order), indices.gather(1, order))
+
+
+def gather_topk(local: kernels.TopK, k: int, *, largest: bool = True) -> kernels.TopK:
+    """Every rank's top-k (over its own candidates, global indices) merged into the top-k of all: on every rank."""
+    import torch.distributed as dist
+
+    rank, size = world()
+    if size == 1:
+        return local
+    parts: list = [None] * size
+    dist.all_gather_object(parts, kernels.TopK(local.values.cpu(), local.indices.cpu()))
+    merged = merge_topks(parts, k, largest=largest)
+    return kernels.TopK(merged.values.to(local.values.device), merged.indices.to(local.indices.device))

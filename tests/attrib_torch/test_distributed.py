@@ -1,0 +1,86 @@
+"""torch.distributed with 2 gloo ranks in a subprocess: merged accumulator states and gathered top-k equal one
+process's; merge_topks breaks ties as a single stream does."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+from attrib_torch.distributed import merge_topks
+from kernels import TopK, topk_inner
+
+SCRIPT = textwrap.dedent('''
+    import sys, torch, torch.distributed as dist
+    from torch import nn
+    from torch.func import functional_call
+    from attrib_core import accumulate, kfac_accumulator
+    from attrib_torch.distributed import all_merge, my_part, world
+    from attrib_torch.store import FeatureStore
+
+    dist.init_process_group("gloo")
+    rank, size = world()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    def loss(p, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(functional_call(model, p, (x,)), y)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g))
+               for _ in range(5)]
+    acc = kfac_accumulator(model, loss, params)
+    state = acc.init()
+    for batch in my_part(batches):  # this rank's batches: 0, 2, 4 or 1, 3
+        state = acc.update(state, batch)
+    merged = acc.finalize(all_merge(acc, state))
+    alone = accumulate(acc, batches)
+    for a, b in zip(merged.layers, alone.layers):
+        torch.testing.assert_close(a.A, b.A)
+        torch.testing.assert_close(a.S, b.S)
+        assert a.examples == b.examples == 30
+    store = FeatureStore.open(sys.argv[1])
+    queries = torch.randn(4, store.width, generator=g)
+    for largest in (True, False):
+        mine = store.topk(queries, 5, largest=largest, distributed=True)
+        one = store.topk(queries, 5, largest=largest)
+        assert torch.equal(mine.indices, one.indices) and torch.equal(mine.values, one.values)
+    print(f"rank {rank} of {size} ok", flush=True)
+    dist.destroy_process_group()
+''')
+
+
+def test_two_ranks_merge_statistics_and_top_k_as_one_process(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    from attrib_torch.store import build_store
+
+    g = torch.Generator().manual_seed(3)
+    data = TensorDataset(torch.randn(37, 4, generator=g))
+    for rank in (0, 1, 2):  # three shards, so the two ranks scan unequal parts
+        build_store(tmp_path / "s", lambda batch: batch[0] * 2, data, width=4, description={"x": 2}, model_state={},
+                    batch_size=4, chunk_rows=8, rank=rank, world=3, show_progress=False)
+    assert build_store(tmp_path / "s", lambda batch: batch[0] * 2, data, width=4, description={"x": 2},
+                       model_state={}, batch_size=4, chunk_rows=8, rank=0, world=3, show_progress=False) is not None
+    script = tmp_path / "ranks.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), str(tmp_path / "s")], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "rank 0 of 2 ok" in out.stdout and "rank 1 of 2 ok" in out.stdout
+
+
+def test_merged_top_k_equals_one_stream_ties_included():
+    g = torch.Generator().manual_seed(5)
+    a = torch.randint(-3, 4, (40, 3), generator=g).float()  # many equal scores
+    b = torch.randint(-2, 3, (6, 3), generator=g).float()
+    for largest in (True, False):
+        whole = topk_inner(a, b, 7, largest=largest)
+        parts = [topk_inner(a[s:e], b, min(7, e - s), largest=largest) for s, e in ((0, 13), (13, 29), (29, 40))]
+        parts = [TopK(p.values, p.indices + s) for p, s in zip(parts, (0, 13, 29))]
+        merged = merge_topks(parts[::-1], 7, largest=largest)  # in any order
+        assert torch.equal(merged.indices, whole.indices) and torch.equal(merged.values, whole.values)
