@@ -222,10 +222,29 @@ class LoGraAttributor(BaseInnerProductAttributor):
                                  "which a store of compressed gradients does not hold; use 'fisher' or 'identity'")
             raw = self._fit_ekfac(ckpt_idx, loader)
         else:
-            raw = torch.cat(list(self._grouped(loader, ckpt_idx, train=True, transform=lambda c, rep: rep)))
+            stored = ckpt_idx in self._stores  # then the rows stay on disk: the fit streams them
+            sums, n, kept = None, 0, []
+            for rows in self._grouped(loader, ckpt_idx, train=True, transform=lambda c, rep: rep):
+                part = self._second_moment_sums(rows)
+                sums = part if sums is None else [a + b for a, b in zip(sums, part)]
+                n += rows.shape[0]
+                if not stored:
+                    kept.append(rows)
             if self.preconditioner == "fisher":
-                self._inverses[ckpt_idx] = self._fit(raw)
+                self._inverses[ckpt_idx] = self._fit(sums, n)
+            if stored:
+                return  # scoring reads the store again (train_reps), one block at a time
+            raw = torch.cat(kept)
         self._keep_train_reps(ckpt_idx, loader, self.transform_train_rep(ckpt_idx, raw))
+
+    def _second_moment_sums(self, rows: Tensor) -> List[Tensor]:
+        """Per block, ``Σ g̃ g̃ᵀ`` over the rows (float64)."""
+        sums, start = [], 0
+        for k_out, k_in in self.compression.dims.values():
+            block = rows[:, start : start + k_out * k_in].double()
+            start += k_out * k_in
+            sums.append(block.T @ block)
+        return sums
 
     def _fit_ekfac(self, ckpt_idx: int, loader: Any) -> Tensor:
         """The training set's compressed gradients, with EK-FAC fitted on their factors in the same pass."""
@@ -244,14 +263,12 @@ class LoGraAttributor(BaseInnerProductAttributor):
         self._inverses[ckpt_idx] = (fit, fit.heuristic_damping(self.damping))
         return raw
 
-    def _fit(self, raw: Tensor) -> List[Tuple[Tensor, Tensor]]:
-        """Per block, the eigenvectors and damped eigenvalues of the compressed gradients' second moment."""
-        n = raw.shape[0]
-        inverses, start = [], 0
-        for k_out, k_in in self.compression.dims.values():
-            block = raw[:, start : start + k_out * k_in].double()
-            start += k_out * k_in
-            values, vectors = torch.linalg.eigh(block.T @ block / n)
+    def _fit(self, sums: List[Tensor], n: int) -> List[Tuple[Tensor, Tensor]]:
+        """Per block, the eigenvectors and damped eigenvalues of the compressed gradients' second moment, from
+        the sums of their outer products over ``n`` examples."""
+        inverses = []
+        for total in sums:
+            values, vectors = torch.linalg.eigh(total / n)
             values = values.clamp(min=0)
             damping = self.damping * float(values.mean())
             if damping <= 0 and not bool((values > 0).all()):
