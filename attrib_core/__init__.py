@@ -61,6 +61,7 @@ from .two_sided import (
     project_factors,
     project_gradient,
     side_seed,
+    token_gradients,
     token_scores,
 )
 from .layer_capture import (
@@ -71,6 +72,7 @@ from .layer_capture import (
     LayerSpec,
     capture,
     capture_examples,
+    layer_factors,
     capture_per_example,
     coverage,
     layer_kind,
@@ -189,6 +191,7 @@ __all__ = [
     "capture",
     "capture_per_example",
     "capture_examples",
+    "layer_factors",
     "DirectParameterUse",
     "Captured",
     "layer_specs",
@@ -226,6 +229,7 @@ __all__ = [
     "compress_gradient",
     "compressed_gradients",
     "compression",
+    "token_gradients",
     "token_scores",
     "nystrom",
     "NystromApprox",

@@ -35,7 +35,7 @@ from .gradients import _add_dim, _expand_in_dims, _take
 from .trees import examples_in
 
 __all__ = ["LayerSpec", "Captured", "Coverage", "layer_specs", "layer_kind", "coverage", "untracked_reason",
-           "capture", "capture_per_example", "capture_examples", "probed_pass", "DirectParameterUse", "MAX_EMBEDDING_ROWS",
+           "capture", "capture_per_example", "capture_examples", "layer_factors", "probed_pass", "DirectParameterUse", "MAX_EMBEDDING_ROWS",
            "InputMaps"]
 
 _SUPPORTED = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.Embedding: "embedding"}
@@ -334,15 +334,29 @@ def capture(
                                    verify_broadcast=verify_broadcast)
     out = {}
     for spec, grad in zip(specs, grads):
-        x = inputs[spec.module]
         if reduction == "mean":
             grad = grad * examples
-        a, ds = _positions(spec, modules[spec.module], x, grad, _input_map(input_maps, spec))
-        a, ds = _per_example(spec, examples, a, ds)
-        if spec.bias is not None:
-            a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-        out[spec.module] = _finished(spec, a, ds, mask)
+        out[spec.module] = layer_factors(spec, modules[spec.module], inputs[spec.module], grad, examples, mask=mask,
+                                         input_maps=input_maps)
     return out
+
+
+def layer_factors(spec: LayerSpec, module: nn.Module, x: Tensor, grad: Tensor, examples: int, *,
+                  mask: Optional[Tensor] = None, input_maps: InputMaps = None) -> Captured:
+    """One layer's per-example factors from its input ``x`` and the gradient ``grad`` of a loss with respect to
+    its output, both with ``examples`` rows (or ``examples · T`` rows, tokens flattened example-major).
+
+    ``Captured(a, ds, positions)`` as :func:`capture` returns (``mask`` and ``input_maps``
+    as there): ``Σ_t ds_t a_tᵀ`` of an example is its share of that loss's gradient of
+    the weight (and bias, as ``a``'s trailing 1). :func:`capture` reads ``x`` and ``grad``
+    through probes; a training loop's own forward and backward pass can hand them over
+    (:class:`attrib_torch.GradientRecorder`).
+    """
+    a, ds = _positions(spec, module, x, grad, _input_map(input_maps, spec))
+    a, ds = _per_example(spec, examples, a, ds)
+    if spec.bias is not None:
+        a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+    return _finished(spec, a, ds, mask)
 
 
 def probed_pass(

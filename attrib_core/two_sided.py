@@ -36,7 +36,7 @@ from .layer_capture import Captured, LayerSpec
 
 __all__ = ["side_seed", "project_factors", "project_gradient", "Compression", "compression", "compress_factors",
            "compress_one_hot", "embedding_input_maps", "compressed_covariances", "compressed_ekfac",
-           "compress_gradient", "compressed_gradients", "token_scores", "COMPRESSION_KINDS"]
+           "compress_gradient", "compressed_gradients", "token_gradients", "token_scores", "COMPRESSION_KINDS"]
 
 COMPRESSION_KINDS = ("logra", "factgrass")
 MASK_RATIO = 4  # FactGraSS keeps this many coordinates per output dimension before its SJLT
@@ -323,6 +323,23 @@ def compressed_ekfac(covariances: Mapping[str, Tuple[Tensor, Tensor]], gradients
         layers.append(EKFACLayer(spec, QA, QS, corrected))
     names = tuple(layer.spec.weight for layer in layers)
     return EKFAC(tuple(layers), names, tuple(k_out * k_in for k_out, k_in in comp.dims.values()), True)
+
+
+def token_gradients(projected: Mapping[str, Captured], comp: Compression) -> Tensor:
+    """``(n, T, Σ k_out · k_in)``: each position's term ``ds'_t a'_tᵀ`` of the compressed gradients, laid out as
+    :func:`compressed_gradients` lays out their sum over ``t`` (every module with the same positions ``T``)."""
+    positions = {c.a.shape[1] for c in projected.values()}
+    if len(positions) != 1:
+        raise ValueError(f"per-position gradients need the same positions in every module, got {sorted(positions)}")
+    parts = []
+    for group in comp.members.values():
+        total = None
+        for module, _ in group:
+            c = projected[module]
+            part = torch.einsum("ntk,ntl->ntkl", c.ds, c.a).reshape(*c.a.shape[:2], -1)
+            total = part if total is None else total + part
+        parts.append(total)
+    return torch.cat(parts, dim=2)
 
 
 def token_scores(projected: Mapping[str, Captured], queries: Tensor, comp: Compression) -> Tensor:

@@ -15,7 +15,6 @@ prediction.
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -174,7 +173,13 @@ class BaseInnerProductAttributor(BaseAttributor):
 
     def store_description(self, ckpt_idx: int) -> Dict[str, Any]:
         """What this attributor's training representations are (JSON values): a store holding others is refused."""
-        return {"attributor": type(self).__name__, "parameters": list(self.names), "width": self.rep_width}
+        return {"attributor": type(self).__name__, "parameters": list(self.names), "width": self.rep_width,
+                "loss": _qualified_name(self.task.loss_func)}
+
+    def _checkpoint_state(self, ckpt_idx: int) -> Dict[str, Tensor]:
+        """Checkpoint ``ckpt_idx``'s whole state (parameters and buffers, which the features depend on too)."""
+        self.task.params(ckpt_idx)  # loads it into the model
+        return {k: v.detach() for k, v in self.task.get_model().state_dict().items()}
 
     @property
     def rep_width(self) -> int:
@@ -189,26 +194,39 @@ class BaseInnerProductAttributor(BaseAttributor):
         """Stored rows to scoring representations: :meth:`transform_train_rep` here."""
         return self.transform_train_rep(ckpt_idx, rows)
 
+    def stored_token_rep(self, ckpt_idx: int, data: Any) -> Any:
+        """What a per-token store holds of a training batch (:class:`attrib_torch.store.TokenRows`): rows that
+        add up, per example, to :meth:`stored_rep`. Only attributors with per-token representations have them."""
+        raise ValueError(f"per_token: {type(self).__name__} has no per-token representations (LoGraAttributor "
+                         "has); build a store of one row per example")
+
+    def _has_token_reps(self) -> bool:
+        return type(self).stored_token_rep is not BaseInnerProductAttributor.stored_token_rep
+
     def build_store(self, path: Any, dataset: Any, *, ckpt_idx: int = 0, dtype: str = "float32",
-                    batch_size: int = 32, chunk_rows: int = 1024, rank: int = 0, world: int = 1,
-                    timings: Optional[Dict[str, float]] = None) -> Any:
+                    per_token: bool = False, batch_size: int = 32, chunk_rows: int = 1024, rank: int = 0,
+                    world: int = 1, timings: Optional[Dict[str, float]] = None) -> Any:
         """Featurise ``dataset`` (map-style) into a store of this attributor's training representations of
-        checkpoint ``ckpt_idx`` (:func:`attrib_torch.store.build_store`: resumable, one shard per writer)."""
+        checkpoint ``ckpt_idx`` (:func:`attrib_torch.store.build_store`: resumable, one shard per writer); with
+        ``per_token``, one row per kept position (:meth:`stored_token_rep`)."""
         from .store import build_store
 
+        if per_token is True and not self._has_token_reps():
+            self.stored_token_rep(ckpt_idx, None)  # raises, naming the attributors that have them
+        featurize = self.stored_token_rep if per_token is True else self.stored_rep
         with untouched(self.task):
-            state = {k: v.detach() for k, v in self.task.params(ckpt_idx).items()}
-            return build_store(path, lambda batch: self.stored_rep(ckpt_idx, batch), dataset,
-                               width=self.rep_width, description=self.store_description(ckpt_idx), model_state=state,
-                               dtype=dtype, batch_size=batch_size, chunk_rows=chunk_rows, rank=rank, world=world,
-                               device=self.device, show_progress=self.show_progress, timings=timings)
+            state = self._checkpoint_state(ckpt_idx)
+            return build_store(path, lambda batch: featurize(ckpt_idx, batch), dataset, width=self.rep_width,
+                               description=self.store_description(ckpt_idx), model_state=state, dtype=dtype,
+                               per_token=per_token, batch_size=batch_size, chunk_rows=chunk_rows, rank=rank,
+                               world=world, device=self.device, show_progress=self.show_progress, timings=timings)
 
     def _check_stores(self, loader: Any, stores: Sequence[Any]) -> None:
         """Each store holds this attributor's features of its checkpoint over ``loader``'s dataset, or a
         StoreMismatch naming what differs."""
         from torch.utils.data import DataLoader, SequentialSampler
 
-        from .store import FeatureStore, StoreMismatch, fingerprint_data, fingerprint_state
+        from .store import FeatureStore, StoreMismatch, check_agrees, fingerprint_data, fingerprint_state
 
         if len(stores) != len(self.task):
             raise ValueError(f"stores: expected one per checkpoint ({len(self.task)}), got {len(stores)}")
@@ -219,14 +237,13 @@ class BaseInnerProductAttributor(BaseAttributor):
         for ckpt_idx, store in enumerate(stores):
             if not isinstance(store, FeatureStore):
                 raise TypeError(f"stores[{ckpt_idx}]: expected a FeatureStore, got {type(store).__name__}")
-            state = {k: v.detach() for k, v in self.task.params(ckpt_idx).items()}
+            state = self._checkpoint_state(ckpt_idx)
+            if store.per_token and not self._has_token_reps():
+                raise StoreMismatch(f"stores[{ckpt_idx}] ({store.path}): a per-token store, and "
+                                    f"{type(self).__name__} has no per-token representations to add up")
             wanted = {"description": self.store_description(ckpt_idx), "model": fingerprint_state(state),
-                      "data": data, "rows": len(loader.dataset), "width": self.rep_width}
-            for field, value in wanted.items():
-                held = store.manifest.get(field)
-                if json.loads(json.dumps(value)) != held:
-                    raise StoreMismatch(f"stores[{ckpt_idx}] ({store.path}): its {field} is "
-                                        f"{json.dumps(held)[:200]}, this attributor's is {json.dumps(value)[:200]}")
+                      "data": data, "examples": len(loader.dataset), "width": self.rep_width}
+            check_agrees(f"stores[{ckpt_idx}] ({store.path})", store.manifest, wanted, "this attributor's")
 
     def check_checkpoints(self) -> None:
         """Every checkpoint holds the attributed parameters, with the shapes of the first (before any gradient).
@@ -297,10 +314,10 @@ class BaseInnerProductAttributor(BaseAttributor):
         if store is not None:  # the representations were computed before, into a store: read them
             if explicit is None:
                 transform = self.transform_stored_rep
-            wide = torch.promote_types(store.torch_dtype, torch.float32)
-            for start in range(0, store.n_rows, limit if group else self._store_batch(loader)):
-                stop = min(start + (limit if group else self._store_batch(loader)), store.n_rows)
-                yield transform(ckpt_idx, store.rows(start, stop).to(self.device, wide))
+            from .store import stored_examples
+
+            for rows in stored_examples(store, limit if group else self._store_batch(loader)):
+                yield transform(ckpt_idx, rows.to(self.device))
             return
         pending: List[Tensor] = []
         rows = 0
@@ -408,6 +425,8 @@ class BaseInnerProductAttributor(BaseAttributor):
         loader = self._training_loader(train_dataloader)
         check_loader(test_dataloader, "test_dataloader")
         weights = self.checkpoint_weights()
+        if loader is self.full_train_dataloader and len(self._stores) == len(weights):
+            return self._stored_topk(test_dataloader, k, proponents, tokens=False)
         train = [self.train_reps(c, loader) for c in range(len(weights))]
         n = rep_rows(train[0])
         if k > n:  # known once the training representations (kept for later calls) exist, before the test's
@@ -429,3 +448,47 @@ class BaseInnerProductAttributor(BaseAttributor):
                 running = kernels.empty_topk(m, scores.dtype, scores.device)
             running = kernels.merge_topk(running, scores.T, start, k, largest=proponents)
         return running
+
+
+    def _stored_topk(self, test_dataloader: Any, k: int, largest: bool, *, tokens: bool) -> TopK:
+        """:meth:`topk` over the stores :meth:`cache` was given: their rows streamed a block at a time (per
+        example, a per-token store's rows added up; or, with ``tokens``, the rows of per-token stores as they
+        are), never all in memory."""
+        from .store import stored_examples
+
+        weights = self.checkpoint_weights()
+        stores = [self._stores[c] for c in range(len(weights))]
+        n = stores[0].n_rows if tokens else stores[0].n_examples
+        if k > n:
+            raise ValueError(f"k: expected an integer in [1, {n}] (the training {'tokens' if tokens else 'examples'}"
+                             f"), got {k}")
+        test = [rep_concat(list(self._grouped(test_dataloader, c, train=False))) for c in range(len(weights))]
+        m = rep_rows(test[0])
+        scale = None if tokens else self._row_scale(self.full_train_dataloader)
+        block = max(k, min(_STORE_BLOCK_ROWS, (1 << 24) // max(m, 1)))
+        if tokens:
+            streams = [(rows for _, rows in store.blocks(block)) for store in stores]
+        else:
+            streams = [stored_examples(store, block) for store in stores]
+        running = kernels.empty_topk(m, test[0].dtype, self.device)
+        start = 0
+        for parts in zip(*streams):
+            scores = None
+            for c, (rows, query, weight) in enumerate(zip(parts, test, weights)):
+                rows = rows.to(self.device, query.dtype)
+                part = weight * rep_inner(rows if tokens else self.transform_stored_rep(c, rows), query)
+                scores = part if scores is None else scores + part
+            if scale is not None:
+                scores = scores * scale[start : start + len(scores), None].to(scores.dtype)
+            running = kernels.merge_topk(running, scores.T, start, k, largest=largest)
+            start += len(scores)
+        return running
+
+
+_STORE_BLOCK_ROWS = 16384  # training rows read from a store and scored at a time
+
+
+def _qualified_name(func: Any) -> str:
+    """``module.qualname`` of a function, or of a callable object's class (a store records its loss by it)."""
+    named = func if hasattr(func, "__qualname__") else type(func)
+    return f"{getattr(named, '__module__', '?')}.{named.__qualname__}"

@@ -5,9 +5,9 @@ callable (``--model pkg.models:gpt2`` calls ``pkg.models.gpt2()``), so any code 
 without a configuration language::
 
     attrib build STORE --model M --data D [--method logra|factgrass|grad] [--proj-dim K] [--dtype float16]
-                 [--batch-size B] [--loss L] [--seed S] [--chunk-rows C]
+                 [--batch-size B] [--loss L] [--seed S] [--chunk-rows C] [--per-token] [--device D]
     attrib build STORE --resume                    # rerun the saved configuration (after a crash)
-    attrib query STORE --queries Q --k 10 [--opponents] --out FILE.pt|FILE.npz
+    attrib query STORE --queries Q --k 10 [--opponents] [--tokens] --out FILE.pt|FILE.npz
     attrib info STORE
 
 ``M()`` returns an ``nn.Module`` (put in eval mode here), ``D()`` and ``Q()`` a map-style
@@ -15,8 +15,10 @@ dataset or a DataLoader over one (its batch size is the default). The loss is th
 model's own: :class:`attrib_torch.CausalLMLoss` for a causal language model given dict
 batches (Hugging Face's ``.loss`` of each sequence alone), else the ``.loss`` of
 ``model(**batch)``; ``--loss L`` names ``L(model, batch) -> loss`` instead. Under
-``torchrun --nproc_per_node N -m attrib_torch build ...`` each rank writes its own shard.
-The configuration is saved as ``build.json`` beside the manifest.
+``torchrun --nproc_per_node N -m attrib_torch build ...`` each rank writes its own shard
+(on GPU ``N`` processes take ``cuda:LOCAL_RANK`` each, through NCCL). The configuration
+is saved as ``build.json`` beside the manifest; every argument is checked before the
+model or the data is loaded.
 """
 
 from __future__ import annotations
@@ -38,11 +40,21 @@ __all__ = ["main", "load_object"]
 
 CONFIG = "build.json"
 METHODS = ("logra", "factgrass", "grad")
-_BUILD_FIELDS = ("model", "data", "method", "proj_dim", "dtype", "batch_size", "loss", "seed", "chunk_rows")
+_BUILD_FIELDS = ("model", "data", "method", "proj_dim", "dtype", "batch_size", "loss", "seed", "chunk_rows",
+                 "per_token", "device")
+_DEFAULT_CHUNK_ROWS = 1024
 
 
 def load_object(spec: str, what: str) -> Any:
     """``module:attribute`` imported and called with no arguments (SystemExit with the reason if it fails)."""
+    target = import_object(spec, what)
+    if not callable(target):
+        raise SystemExit(f"--{what}: {spec} is not callable")
+    return target()
+
+
+def import_object(spec: str, what: str) -> Any:
+    """The attribute ``module:attribute`` names (dotted attributes allowed), or SystemExit with the reason."""
     if not isinstance(spec, str) or spec.count(":") != 1:
         raise SystemExit(f"--{what}: expected an import string module:attribute, got {spec!r}")
     module_name, attribute = spec.split(":")
@@ -58,9 +70,7 @@ def load_object(spec: str, what: str) -> Any:
         if not hasattr(target, part):
             raise SystemExit(f"--{what}: {module_name!r} has no attribute {attribute!r}")
         target = getattr(target, part)
-    if not callable(target):
-        raise SystemExit(f"--{what}: {spec} is not callable")
-    return target()
+    return target
 
 
 class _LossOf(nn.Module):
@@ -79,16 +89,9 @@ def _loss_func(model: nn.Module, loss_spec: Optional[str], example: Any) -> Call
     from .lm import CausalLMLoss
 
     if loss_spec:
-        module, attribute = loss_spec.split(":") if loss_spec.count(":") == 1 else (None, None)
-        if module is None:
-            raise SystemExit(f"--loss: expected an import string module:attribute, got {loss_spec!r}")
-        sys.path.insert(0, os.getcwd())
-        try:
-            user = getattr(importlib.import_module(module), attribute)
-        except (ImportError, AttributeError) as error:
-            raise SystemExit(f"--loss: cannot load {loss_spec!r} ({error})") from error
-        finally:
-            sys.path.pop(0)
+        user = import_object(loss_spec, "loss")
+        if not callable(user):
+            raise SystemExit(f"--loss: {loss_spec} is not callable")
         wrapper = _LossOf(model, user)
         return lambda params, batch: functional_call(wrapper, {f"model.{k}": v for k, v in params.items()}, (batch,))
     causal = any(name.endswith(("ForCausalLM", "LMHeadModel"))
@@ -117,128 +120,187 @@ def _dataset_and_batch(obj: Any, what: str) -> tuple[Any, Optional[int]]:
     raise SystemExit(f"--{what}: expected a map-style dataset or a DataLoader over one, got {type(obj).__name__}")
 
 
-def _attributor(config: dict, model: nn.Module, dataset: Any):
+def _attributor(config: dict, model: nn.Module, dataset: Any, device: str):
     """The attributor whose training representations the store holds, from the saved configuration."""
     from .logra import LoGraAttributor
     from .task import AttributionTask
     from .tracin import TracInAttributor
 
-    model.eval()
+    model.eval().to(device)
     example = dataset[0]
     task = AttributionTask(_loss_func(model, config.get("loss"), example), model,
                            {k: v.detach().clone() for k, v in model.state_dict().items()})
     if config["method"] in ("logra", "factgrass"):
-        rank = math.isqrt(config["proj_dim"])
-        if rank * rank != config["proj_dim"]:
-            raise SystemExit(f"--proj-dim: {config['method']} compresses each layer to k_out * k_in = k² numbers; "
-                             f"expected a perfect square (256 for k = 16), got {config['proj_dim']}")
-        return LoGraAttributor(task, rank=rank, kind=config["method"], seed=config["seed"])
+        return LoGraAttributor(task, rank=math.isqrt(config["proj_dim"]), kind=config["method"], seed=config["seed"],
+                               device=device)
     return TracInAttributor(task, [1.0], False, projector_kwargs={"proj_dim": config["proj_dim"],
-                                                                   "proj_seed": config["seed"]})
+                                                                   "proj_seed": config["seed"]}, device=device)
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size): from torch.distributed when torchrun started this process (gloo on CPU)."""
+def _check_config(config: dict) -> None:
+    """Every build option valid, before anything is loaded (SystemExit naming the option)."""
+    if config["method"] not in METHODS:
+        raise SystemExit(f"--method: expected one of {METHODS}, got {config['method']!r}")
+    for field in ("proj_dim", "batch_size", "chunk_rows"):
+        value = config.get(field)
+        if value is not None and value < 1:
+            raise SystemExit(f"--{field.replace('_', '-')}: expected a positive integer, got {value}")
+    if config["method"] in ("logra", "factgrass") and math.isqrt(config["proj_dim"]) ** 2 != config["proj_dim"]:
+        raise SystemExit(f"--proj-dim: {config['method']} compresses each layer to k_out * k_in = k² numbers; "
+                         f"expected a perfect square (256 for k = 16), got {config['proj_dim']}")
+    if config["per_token"] and config["method"] == "grad":
+        raise SystemExit("--per-token: needs --method logra or factgrass (projected whole gradients do not split "
+                         "over positions)")
+    if config["device"] not in ("cpu", "cuda"):
+        raise SystemExit(f"--device: expected cpu or cuda, got {config['device']!r}")
+    if config["device"] == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device: cuda asked for, and torch sees no CUDA device")
+    given_chunk = config["given"].get("chunk_rows")
+    if given_chunk is not None and config["batch_size"] is not None and given_chunk % config["batch_size"]:
+        raise SystemExit(f"--chunk-rows: expected a multiple of --batch-size {config['batch_size']}, got {given_chunk}")
+
+
+def _process(device: str) -> tuple[int, int, str]:
+    """(rank, world size, device) of this process: under torchrun, its rank of the process group (NCCL and
+    ``cuda:LOCAL_RANK`` on GPU, gloo on CPU)."""
+    from .distributed import world
+
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist
 
+        if device == "cuda":
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            device = f"cuda:{local}"
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    rank, size = world()
+    return rank, size, device
+
+
+def _build_config(args: argparse.Namespace, saved: Path) -> dict:
+    """The build's configuration: the saved one for ``--resume`` or a rerun of the same command (the options
+    given then, ``"given"``, and what they resolved to), else the options given with the defaults."""
+    given = {f: getattr(args, f) for f in _BUILD_FIELDS if getattr(args, f) is not None and getattr(args, f) is not False}
+    previous = json.loads(saved.read_text()) if saved.exists() else None
+    if args.resume:
+        if previous is None:
+            raise SystemExit(f"--resume: {saved.parent} has no {CONFIG}; start the build with --model and --data")
+        differ = {f: v for f, v in given.items() if v not in (previous["given"].get(f), previous.get(f))}
+        if differ:
+            raise SystemExit(f"--resume: {', '.join(f'--{f} {v!r} (saved: {previous.get(f)!r})' for f, v in differ.items())}"
+                             "; resume with the saved configuration or build a new store")
+        return previous
+    if args.model is None or args.data is None:
+        raise SystemExit("build: --model and --data are required (or --resume to rerun a saved build)")
+    if previous is not None:
+        if previous["given"] != given:
+            raise SystemExit(f"build: {saved.parent} was built with another configuration ({saved}: "
+                             f"{json.dumps(previous['given'])}); use --resume, or another directory")
+        return previous  # the same command again: it finishes the store
+    method = args.method or "logra"
+    defaults = {"method": method, "proj_dim": 256 if method in ("logra", "factgrass") else 4096,
+                "dtype": "float32", "seed": 0, "chunk_rows": None, "batch_size": None, "loss": None,
+                "per_token": False, "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    return {**defaults, **given, "given": given}
 
 
 def build(args: argparse.Namespace) -> None:
     store = Path(args.store)
     saved = store / CONFIG
-    if args.resume:
-        if not saved.exists():
-            raise SystemExit(f"--resume: {store} has no {CONFIG}; start the build with --model and --data")
-        config = json.loads(saved.read_text())
-        given = {f: getattr(args, f) for f in _BUILD_FIELDS if getattr(args, f) is not None}
-        differ = {f: (v, config[f]) for f, v in given.items() if config.get(f) != v}
-        if differ:
-            raise SystemExit(f"--resume: {', '.join(f'--{f} {a!r} (saved: {b!r})' for f, (a, b) in differ.items())}"
-                             "; resume with the saved configuration or build a new store")
-    else:
-        if args.model is None or args.data is None:
-            raise SystemExit("build: --model and --data are required (or --resume to rerun a saved build)")
-        config = {f: getattr(args, f) for f in _BUILD_FIELDS}
-        defaults = {"method": "logra", "proj_dim": 256 if args.method in (None, "logra", "factgrass") else 4096,
-                    "dtype": "float32", "seed": 0, "chunk_rows": 1024}
-        config = {f: (defaults.get(f) if v is None else v) for f, v in config.items()}
-        if saved.exists() and json.loads(saved.read_text()) != {**json.loads(saved.read_text()), **config}:
-            raise SystemExit(f"build: {store} was built with another configuration ({saved}); use --resume, or "
-                             "another directory")
-    if config["method"] not in METHODS:
-        raise SystemExit(f"--method: expected one of {METHODS}, got {config['method']!r}")
-    rank, world = _distributed()
+    config = _build_config(args, saved)
+    _check_config(config)
+    rank, world, device = _process(config["device"])
     model = load_object(config["model"], "model")
     if not isinstance(model, nn.Module):
         raise SystemExit(f"--model: {config['model']}() returned a {type(model).__name__}, not an nn.Module")
     dataset, loader_batch = _dataset_and_batch(load_object(config["data"], "data"), "data")
-    config["batch_size"] = config["batch_size"] or loader_batch or 32
-    if config["chunk_rows"] % config["batch_size"]:
-        config["chunk_rows"] -= config["chunk_rows"] % config["batch_size"]
-        config["chunk_rows"] = max(config["chunk_rows"], config["batch_size"])
-    attributor = _attributor(config, model, dataset)
+    if config["batch_size"] is None:
+        config["batch_size"] = loader_batch or 32
+    if config["chunk_rows"] is None:  # the default: about 1024 rows, whole batches
+        config["chunk_rows"] = max(config["batch_size"], _DEFAULT_CHUNK_ROWS // config["batch_size"] * config["batch_size"])
+    _check_config(config)
+    attributor = _attributor(config, model, dataset, device)
     if rank == 0:
         store.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(config, indent=1, sort_keys=True))
     timings: dict = {}
-    result = attributor.build_store(store, dataset, dtype=config["dtype"], batch_size=config["batch_size"],
-                                    chunk_rows=config["chunk_rows"], rank=rank, world=world, timings=timings)
+    result = attributor.build_store(store, dataset, dtype=config["dtype"], per_token=config["per_token"],
+                                    batch_size=config["batch_size"], chunk_rows=config["chunk_rows"], rank=rank,
+                                    world=world, timings=timings)
     print(f"rank {rank} of {world}: fingerprints {timings['fingerprints']:.2f} s, featurised "
-          f"{timings['rows_written']} rows in {timings['rows']:.2f} s", flush=True)
+          f"{timings['rows_written']} examples in {timings['rows']:.2f} s", flush=True)
     if rank == 0 and result is not None:
-        print(f"{store}: {result.n_rows} rows x {result.width} ({config['dtype']}), {len(result.shards)} shard(s)")
+        what = f"{result.n_rows} token rows of {result.n_examples} examples" if result.per_token else \
+            f"{result.n_rows} rows"
+        print(f"{store}: {what} x {result.width} ({config['dtype']}), {len(result.shards)} shard(s)")
 
 
 def query(args: argparse.Namespace) -> None:
+    from torch.utils.data import DataLoader
+
     from .store import FeatureStore
 
-    store = FeatureStore.open(args.store)
+    out = Path(args.out)
+    if out.suffix not in (".pt", ".npz"):
+        raise SystemExit(f"--out: expected a .pt or .npz file, got {out}")
+    if args.k < 1:
+        raise SystemExit(f"--k: expected a positive integer, got {args.k}")
     saved = Path(args.store) / CONFIG
     if not saved.exists():
         raise SystemExit(f"query: {args.store} has no {CONFIG} (build it with `attrib build`)")
     config = json.loads(saved.read_text())
+    store = FeatureStore.open(args.store)
+    if args.tokens and not store.per_token:
+        raise SystemExit(f"--tokens: {args.store} holds one row per example (build it with --per-token)")
+    _, _, device = _process(config["device"] if config["device"] != "cuda" or torch.cuda.is_available() else "cpu")
     model = load_object(args.model or config["model"], "model")
     dataset, _ = _dataset_and_batch(load_object(config["data"], "data"), "data")
     queries, batch = _dataset_and_batch(load_object(args.queries, "queries"), "queries")
-    from torch.utils.data import DataLoader
-
-    attributor = _attributor(config, model, dataset)
-    train = DataLoader(dataset, batch_size=config["batch_size"])
-    attributor.cache(train, stores=[store])  # checks the store holds this model's features of this data
+    attributor = _attributor(config, model, dataset, device)
+    attributor.cache(DataLoader(dataset, batch_size=config["batch_size"]), stores=[store])  # checks the store
     test = DataLoader(queries, batch_size=batch or config["batch_size"])
-    reps = torch.cat(list(attributor._grouped(test, 0, train=False)))  # preconditioned (projected) query gradients
-    result = store.topk(reps, min(args.k, store.n_rows), largest=not args.opponents)
-    out = Path(args.out)
+    rows = store.n_rows if args.tokens else store.n_examples
+    k = min(args.k, rows)
+    if k < args.k:
+        print(f"--k {args.k}: the store holds {rows} {'token rows' if args.tokens else 'examples'}; returning all")
+    if args.tokens:
+        result = attributor.topk_tokens(test, k, proponents=not args.opponents)
+    else:
+        result = attributor.topk(test, k, proponents=not args.opponents)
+    found = {"indices": result.indices.cpu(), "scores": result.values.cpu()}
+    if args.tokens:  # the token rows' sequences and positions
+        found["examples"], found["positions"] = store.locate(found["indices"])
     if out.suffix == ".npz":
         import numpy as np
 
-        np.savez(out, indices=result.indices.numpy(), scores=result.values.numpy())
-    elif out.suffix == ".pt":
-        torch.save({"indices": result.indices, "scores": result.values}, out)
+        np.savez(out, **{name: value.numpy() for name, value in found.items()})
     else:
-        raise SystemExit(f"--out: expected a .pt or .npz file, got {out}")
-    print(f"{out}: top {args.k} {'opponents' if args.opponents else 'proponents'} of {len(reps)} queries")
+        torch.save(found, out)
+    print(f"{out}: top {k} {'opponents' if args.opponents else 'proponents'} of {len(found['indices'])} queries"
+          + (" (token rows, with their examples and positions)" if args.tokens else ""))
 
 
 def info(args: argparse.Namespace) -> None:
-    from .store import FeatureStore, StoreCorrupted
+    from .store import MANIFEST, FeatureStore, StoreCorrupted, read_manifest
 
     path = Path(args.store)
+    if not path.is_dir():
+        raise SystemExit(f"info: {path} is not a directory")
     try:
         store = FeatureStore.open(path, verify=True)
-        status = "complete, every shard's checksum verified"
+        status = "complete, every file's checksum verified"
         manifest = store.manifest
-    except StoreCorrupted as error:
+    except (StoreCorrupted, FileNotFoundError) as error:
         status = f"NOT USABLE: {error}"
-        manifest = json.loads((path / "manifest.json").read_text()) if (path / "manifest.json").exists() else {}
+        try:
+            manifest = read_manifest(path) if (path / MANIFEST).exists() else {}
+        except StoreCorrupted:
+            manifest = {}
     size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
     print(f"store {path}: {status}")
-    print(f"rows {manifest.get('rows')}, width {manifest.get('width')}, dtype {manifest.get('dtype')}, "
+    print(f"rows {manifest.get('rows')}, examples {manifest.get('examples')}, width {manifest.get('width')}, "
+          f"dtype {manifest.get('dtype')}, per token {bool(manifest.get('per_token'))}, "
           f"{size / 2**20:.1f} MiB on disk")
     print(json.dumps({k: v for k, v in manifest.items() if k != "shards"}, indent=1, sort_keys=True))
     for shard in manifest.get("shards", []):
@@ -262,6 +324,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--chunk-rows", dest="chunk_rows", type=int, help="rows written and recorded at a time")
     b.add_argument("--loss", help="module:attribute of L(model, batch) -> loss (default: the model's own)")
     b.add_argument("--seed", type=int, help="of the projection (default 0)")
+    b.add_argument("--per-token", dest="per_token", action="store_true",
+                   help="one row per kept position (logra/factgrass), with its sequence and position")
+    b.add_argument("--device", choices=("cpu", "cuda"), help="where to featurise (default: cuda if available)")
     b.add_argument("--resume", action="store_true", help="continue the build saved in STORE/build.json")
     b.set_defaults(run=build)
     q = commands.add_parser("query", help="exact top-k training rows for queries",
@@ -271,6 +336,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--model", help="module:attribute (default: the one the store was built with)")
     q.add_argument("--k", type=int, default=10)
     q.add_argument("--opponents", action="store_true", help="the k most negative scores instead")
+    q.add_argument("--tokens", action="store_true", help="top training positions of a per-token store")
     q.add_argument("--out", required=True, help="FILE.pt or FILE.npz: indices and scores, (n_queries, k)")
     q.set_defaults(run=query)
     i = commands.add_parser("info", help="the manifest, size and integrity of a store")

@@ -20,7 +20,7 @@ from torch import Tensor
 import kernels
 from attrib_core import Accumulator
 
-__all__ = ["world", "my_part", "all_merge", "gather_topk", "merge_topks"]
+__all__ = ["world", "my_part", "all_merge", "gather_topk", "merge_topks", "check_same"]
 
 
 def world() -> Tuple[int, int]:
@@ -92,3 +92,23 @@ def gather_topk(local: kernels.TopK, k: int, *, largest: bool = True) -> kernels
     dist.all_gather_object(parts, kernels.TopK(local.values.cpu(), local.indices.cpu()))
     merged = merge_topks(parts, k, largest=largest)
     return kernels.TopK(merged.values.to(local.values.device), merged.indices.to(local.indices.device))
+
+
+def check_same(value: Tensor, name: str) -> None:
+    """Raise a ValueError on every rank unless every rank holds the same ``value`` (shape, dtype and bytes):
+    a result merged over ranks is only one answer when they all asked the same question."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    rank, size = world()
+    if size == 1:
+        return
+    t = value.detach().cpu().contiguous()
+    digest = (tuple(t.shape), str(t.dtype), hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest())
+    digests: list = [None] * size
+    dist.all_gather_object(digests, digest)
+    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise ValueError(f"{name}: ranks {differ} hold other values than rank 0 (shapes "
+                         f"{[d[0] for d in digests]}); every rank must pass the same {name}")

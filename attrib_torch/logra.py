@@ -19,6 +19,8 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+import kernels
+
 from attrib_core import (
     compress_factors,
     compress_gradient,
@@ -33,6 +35,7 @@ from attrib_core import (
     per_sample_grad_loop,
     scale_factors,
     scale_gradient,
+    token_gradients,
     token_scores,
 )
 from attrib_core.layer_capture import capture_examples
@@ -69,6 +72,17 @@ class TokenScores(NamedTuple):
 
 def _attention_mask(batch: Any) -> Optional[Tensor]:
     return batch.get("attention_mask") if isinstance(batch, Mapping) else None
+
+
+def _kept(batch: Any, per_position: Tensor) -> Tensor:
+    """``(n, T)`` bool: the positions of ``per_position`` ``(n, T, ...)`` the batch's ``attention_mask`` keeps."""
+    mask = _attention_mask(batch)
+    keep = (torch.ones(per_position.shape[:2], dtype=torch.bool, device=per_position.device) if mask is None
+            else mask.to(per_position.device).bool())
+    if keep.shape != per_position.shape[:2]:
+        raise ValueError(f"attention_mask: shape {tuple(keep.shape)} does not match the "
+                         f"{tuple(per_position.shape[:2])} positions of the compressed layers")
+    return keep
 
 
 class LoGraAttributor(BaseInnerProductAttributor):
@@ -201,6 +215,19 @@ class LoGraAttributor(BaseInnerProductAttributor):
         """Compressed per-example target gradients ``(B, Σ k_out · k_in)``."""
         return compressed_gradients(self._projected(ckpt_idx, data, "test"), self.compression)
 
+    def stored_token_rep(self, ckpt_idx: int, data: Any) -> Any:
+        """A per-token store's rows of a training batch: each kept position's compressed gradient term
+        ``ds'_t a'_tᵀ`` (:func:`attrib_core.token_gradients`), padding left out; an example's rows add up to its
+        row of :meth:`generate_train_rep`."""
+        from .store import TokenRows
+
+        if self.normalize:
+            raise ValueError("per_token: with normalize=True a score is a cosine of whole gradients, which does not "
+                             "split over positions; build per-token stores with normalize=False")
+        terms = token_gradients(self._projected(ckpt_idx, data, "train"), self.compression)
+        keep = _kept(data, terms)
+        return TokenRows(terms[keep], keep.sum(1).cpu(), keep.nonzero()[:, 1].to(torch.int32).cpu())
+
     def store_description(self, ckpt_idx: int) -> Dict[str, Any]:
         """The base's, with the compression (kind, seed, per-block dims and masks) and the second moments' digest."""
         from .store import fingerprint_state
@@ -314,7 +341,8 @@ class LoGraAttributor(BaseInnerProductAttributor):
         sequence's gradient ``Σ_t ds_t a_tᵀ`` (kronfluence's and bergson's per-token
         scores). Positions where the batch's ``attention_mask`` is 0 are left out; the
         rows of a sequence sum to its score in :meth:`attribute`. Costs one more pass
-        over the training data; the ``(n_train, T, n_test)`` tensor is never formed.
+        over the training data (none where :meth:`cache` was given per-token stores: their
+        rows are read, a block at a time); the ``(n_train, T, n_test)`` tensor is never formed.
         """
         check_loader(train_dataloader, "train_dataloader")
         check_loader(test_dataloader, "test_dataloader")
@@ -322,6 +350,9 @@ class LoGraAttributor(BaseInnerProductAttributor):
         with untouched(self.task):
             weights = self.checkpoint_weights()
             queries = [torch.cat(list(self._grouped(test_dataloader, c, train=False))) for c in range(len(weights))]
+            stores = [self._stores.get(c) for c in range(len(weights))]
+            if all(store is not None and store.per_token for store in stores):
+                return self._stored_token_scores(stores, queries, weights)
             rows, counts, positions = [], [], []
             for batch in batches(train_dataloader, self.device, desc="per-token scores",
                                  show_progress=self.show_progress):
@@ -329,12 +360,7 @@ class LoGraAttributor(BaseInnerProductAttributor):
                 for c, weight in enumerate(weights):
                     part = weight * token_scores(self._projected(c, batch, "train"), queries[c], self.compression)
                     total = part if total is None else total + part
-                mask = _attention_mask(batch)
-                keep = (torch.ones(total.shape[:2], dtype=torch.bool, device=total.device) if mask is None
-                        else mask.to(total.device).bool())
-                if keep.shape != total.shape[:2]:
-                    raise ValueError(f"attention_mask: shape {tuple(keep.shape)} does not match the "
-                                     f"{tuple(total.shape[:2])} positions of the compressed layers")
+                keep = _kept(batch, total)
                 rows.append(total[keep])
                 counts.append(keep.sum(1).cpu())
                 positions.append(keep.nonzero()[:, 1].cpu())
@@ -342,3 +368,43 @@ class LoGraAttributor(BaseInnerProductAttributor):
         offsets = torch.zeros(len(counts) + 1, dtype=torch.long)
         offsets[1:] = counts.cumsum(0)
         return TokenScores(torch.cat(rows), offsets, torch.cat(positions))
+
+    def topk_tokens(self, test_dataloader: Any, k: int, proponents: bool = True) -> kernels.TopK:
+        """For each test example, the ``k`` training positions with the largest (or smallest) share of its score:
+        exact, streamed over the per-token stores :meth:`cache` was given (one per checkpoint, from
+        ``build_store(..., per_token=True)``), a block of rows at a time.
+
+        Indices are rows of the stores; ``store.locate(indices)`` gives their sequences and positions.
+        """
+        check_loader(test_dataloader, "test_dataloader")
+        stores = [self._stores.get(c) for c in range(len(self.task))]
+        if not all(store is not None and store.per_token for store in stores):
+            raise ValueError("topk_tokens: call cache(train_loader, stores=[...]) with a per-token store per "
+                             "checkpoint first (build_store(path, dataset, per_token=True))")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k: expected an integer >= 1, got {k!r}")
+        _same_positions(stores)
+        with untouched(self.task):
+            return self._stored_topk(test_dataloader, k, proponents, tokens=True)
+
+    def _stored_token_scores(self, stores: List[Any], queries: List[Tensor], weights: List[float]) -> TokenScores:
+        """:meth:`attribute_tokens` from per-token stores (one per checkpoint, rows of the same positions)."""
+        offsets, positions = _same_positions(stores), stores[0].column("positions").long()
+        scores = torch.zeros(stores[0].n_rows, queries[0].shape[0], dtype=queries[0].dtype, device=self.device)
+        for store, query, weight in zip(stores, queries, weights):
+            for start, block in store.blocks(_TOKEN_BLOCK_ROWS):
+                block = block.to(self.device, query.dtype)
+                scores[start : start + len(block)] += weight * (block @ query.T)
+        return TokenScores(scores, offsets, positions)
+
+
+_TOKEN_BLOCK_ROWS = 8192  # token rows read from a per-token store at a time
+
+
+def _same_positions(stores: List[Any]) -> Tensor:
+    """The stores' token offsets, which must be the same in every one (the same sequences, the same positions)."""
+    offsets = stores[0].token_offsets()
+    for c, store in enumerate(stores[1:], start=1):
+        if not torch.equal(store.token_offsets(), offsets):
+            raise ValueError(f"stores[{c}]: its sequences keep other positions than stores[0]'s")
+    return offsets

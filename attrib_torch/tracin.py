@@ -73,6 +73,7 @@ class TracInAttributor(BaseInnerProductAttributor):
         # None: not decided yet; False: ordinary gradients; else the factored layers.
         # (Forming projected gradients from factors measured no faster than vmap on a 1.1M-parameter MLP.)
         self._factored: Any = None if self.projector is None else False
+        self._unfactored_for_stores = False  # _factored was set False because cache() was given stores
 
     def checkpoint_weights(self) -> List[float]:
         return self.weight_list.tolist()
@@ -95,6 +96,9 @@ class TracInAttributor(BaseInnerProductAttributor):
         self._stores = {} if stores is None else dict(enumerate(stores))
         if stores is not None:
             self._factored = False  # the stored representations are explicit (projected) gradients
+        elif self._unfactored_for_stores:
+            self._factored = None  # decided again on first use: no store's explicit gradients to match
+        self._unfactored_for_stores = stores is not None and self.projector is None
 
     @property
     def rep_width(self) -> int:
@@ -117,8 +121,11 @@ class TracInAttributor(BaseInnerProductAttributor):
 
     def build_store(self, path: Any, dataset: Any, **kwargs: Any) -> Any:
         """As the base's; the gradients are formed explicitly (a store holds rows, not factors)."""
-        self._factored = False
-        return super().build_store(path, dataset, **kwargs)
+        saved, self._factored = self._factored, False
+        try:
+            return super().build_store(path, dataset, **kwargs)
+        finally:
+            self._factored = saved
 
     def _ensure_cached(self, train_dataloader: Any) -> None:
         if self.full_train_dataloader is None:

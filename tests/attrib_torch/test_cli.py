@@ -86,9 +86,12 @@ def test_build_query_and_info_agree_with_the_attributor(user, capsys):
     assert (bottom["indices"] == scores.T.topk(4, dim=1, largest=False).indices.numpy()).all()
     main(["info", str(store)])
     out = capsys.readouterr().out
-    assert "complete, every shard's checksum verified" in out and "rows 13, width" in out
+    assert "complete, every file's checksum verified" in out and "rows 13, examples 13, width" in out
     before = {p.name: p.read_bytes() for p in store.iterdir()}
     main(["build", str(store), "--resume"])  # nothing left to do: the same bytes
+    main(["build", str(store), "--model", "userobjs:model", "--data", "userobjs:data", "--proj-dim", "9",
+          "--chunk-rows", "8"])  # the same command again, as after a crash
+    main(["build", str(store), "--resume", "--chunk-rows", "8"])
     assert {p.name: p.read_bytes() for p in store.iterdir()} == before
     with pytest.raises(SystemExit, match="--proj_dim 16"):
         main(["build", str(store), "--resume", "--proj-dim", "16"])
@@ -107,6 +110,41 @@ def test_bad_import_strings_and_options_are_named(user):
                         (["build", "s", "--resume"], "has no build.json")):
         with pytest.raises(SystemExit, match=match):
             main(argv)
+    never = ["--model", "nomodule:model", "--data", "nomodule:data"]  # options are checked before any import
+    for argv, match in ((["--proj-dim", "10"], "perfect square"), (["--proj-dim", "0"], "--proj-dim: expected a pos"),
+                        (["--batch-size", "0"], "--batch-size: expected a pos"),
+                        (["--chunk-rows", "-5"], "--chunk-rows: expected a pos"),
+                        (["--batch-size", "4", "--chunk-rows", "6"], "multiple of --batch-size 4"),
+                        (["--method", "grad", "--per-token"], "--per-token: needs")):
+        with pytest.raises(SystemExit, match=match):
+            main(["build", "s", *never, *argv])
+    for argv, match in ((["--out", "top.txt"], "--out: expected a .pt or .npz"), (["--k", "0", "--out", "a.pt"],
+                                                                                     "--k: expected a pos")):
+        with pytest.raises(SystemExit, match=match):
+            main(["query", "nostore", "--queries", "nomodule:q", *argv])
+    with pytest.raises(SystemExit, match="not a directory"):
+        main(["info", "nostore"])
+
+
+def test_info_reports_damaged_stores_and_query_finds_training_tokens(user, capsys):
+    store = user / "tokens"
+    main(["build", str(store), "--model", "userobjs:model", "--data", "userobjs:data", "--proj-dim", "4",
+          "--per-token"])
+    assert "token rows of 13 examples" in capsys.readouterr().out
+    main(["query", str(store), "--queries", "userobjs:queries", "--k", "3", "--tokens", "--out", str(user / "t.pt")])
+    found = torch.load(user / "t.pt")
+    opened = FeatureStore.open(store)
+    offsets = opened.token_offsets()
+    assert torch.equal(offsets[found["examples"]] + found["positions"], found["indices"])
+    main(["query", str(store), "--queries", "userobjs:queries", "--k", "3", "--out", str(user / "s.pt")])
+    assert torch.load(user / "s.pt")["indices"].max() < 13  # sequences, their token rows added up
+    shard = store / "part-00000.npy"
+    shard.write_bytes(shard.read_bytes()[:-7])
+    main(["info", str(store)])
+    assert "NOT USABLE" in capsys.readouterr().out
+    (store / "manifest.json").write_text("{")
+    main(["info", str(store)])
+    assert "NOT USABLE" in capsys.readouterr().out
 
 
 def test_torchrun_builds_the_store_one_process_builds(user):

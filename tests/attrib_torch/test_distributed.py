@@ -47,6 +47,11 @@ SCRIPT = textwrap.dedent('''
         mine = store.topk(queries, 5, largest=largest, distributed=True)
         one = store.topk(queries, 5, largest=largest)
         assert torch.equal(mine.indices, one.indices) and torch.equal(mine.values, one.values)
+    try:  # each rank its own queries: no one answer to merge
+        store.topk(queries + rank, 5, distributed=True)
+        raise AssertionError("queries differing across ranks were merged")
+    except ValueError as error:
+        assert "ranks [1]" in str(error), error
     print(f"rank {rank} of {size} ok", flush=True)
     dist.destroy_process_group()
 ''')

@@ -61,9 +61,8 @@ def test_rows_are_the_features_in_the_dtype_asked_for(tmp_path, dtype):
 def test_two_writers_write_the_rows_one_writes(tmp_path):
     one = build(tmp_path / "one")
     assert build(tmp_path / "two", rank=0, world=2) is None  # rank 1 has not written yet
-    two = build(tmp_path / "two", rank=1, world=2)
-    assert two is None  # rank 0 finishes the store
-    two = build(tmp_path / "two", rank=0, world=2)  # nothing left to compute: writes the final manifest
+    two = build(tmp_path / "two", rank=1, world=2)  # the writer that finds every shard done finishes the store
+    assert build(tmp_path / "two", rank=0, world=2).manifest == two.manifest  # nothing left to compute
     assert [s.rows for s in two.shards] == [24, 26] and [s.start for s in two.shards] == [0, 24]
     assert torch.equal(two.rows(), one.rows())
     joined = b"".join(np.load(tmp_path / "two" / s.file).tobytes() for s in two.shards)
@@ -83,7 +82,7 @@ def test_an_interrupted_build_resumes_to_the_same_bytes(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         build(tmp_path / "resumed", featurize=crashing)
     ledger = json.loads((tmp_path / "resumed" / "part-00000.ledger.json").read_text())
-    assert sorted(map(int, ledger["chunks"])) == [0, 8, 16]
+    assert [c[0] for c in ledger["chunks"]] == [0, 8, 16]
     calls["n"] = 100
     counted = {"n": 0}
 
@@ -154,8 +153,11 @@ def test_a_damaged_or_truncated_shard_is_refused_on_open(tmp_path):
     with pytest.raises(StoreCorrupted, match="checksum"):
         FeatureStore.open(tmp_path / "s")
     shard.write_bytes(bytes(data[:-40]))
-    with pytest.raises((StoreCorrupted, ValueError)):
+    with pytest.raises(StoreCorrupted, match="part-00000.npy"):
         FeatureStore.open(tmp_path / "s")
+    shard.write_bytes(bytes(data) + b"\0" * 16)
+    with pytest.raises(StoreCorrupted, match="bytes beyond its rows"):
+        FeatureStore.open(tmp_path / "s", verify=False)
     (tmp_path / "s" / "manifest.json").write_text("{")
     with pytest.raises(StoreCorrupted, match="JSON"):
         FeatureStore.open(tmp_path / "s")
@@ -225,7 +227,7 @@ DISTRIBUTED = textwrap.dedent('''
     store = build_store(sys.argv[1], lambda batch: torch.tanh(batch[0] @ w), data, width=4, description={"m": 1},
                         model_state={"w": w}, batch_size=4, chunk_rows=8, rank=dist.get_rank(),
                         world=dist.get_world_size(), show_progress=False)
-    assert (store is not None) == (dist.get_rank() == 0)
+    assert store is not None and store.n_rows == 61  # every rank opens the finished store
     dist.destroy_process_group()
 ''')
 
@@ -298,7 +300,241 @@ def test_tracin_with_a_projection_caches_from_a_store_of_projected_gradients(tmp
     stored = attributor()
     stored.cache(train, stores=[store])
     torch.testing.assert_close(stored.attribute(train, test), direct)
+    got = stored.topk(test, 3, proponents=False)  # streamed over the store's rows, normalised as they are read
+    assert torch.equal(got.indices, direct.T.topk(3, dim=1, largest=False).indices)
     unnormalized = TracInAttributor(AttributionTask(loss, model, model.state_dict()), [1.0], False,
                                     projector_kwargs={"proj_dim": 5, "proj_seed": 2}, show_progress=False)
     with pytest.raises(StoreMismatch, match="its description"):
         unnormalized.cache(train, stores=[store])
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Sequences of 5 positions, a prefix of each kept (the mask)."""
+
+    def __init__(self, n=N, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 5, D, generator=g)
+        self.mask = (torch.arange(5) < torch.randint(1, 6, (n,), generator=g)[:, None]).long()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "attention_mask": self.mask[i]}
+
+
+def token_featurize(batch):
+    from attrib_torch.store import TokenRows
+
+    keep = batch["attention_mask"].bool()
+    terms = torch.tanh(batch["x"] @ model_state()["w"])
+    return TokenRows(terms[keep], keep.sum(1), keep.nonzero()[:, 1].to(torch.int32))
+
+
+def test_a_per_token_store_keeps_offsets_positions_and_resumes_to_the_same_bytes(tmp_path):
+    data = Tokens()
+    whole = build(tmp_path / "whole", featurize=token_featurize, dataset=data, per_token=True)
+    keep = data.mask.bool()
+    assert whole.per_token and whole.n_examples == N and whole.n_rows == int(keep.sum())
+    assert torch.equal(whole.rows(), torch.tanh(data.x @ model_state()["w"])[keep])
+    offsets = whole.token_offsets()
+    assert torch.equal(offsets[1:] - offsets[:-1], keep.sum(1))
+    examples, positions = whole.locate(torch.arange(whole.n_rows))
+    assert torch.equal(examples, keep.nonzero()[:, 0]) and torch.equal(positions, keep.nonzero()[:, 1])
+    calls = {"n": 0}
+
+    def crashing(batch):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return token_featurize(batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        build(tmp_path / "resumed", featurize=crashing, dataset=data, per_token=True)
+    with open(tmp_path / "resumed" / "part-00000.npy", "ab") as f:
+        f.write(b"\0" * 40)  # rows of the unfinished chunk, on disk but not in the ledger
+    calls["n"] = 100
+    build(tmp_path / "resumed", featurize=crashing, dataset=data, per_token=True)
+    assert files(tmp_path / "resumed") == files(tmp_path / "whole")
+    with pytest.raises(StoreMismatch, match="its per_token is"):
+        build(tmp_path / "whole", featurize=token_featurize, dataset=data)
+    with pytest.raises(TypeError, match="TokenRows"):
+        build(tmp_path / "bad", dataset=data, featurize=lambda b: featurize((b["x"][:, 0], None)), per_token=True)
+    with pytest.raises(ValueError, match="one row per example"):
+        build(tmp_path / "s").token_offsets()
+
+
+def test_logra_per_token_stores_add_up_to_sequences_and_give_token_scores(tmp_path):
+    pytest.importorskip("transformers")
+    from torch.utils.data import DataLoader
+
+    from attrib_torch import AttributionTask, CausalLMLoss, LoGraAttributor
+    from tests.attrib_torch.test_hf_models import Sequences, gpt2
+
+    model = gpt2()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    train_set, test_set = Sequences(9, 41), Sequences(3, 42)
+    train, test = DataLoader(train_set, batch_size=4), DataLoader(test_set, batch_size=3)
+
+    def attributor():
+        task = AttributionTask(CausalLMLoss(model), model, state)
+        with pytest.warns(UserWarning):  # the LayerNorms left out, named
+            return LoGraAttributor(task, rank=3, show_progress=False)
+
+    direct = attributor()
+    scores, tokens = direct.attribute(train, test), direct.attribute_tokens(train, test)
+    store = attributor().build_store(tmp_path / "t", train_set, per_token=True, batch_size=4, chunk_rows=4)
+    assert store.n_examples == 9 and store.n_rows == int(train_set.mask.sum())
+    assert torch.equal(store.token_offsets(), tokens.offsets) and torch.equal(store.column("positions").long(),
+                                                                              tokens.positions)
+    stored = attributor()
+    stored.cache(train, stores=[store])  # the Fisher preconditioner fits on the rows added up per sequence
+    torch.testing.assert_close(stored.attribute(train, test), scores, rtol=1e-5, atol=1e-7)
+    from_store = stored.attribute_tokens(train, test)
+    torch.testing.assert_close(from_store.scores, tokens.scores, rtol=1e-5, atol=1e-7)
+    best = stored.topk_tokens(test, 5)
+    expected = torch.topk(tokens.scores.T, 5, dim=1)
+    assert torch.equal(best.indices, expected.indices)
+    torch.testing.assert_close(best.values, expected.values, rtol=1e-5, atol=1e-7)
+    for proponents in (True, False):  # over sequences: the store's rows added up, streamed
+        got, dense = stored.topk(test, 4, proponents), torch.topk(scores.T, 4, dim=1, largest=proponents)
+        assert torch.equal(got.indices, dense.indices)
+    examples, positions = store.locate(best.indices)
+    assert torch.equal(tokens.offsets[examples] + positions, best.indices)  # every kept position of a prefix
+    with pytest.raises(ValueError, match="no per-token representations"):
+        from attrib_torch import TracInAttributor
+
+        TracInAttributor(AttributionTask(CausalLMLoss(model), model, state), [1.0], False,
+                         show_progress=False).build_store(tmp_path / "x", train_set, per_token=True)
+
+
+def test_a_resume_recomputes_recorded_chunks_whose_bytes_were_damaged(tmp_path):
+    whole = files(build(tmp_path / "whole").path)
+    calls = {"n": 0}
+
+    def crashing(batch):
+        calls["n"] += 1
+        if calls["n"] == 9:  # in the fifth chunk: four recorded
+            raise KeyboardInterrupt
+        return featurize(batch)
+
+    for damage in ("flip", "truncate"):
+        path = tmp_path / damage
+        calls["n"] = 0
+        with pytest.raises(KeyboardInterrupt):
+            build(path, featurize=crashing)
+        shard = path / "part-00000.npy"
+        data = bytearray(shard.read_bytes())
+        if damage == "flip":
+            data[128 + 8 * WIDTH * 4 + 5] ^= 0x10  # a byte of the second recorded chunk
+        else:
+            data = data[: 128 + 20 * WIDTH * 4]  # half of the third recorded chunk gone
+        shard.write_bytes(bytes(data))
+        calls["n"] = 100
+        build(path, featurize=crashing)
+        assert files(path) == whole, damage
+
+
+def test_a_store_directory_without_its_manifest_or_ledger_is_built_again_not_mixed(tmp_path):
+    other = {"w": torch.zeros(D, WIDTH)}
+    calls = {"n": 0}
+
+    def crashing(batch):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return featurize(batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        build(tmp_path / "s", featurize=crashing, model_state=other)  # two chunks of another model's rows
+    (tmp_path / "s" / "manifest.json").unlink()
+    assert files(build(tmp_path / "s").path) == files(build(tmp_path / "fresh").path)
+    store = FeatureStore.open(tmp_path / "s")
+    mapped = next(store.features())[1]
+    before = mapped.clone()
+    (tmp_path / "s" / "part-00000.ledger.json").unlink()
+    rebuilt = build(tmp_path / "s")  # the shard is written again, to a new file
+    assert torch.equal(mapped, before)  # a reader's map of the old file is untouched
+    assert files(rebuilt.path) == files(tmp_path / "fresh")
+
+
+def test_features_not_finite_in_the_store_dtype_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="overflows float16"):
+        build(tmp_path / "a", dtype="float16", featurize=lambda b: 1e5 * featurize(b))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        build(tmp_path / "b", featurize=lambda b: featurize(b) / 0 * 0)
+    store = build(tmp_path / "c")
+    with pytest.raises(ValueError, match="queries"):
+        store.topk(torch.full((2, WIDTH), float("nan")), 3)
+
+
+def test_a_second_writer_of_one_shard_is_refused_while_the_first_writes(tmp_path):
+    from attrib_torch.store import _writer_lock
+
+    (tmp_path / "s").mkdir()
+    with _writer_lock(tmp_path / "s", 0):
+        with pytest.raises(StoreMismatch, match="another process is writing"):
+            build(tmp_path / "s")
+    build(tmp_path / "s")
+
+
+def test_numpy_scalars_in_examples_are_fingerprinted():
+    from attrib_torch.store import fingerprint_data
+
+    assert fingerprint_data([(np.float32(1.5), np.int64(3))]) != fingerprint_data([(np.float32(1.5), np.int64(4))])
+
+
+READER = textwrap.dedent('''
+    import sys, torch
+    from attrib_torch.store import FeatureStore
+    queries = torch.linspace(-1, 1, 12).reshape(3, 4)
+    for _ in range(40):
+        store = FeatureStore.open(sys.argv[1])  # checksums verified on every open
+        top = store.topk(queries, 5, block_rows=7)
+    torch.save(top.indices, sys.argv[2])
+''')
+
+
+def test_readers_in_several_processes_read_one_store_at_once(tmp_path):
+    store = build(tmp_path / "s", rank=0, world=2)
+    store = build(tmp_path / "s", rank=1, world=2)
+    script = tmp_path / "read.py"
+    script.write_text(READER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
+    readers = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "s"), str(tmp_path / f"top{i}.pt")],
+                                env=env) for i in range(3)]
+    assert [r.wait(timeout=300) for r in readers] == [0, 0, 0]
+    expected = torch.topk(store.rows() @ torch.linspace(-1, 1, 12).reshape(3, 4).T, 5, dim=0).indices.T
+    for i in range(3):
+        assert torch.equal(torch.load(tmp_path / f"top{i}.pt"), expected)
+
+
+def test_a_store_is_refused_for_another_models_buffers_or_another_loss(tmp_path):
+    from torch import nn
+    from torch.func import functional_call
+    from torch.utils.data import DataLoader
+
+    from attrib_torch import AttributionTask, TracInAttributor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    train_set = TensorDataset(torch.randn(12, D), torch.randint(0, 3, (12,)))
+
+    def cross_entropy(params, batch):
+        return nn.functional.cross_entropy(functional_call(model, params, (batch[0],)), batch[1])
+
+    def margin(params, batch):
+        return nn.functional.multi_margin_loss(functional_call(model, params, (batch[0],)), batch[1])
+
+    def attributor(loss, state):
+        return TracInAttributor(AttributionTask(loss, model, state), [1.0], False, show_progress=False)
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    store = attributor(cross_entropy, state).build_store(tmp_path / "s", train_set, batch_size=4, chunk_rows=4)
+    train = DataLoader(train_set, batch_size=4)
+    attributor(cross_entropy, state).cache(train, stores=[store])
+    other = {**state, "1.running_var": state["1.running_var"] * 2}  # the same parameters, other statistics
+    with pytest.raises(StoreMismatch, match="its model"):
+        attributor(cross_entropy, other).cache(train, stores=[store])
+    with pytest.raises(StoreMismatch, match="its description"):
+        attributor(margin, state).cache(train, stores=[store])
