@@ -342,7 +342,7 @@ def capture(
 
 
 def layer_factors(spec: LayerSpec, module: nn.Module, x: Tensor, grad: Tensor, examples: int, *,
-                  mask: Optional[Tensor] = None, input_maps: InputMaps = None) -> Captured:
+                  mask: Optional[Tensor] = None, input_maps: InputMaps = None, check_finite: bool = True) -> Captured:
     """One layer's per-example factors from its input ``x`` and the gradient ``grad`` of a loss with respect to
     its output, both with ``examples`` rows (or ``examples · T`` rows, tokens flattened example-major).
 
@@ -350,13 +350,14 @@ def layer_factors(spec: LayerSpec, module: nn.Module, x: Tensor, grad: Tensor, e
     as there): ``Σ_t ds_t a_tᵀ`` of an example is its share of that loss's gradient of
     the weight (and bias, as ``a``'s trailing 1). :func:`capture` reads ``x`` and ``grad``
     through probes; a training loop's own forward and backward pass can hand them over
-    (:class:`attrib_torch.GradientRecorder`).
+    (:class:`attrib_torch.GradientRecorder`). ``check_finite=False`` skips the check that
+    ``a`` and ``ds`` are finite, for a caller that checks what it makes of them.
     """
     a, ds = _positions(spec, module, x, grad, _input_map(input_maps, spec))
     a, ds = _per_example(spec, examples, a, ds)
     if spec.bias is not None:
         a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-    return _finished(spec, a, ds, mask)
+    return _finished(spec, a, ds, mask, check_finite=check_finite)
 
 
 def probed_pass(
@@ -429,13 +430,13 @@ def probed_pass(
     return value.detach(), inputs, grads
 
 
-def _finished(spec: LayerSpec, a: Tensor, ds: Tensor, mask: Optional[Tensor]) -> Captured:
+def _finished(spec: LayerSpec, a: Tensor, ds: Tensor, mask: Optional[Tensor], *, check_finite: bool = True) -> Captured:
     """One layer's rows, masked at padded sequence positions and checked to be finite."""
     positions = a.shape[0] * a.shape[1]
     if mask is not None and spec.kind != "conv2d" and a.shape[1] > 1:  # sequence positions
         a, ds = _apply_mask(spec, mask, a, ds)
         positions = int((mask != 0).sum())
-    for value, what in ((a, "inputs"), (ds, "output gradients")):
+    for value, what in ((a, "inputs"), (ds, "output gradients")) if check_finite else ():
         if not all_finite(value):
             raise ValueError(f"captured {what} of layer {spec.module!r} contain NaN or Inf")
     return Captured(a, ds, positions)

@@ -27,7 +27,8 @@ from .layer_ablation import LayerFeatureAblation
 from .lm import CausalLMLoss, QueryTokens, SequenceClassificationLoss
 from .logra import LoGraAttributor, TokenScores
 from .rps import RPSAttributor
-from .store import FeatureStore, StoreCorrupted, StoreMismatch, build_store
+from .store import FeatureStore, StoreCorrupted, StoreMismatch, StoreWriter, build_store
+from .training_capture import GradientRecorder, attribute_recorded
 from .task import AttributionTask
 from .tracin import TracInAttributor
 from .tracincp import KMostInfluentialResults, TracInCP, TracInCPFast, TracInCPFastRandProj
@@ -39,6 +40,9 @@ __all__ = [
     "StoreCorrupted",
     "StoreMismatch",
     "build_store",
+    "StoreWriter",
+    "GradientRecorder",
+    "attribute_recorded",
     "CausalLMLoss",
     "QueryTokens",
     "SequenceClassificationLoss",

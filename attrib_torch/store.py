@@ -54,7 +54,7 @@ from attrib_core.trees import examples_in
 
 from .data import batches
 
-__all__ = ["FeatureStore", "StoreMismatch", "StoreCorrupted", "TokenRows", "build_store", "stored_examples", "read_manifest", "fingerprint_state",
+__all__ = ["FeatureStore", "StoreMismatch", "StoreCorrupted", "StoreWriter", "TokenRows", "build_store", "stored_examples", "read_manifest", "fingerprint_state",
            "fingerprint_data", "STORE_DTYPES"]
 
 FORMAT = "attrib-store/2"
@@ -659,15 +659,16 @@ def _featurized(featurize: Callable[[Any], Any], batch: Any, wanted: dict) -> Tu
     return rows, columns
 
 
-def _as_stored(rows: Tensor, dtype: str, *, batch_start: int = 0) -> np.ndarray:
+def _as_stored(rows: Tensor, dtype: str, *, batch_start: int = 0, what: str = "featurize") -> np.ndarray:
     """Feature rows as the store's on-disk array (bfloat16 as its bit patterns); rows that are not finite in
-    ``dtype`` (NaN, or beyond float16's range) are refused, naming the first."""
+    ``dtype`` (NaN, or beyond float16's range) are refused, naming the first (``what`` made them; the batch's first
+    row is row ``batch_start`` of the store)."""
     values = rows.detach().to("cpu", STORE_DTYPES[dtype][0])
     bad = ~torch.isfinite(values).all(dim=1)
     if bool(bad.any()):
         first = int(bad.nonzero()[0])
         overflow = bool(torch.isfinite(rows[first]).all())
-        raise ValueError(f"featurize: row {first} of the batch from example {batch_start} is not finite in {dtype}"
+        raise ValueError(f"{what}: row {first} of the batch from example {batch_start} is not finite in {dtype}"
                          + (f" (its largest magnitude {float(rows[first].abs().max()):.3g} overflows {dtype}: use "
                             "float32 or bfloat16)" if overflow else " (NaN or Inf features)"))
     return (values.view(torch.uint16) if dtype == "bfloat16" else values).numpy()
@@ -778,3 +779,92 @@ def _finish(path: Path, wanted: dict, chunks: List[Tuple[int, int]]) -> Optional
         row += rows[name]
     _write_json_atomic(path / MANIFEST, {**wanted, "rows": row, "complete": True, "shards": shards})
     return FeatureStore.open(path, verify=False)
+
+
+class StoreWriter:
+    """A store whose rows arrive one block at a time, their number not known ahead: one shard, appended to.
+
+    For rows recorded as they are made (:class:`attrib_torch.GradientRecorder` writes
+    a training run's per-example gradients with it), not featurised from a dataset:
+    the manifest's ``examples`` and ``data`` are None, and each row's per-row
+    ``columns`` (e.g. its dataset index, training step, learning rate) are kept beside
+    it. Not resumable: a process killed before :meth:`close` leaves a store that opens
+    as unfinished.
+
+    Args:
+        path: a directory without a store.
+        width, description, layout, dtype: as :func:`build_store`'s.
+        columns: ``{name: NumPy dtype name}`` of the per-row columns :meth:`append` takes.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], *, width: int, description: Mapping[str, Any],
+                 layout: Optional[Sequence[Tuple[str, int]]] = None, dtype: str = "float32",
+                 columns: Optional[Mapping[str, str]] = None) -> None:
+        self.path = Path(path)
+        if dtype not in STORE_DTYPES:
+            raise ValueError(f"dtype: expected one of {sorted(STORE_DTYPES)}, got {dtype!r}")
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"width: expected a positive integer, got {width!r}")
+        layout = [(str(n), int(w)) for n, w in (layout or [("features", width)])]
+        if sum(w for _, w in layout) != width:
+            raise ValueError(f"layout: its widths add up to {sum(w for _, w in layout)}, not width={width}")
+        columns = {str(c): np.dtype(d).name for c, d in (columns or {}).items()}
+        if (self.path / MANIFEST).exists() or (self.path.exists() and any(self.path.glob("part-*"))):
+            raise StoreMismatch(f"store {self.path}: already holds a store; record into a new directory")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._wanted = json.loads(json.dumps({
+            "format": FORMAT, "examples": None, "width": width, "dtype": dtype, "layout": layout,
+            "description": dict(description), "data": None, "chunk_rows": None, "batch_size": None, "world": 1,
+            "per_token": False, "columns": columns, "version": _library_version(), "device": None}))
+        _write_json_atomic(self.path / MANIFEST, {**self._wanted, "model": None, "complete": False, "shards": []})
+        name = _shard_name(0)
+        self._files = {name: _Appended(self.path / name, STORE_DTYPES[dtype][1], width, 0)}
+        self._files.update({c: _Appended(self.path / _column_file(name, c), d, None, 0) for c, d in columns.items()})
+        self._closed = False
+
+    @property
+    def rows(self) -> int:
+        return self._files[_shard_name(0)].rows
+
+    def append(self, rows: Tensor, **columns: Tensor) -> None:
+        """Append ``rows`` ``(n, width)`` and, for each column, its ``(n,)`` values."""
+        if self._closed:
+            raise ValueError(f"store {self.path}: closed; record into a new directory")
+        width = self._wanted["width"]
+        if not isinstance(rows, Tensor) or rows.dim() != 2 or rows.shape[1] != width:
+            raise ValueError(f"rows: expected a (n, {width}) tensor, got "
+                             f"{tuple(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__}")
+        if set(columns) != set(self._wanted["columns"]):
+            raise ValueError(f"columns: expected {sorted(self._wanted['columns'])}, got {sorted(columns)}")
+        for c, values in columns.items():
+            if tuple(torch.as_tensor(values).shape) != (len(rows),):
+                raise ValueError(f"{c}: expected ({len(rows)},) values, one per row, got "
+                                 f"{tuple(torch.as_tensor(values).shape)}")
+        self._files[_shard_name(0)].append(_as_stored(rows, self._wanted["dtype"], batch_start=self.rows,
+                                                      what="rows"))
+        for c, values in columns.items():
+            self._files[c].append(torch.as_tensor(values).detach().cpu().numpy())
+
+    def close(self, model_state: Mapping[str, Tensor], *, device: Optional[str] = None) -> FeatureStore:
+        """Finish the files, record the model state the rows belong with (fingerprinted) and open the store."""
+        if self._closed:
+            raise ValueError(f"store {self.path}: already closed")
+        self._closed = True
+        name = _shard_name(0)
+        digests = {c: f.finish() for c, f in self._files.items()}
+        rows = self._files[name].rows
+        columns = {c: {"file": _column_file(name, c), "rows": rows, "sha256": digests[c]}
+                   for c in self._wanted["columns"]}
+        shard = {"file": name, "start": 0, "rows": rows, "example_start": 0, "examples": rows,
+                 "sha256": digests[name], "columns": columns}
+        _write_json_atomic(self.path / MANIFEST, {
+            **self._wanted, "model": fingerprint_state(model_state), "rows": rows, "complete": True,
+            "device": None if device is None else torch.device(device).type, "shards": [shard]})
+        return FeatureStore.open(self.path, verify=False)
+
+    def abandon(self) -> None:
+        """Close the files without finishing the store (it stays unfinished on disk)."""
+        if not self._closed:
+            self._closed = True
+            for f in self._files.values():
+                f.close()

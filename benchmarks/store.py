@@ -105,7 +105,7 @@ def _run(command: list[str], threads: int) -> tuple[float, float]:
     if out.returncode:
         raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "build failed")
     seconds = time.perf_counter() - start
-    ranks = [float(m) for m in re.findall(r"featurised \d+ rows in ([0-9.]+) s", out.stdout)]
+    ranks = [float(m) for m in re.findall(r"featurised \d+ examples in ([0-9.]+) s", out.stdout)]
     return seconds, max(ranks) if ranks else float("nan")
 
 
