@@ -82,11 +82,19 @@ def add_states(a: NamedTuple, b: NamedTuple) -> NamedTuple:
     return type(a)(*(tuple(x + y for x, y in zip(fa, fb)) for fa, fb in zip(a, b)))
 
 
-def accumulate(accumulator: Accumulator, batches: Iterable[Any]) -> Any:
-    """Fold ``accumulator.update`` over ``batches`` from ``init()`` and finalize: the statistic of all of them."""
+def accumulate(accumulator: Accumulator, batches: Iterable[Any], *,
+               reduce: Optional[Callable[[Accumulator, Any], Any]] = None) -> Any:
+    """Fold ``accumulator.update`` over ``batches`` from ``init()`` and finalize: the statistic of all of them.
+
+    ``reduce(accumulator, state) -> state``, where given, combines the folded state with
+    other processes' before it is finalized (:func:`attrib_torch.distributed.all_merge`:
+    each rank folds its own batches, the states are merged with ``accumulator.merge``).
+    """
     state = accumulator.init()
     for batch in batches:
         state = accumulator.update(state, batch)
+    if reduce is not None:
+        state = reduce(accumulator, state)
     return accumulator.finalize(state)
 
 

@@ -119,6 +119,7 @@ def kfac_factors(
     layers: Union[None, str, Sequence[str]] = None,
     mask: MaskFn = None,
     reduction: str = "mean",
+    reduce: Optional[Callable[[Accumulator, Any], Any]] = None,
 ) -> KFACFactors:
     """Fit the K-FAC factors ``A = mean ã ãᵀ`` and ``S = E_i[Σ_t ds dsᵀ]`` over ``batches``.
 
@@ -138,9 +139,10 @@ def kfac_factors(
         reduction: ``"mean"`` or ``"sum"``, how ``f`` combines its batch; used only
             where ``vmap`` cannot trace ``f`` (each example's own output gradients are
             captured otherwise, whatever ``f`` normalises by).
+        reduce: combines the folded state with other processes' (:func:`accumulate`'s).
     """
     accumulator = kfac_accumulator(model, f, params, layers=layers, mask=mask, reduction=reduction)
-    return accumulate(accumulator, batches)
+    return accumulate(accumulator, batches, reduce=reduce)
 
 
 class CorrectionState(NamedTuple):
@@ -318,6 +320,7 @@ def ekfac(
     reduction: str = "mean",
     correct: bool = True,
     factors: Optional[KFACFactors] = None,
+    reduce: Optional[Callable[[Accumulator, Any], Any]] = None,
 ) -> EKFAC:
     """Fit EK-FAC (or, with ``correct=False``, K-FAC in its eigenbasis) over ``batches``.
 
@@ -327,19 +330,23 @@ def ekfac(
     and output gradients first (``ã Q_A``, ``ds Q_S``) and forms each example's
     rotated gradient as ``Σ_t (Q_Sᵀ ds)(Q_Aᵀ ã)ᵀ``, never the unrotated ``dW̃_i``.
     Arguments as in :func:`kfac_factors`; ``batches`` must be re-iterable (a list
-    or a DataLoader) when two passes are needed.
+    or a DataLoader) when two passes are needed. With ``reduce`` (each process
+    passing its own share of the batches) both passes' statistics are merged across
+    processes, so every process fits the same EK-FAC.
     """
     if factors is None and correct and iter(batches) is batches:
         raise TypeError("batches: EK-FAC passes over the data twice; give a list or a DataLoader, not an iterator")
     if factors is None:
-        factors = kfac_factors(model, f, params, batches, layers=layers, mask=mask, reduction=reduction)
+        factors = kfac_factors(model, f, params, batches, layers=layers, mask=mask, reduction=reduction,
+                               reduce=reduce)
     bases = []
     for factor in factors.layers:
         eA, QA = torch.linalg.eigh(factor.A)
         eS, QS = torch.linalg.eigh(factor.S)
         bases.append(EKFACLayer(factor.spec, QA, QS, torch.outer(eS.clamp(min=0), eA.clamp(min=0))))
     if correct:
-        bases = accumulate(ekfac_correction(model, f, params, bases, mask=mask, reduction=reduction), batches)
+        bases = accumulate(ekfac_correction(model, f, params, bases, mask=mask, reduction=reduction), batches,
+                           reduce=reduce)
     sizes = tuple(params[n].numel() for n in factors.names)
     return EKFAC(tuple(bases), factors.names, sizes, correct)
 

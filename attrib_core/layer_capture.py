@@ -35,8 +35,8 @@ from .gradients import _add_dim, _expand_in_dims, _take
 from .trees import examples_in
 
 __all__ = ["LayerSpec", "Captured", "Coverage", "layer_specs", "layer_kind", "coverage", "untracked_reason",
-           "capture", "capture_per_example", "capture_examples", "layer_factors", "probed_pass", "DirectParameterUse", "MAX_EMBEDDING_ROWS",
-           "InputMaps"]
+           "capture", "capture_per_example", "capture_examples", "layer_factors", "layer_input", "probed_pass",
+           "DirectParameterUse", "MAX_EMBEDDING_ROWS", "InputMaps"]
 
 _SUPPORTED = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.Embedding: "embedding"}
 # Hugging Face's Conv1D, recognised by where it is defined so that transformers is never imported here.
@@ -396,7 +396,7 @@ def probed_pass(
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
             if name in probes:
                 raise ValueError(f"layers: {name!r} runs more than once in a forward pass (shared weights)")
-            x = _layer_input(name, args, kwargs).detach()
+            x = layer_input(name, args, kwargs).detach()
             shape = tuple(output.shape)
             if output.dim() > 1 and shape[0] == 1 and examples > 1:  # one row shared by the batch
                 broadcast.append(name)
@@ -534,7 +534,7 @@ def capture_per_example(
                 mode.running.remove(name)
                 if name in inputs:
                     raise ValueError(f"layers: {name!r} runs more than once in a forward pass (shared weights)")
-                inputs[name] = _layer_input(name, args, kwargs)
+                inputs[name] = layer_input(name, args, kwargs)
                 return output + probes[name]
 
             return hook
@@ -619,7 +619,7 @@ def capture_examples(
                        verify_broadcast=verify_broadcast, input_maps=input_maps)
 
 
-def _layer_input(name: str, args: tuple, kwargs: dict) -> Tensor:
+def layer_input(name: str, args: tuple, kwargs: dict) -> Tensor:
     """The input a layer was called with, positionally or as ``input=``."""
     if args:
         return args[0]

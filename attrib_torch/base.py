@@ -102,6 +102,7 @@ class BaseInnerProductAttributor(BaseAttributor):
         self._train_reps: Dict[int, Tuple[Any, Any, Tensor]] = {}  # (loader, its fingerprint, representations)
         self._gradients = PerExampleGradients()  # vmap, else hooks, else a loop: decided on first use
         self._stores: Dict[int, Any] = {}  # per checkpoint, the FeatureStore cache() reads representations from
+        self._distributed = False  # cache(distributed=True): ranks share the work on stores
 
     # The progress bars' texts over training batches and over checkpoints (self_attribute), when a front
     # end (captum's TracInCP) names them.
@@ -116,6 +117,7 @@ class BaseInnerProductAttributor(BaseAttributor):
         self.full_train_dataloader = None
         self._cache_key = None
         self._stores = {}
+        self._distributed = False
         for field in self._cache_fields:
             getattr(self, field).clear()
 
@@ -150,22 +152,31 @@ class BaseInnerProductAttributor(BaseAttributor):
 
     # -- caching -------------------------------------------------------------------------------
 
-    def cache(self, full_train_dataloader: Any, stores: Optional[Sequence[Any]] = None) -> None:
+    def cache(self, full_train_dataloader: Any, stores: Optional[Sequence[Any]] = None, *,
+              distributed: bool = False) -> None:
         """Keep the full training loader and precompute, per checkpoint, what the transforms need.
 
         ``stores``: one :class:`attrib_torch.store.FeatureStore` per checkpoint, built by
         :meth:`build_store` over this loader's dataset; the training representations are
         then read from them instead of computed (each store is checked to hold this
         attributor's features of that checkpoint's parameters over this data).
+        ``distributed`` (under ``torch.distributed``, every rank calling with the same
+        arguments): each rank reads its share of the stores' rows for what is fitted on
+        them (LoGra's Fisher), the ranks' sums are all-reduced, and :meth:`topk` over the
+        stores scans a rank's share and gathers the top-k; every rank gets the single
+        process's answer (fits up to the order of floating-point sums).
         """
         check_loader(full_train_dataloader, "full_train_dataloader")
         self.check_checkpoints()
+        if not isinstance(distributed, bool):
+            raise TypeError(f"distributed: expected a bool, got {type(distributed).__name__}")
         if stores is not None:
             self._check_stores(full_train_dataloader, stores)
         self.clear_cache()
         self.full_train_dataloader = full_train_dataloader
         self._cache_key = fingerprint(full_train_dataloader)
         self._stores = {} if stores is None else dict(enumerate(stores))
+        self._distributed = distributed
         for ckpt_idx in range(len(self.task)):
             self._prepare(ckpt_idx)
 
@@ -294,7 +305,7 @@ class BaseInnerProductAttributor(BaseAttributor):
         self._train_reps[ckpt_idx] = (train_dataloader, fingerprint(train_dataloader), reps)
 
     def _grouped(self, loader: Any, ckpt_idx: int, *, train: bool, transform: Any = None,
-                 group: bool = True) -> Iterator[Tensor]:
+                 group: bool = True, share: bool = False) -> Iterator[Tensor]:
         """Transformed representations of a loader's examples, transformed a group of rows at a time.
 
         Loader batches are gathered into groups of up to 256 rows (fewer for wide
@@ -303,7 +314,9 @@ class BaseInnerProductAttributor(BaseAttributor):
         regenerates its matrix once per call: on a 1.1M-parameter model, projecting 128
         rows at once was 2.2x faster (dense) and 2x (SJLT) than 4 calls of 32.
         ``transform(ckpt_idx, rep)`` replaces the train or test transform when given;
-        ``group=False`` transforms and yields each loader batch on its own.
+        ``group=False`` transforms and yields each loader batch on its own. ``share``
+        (rows read from a store under ``torch.distributed``): this rank's groups only,
+        every ``world``-th from its rank.
         """
         generate = self.generate_train_rep if train else self.generate_test_rep
         explicit = transform
@@ -316,7 +329,10 @@ class BaseInnerProductAttributor(BaseAttributor):
                 transform = self.transform_stored_rep
             from .store import stored_examples
 
-            for rows in stored_examples(store, limit if group else self._store_batch(loader)):
+            from .distributed import world
+
+            part = world() if share else (0, 1)
+            for _, rows in stored_examples(store, limit if group else self._store_batch(loader), part=part):
                 yield transform(ckpt_idx, rows.to(self.device))
             return
         pending: List[Tensor] = []
@@ -449,12 +465,24 @@ class BaseInnerProductAttributor(BaseAttributor):
             running = kernels.merge_topk(running, scores.T, start, k, largest=proponents)
         return running
 
+    def test_representations(self, test_dataloader: Any, ckpt_idx: int = 0) -> Tensor:
+        """``(n_test, width)``: the transformed test representations of checkpoint ``ckpt_idx`` that scores take
+        inner products with (preconditioned, projected), e.g. to search a store with
+        (:meth:`attrib_torch.store.FeatureStore.topk`, an :class:`attrib_torch.approximate.ApproximateIndex`)."""
+        check_loader(test_dataloader, "test_dataloader")
+        if isinstance(ckpt_idx, bool) or not isinstance(ckpt_idx, int) or not 0 <= ckpt_idx < len(self.task):
+            raise ValueError(f"ckpt_idx: expected an integer in [0, {len(self.task)}), got {ckpt_idx!r}")
+        if self.full_train_dataloader is None:
+            raise ValueError("test_representations: call cache(train_loader) first (the transforms are fitted there)")
+        with untouched(self.task):
+            return rep_concat(list(self._grouped(test_dataloader, ckpt_idx, train=False)))
 
     def _stored_topk(self, test_dataloader: Any, k: int, largest: bool, *, tokens: bool) -> TopK:
         """:meth:`topk` over the stores :meth:`cache` was given: their rows streamed a block at a time (per
         example, a per-token store's rows added up; or, with ``tokens``, the rows of per-token stores as they
         are), never all in memory."""
-        from .store import stored_examples
+        from .distributed import gather_topk, world
+        from .store import stored_examples, stored_rows
 
         weights = self.checkpoint_weights()
         stores = [self._stores[c] for c in range(len(weights))]
@@ -466,23 +494,26 @@ class BaseInnerProductAttributor(BaseAttributor):
         m = rep_rows(test[0])
         scale = None if tokens else self._row_scale(self.full_train_dataloader)
         block = max(k, min(_STORE_BLOCK_ROWS, (1 << 24) // max(m, 1)))
+        part = world() if self._distributed else (0, 1)  # a rank scans every world-th block
         if tokens:
-            streams = [(rows for _, rows in store.blocks(block)) for store in stores]
+            streams = [stored_rows(store, block, part=part) for store in stores]
         else:
-            streams = [stored_examples(store, block) for store in stores]
+            streams = [stored_examples(store, block, part=part) for store in stores]
         running = kernels.empty_topk(m, test[0].dtype, self.device)
-        start = 0
-        for parts in zip(*streams):
+        blocks = tqdm(zip(*streams), total=-(-n // block) // part[1], desc="store top-k",
+                      disable=not self.show_progress)
+        for parts in blocks:
+            start = parts[0][0]
+            parts = [rows for _, rows in parts]
             scores = None
             for c, (rows, query, weight) in enumerate(zip(parts, test, weights)):
                 rows = rows.to(self.device, query.dtype)
-                part = weight * rep_inner(rows if tokens else self.transform_stored_rep(c, rows), query)
-                scores = part if scores is None else scores + part
+                term = weight * rep_inner(rows if tokens else self.transform_stored_rep(c, rows), query)
+                scores = term if scores is None else scores + term
             if scale is not None:
                 scores = scores * scale[start : start + len(scores), None].to(scores.dtype)
             running = kernels.merge_topk(running, scores.T, start, k, largest=largest)
-            start += len(scores)
-        return running
+        return gather_topk(running, k, largest=largest) if part[1] > 1 else running
 
 
 _STORE_BLOCK_ROWS = 16384  # training rows read from a store and scored at a time

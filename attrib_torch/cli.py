@@ -7,7 +7,8 @@ without a configuration language::
     attrib build STORE --model M --data D [--method logra|factgrass|grad] [--proj-dim K] [--dtype float16]
                  [--batch-size B] [--loss L] [--seed S] [--chunk-rows C] [--per-token] [--device D]
     attrib build STORE --resume                    # rerun the saved configuration (after a crash)
-    attrib query STORE --queries Q --k 10 [--opponents] [--tokens] --out FILE.pt|FILE.npz
+    attrib query STORE --queries Q --k 10 [--opponents] [--tokens] [--approximate --nprobe P] --out FILE.pt|.npz
+    attrib index STORE [--kind ivf-sq8|ivf-flat] [--nlist N]   # a FAISS index for --approximate
     attrib info STORE
 
 ``M()`` returns an ``nn.Module`` (put in eval mode here), ``D()`` and ``Q()`` a map-style
@@ -253,6 +254,18 @@ def query(args: argparse.Namespace) -> None:
     store = FeatureStore.open(args.store)
     if args.tokens and not store.per_token:
         raise SystemExit(f"--tokens: {args.store} holds one row per example (build it with --per-token)")
+    if args.approximate and store.per_token and not args.tokens:
+        raise SystemExit("--approximate: a per-token store's index holds token rows; add --tokens")
+    if args.nprobe < 1:
+        raise SystemExit(f"--nprobe: expected a positive integer, got {args.nprobe}")
+    approximate = None
+    if args.approximate:
+        from .approximate import ApproximateIndex
+
+        try:
+            approximate = ApproximateIndex.load(store)
+        except FileNotFoundError as error:
+            raise SystemExit(f"--approximate: {error}; run `attrib index {args.store}` first") from error
     _, _, device = _process(config["device"] if config["device"] != "cuda" or torch.cuda.is_available() else "cpu")
     model = load_object(args.model or config["model"], "model")
     dataset, _ = _dataset_and_batch(load_object(config["data"], "data"), "data")
@@ -264,7 +277,11 @@ def query(args: argparse.Namespace) -> None:
     k = min(args.k, rows)
     if k < args.k:
         print(f"--k {args.k}: the store holds {rows} {'token rows' if args.tokens else 'examples'}; returning all")
-    if args.tokens:
+    if approximate is not None:  # the store's rows are the scoring representations (the CLI's attributors
+        # transform only the queries), so the index of the rows answers for them
+        result = approximate.search(attributor.test_representations(test), k, nprobe=args.nprobe,
+                              largest=not args.opponents)
+    elif args.tokens:
         result = attributor.topk_tokens(test, k, proponents=not args.opponents)
     else:
         result = attributor.topk(test, k, proponents=not args.opponents)
@@ -278,7 +295,22 @@ def query(args: argparse.Namespace) -> None:
     else:
         torch.save(found, out)
     print(f"{out}: top {k} {'opponents' if args.opponents else 'proponents'} of {len(found['indices'])} queries"
-          + (" (token rows, with their examples and positions)" if args.tokens else ""))
+          + (" (token rows, with their examples and positions)" if args.tokens else "")
+          + (f" (approximate: FAISS, nprobe {args.nprobe})" if approximate is not None else ""))
+
+
+def index(args: argparse.Namespace) -> None:
+    from .approximate import INDEX_KINDS, ApproximateIndex
+    from .store import FeatureStore
+
+    if args.kind not in INDEX_KINDS:
+        raise SystemExit(f"--kind: expected one of {INDEX_KINDS}, got {args.kind!r}")
+    if args.nlist is not None and args.nlist < 1:
+        raise SystemExit(f"--nlist: expected a positive integer, got {args.nlist}")
+    store = FeatureStore.open(args.store)
+    built = ApproximateIndex.build(store, kind=args.kind, nlist=args.nlist)
+    print(f"{args.store}/faiss: {built.settings['kind']} index of {store.n_rows} rows in {built.settings['nlist']} "
+          "lists")
 
 
 def info(args: argparse.Namespace) -> None:
@@ -337,8 +369,16 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--k", type=int, default=10)
     q.add_argument("--opponents", action="store_true", help="the k most negative scores instead")
     q.add_argument("--tokens", action="store_true", help="top training positions of a per-token store")
+    q.add_argument("--approximate", action="store_true", help="search the store's FAISS index (attrib index)")
+    q.add_argument("--nprobe", type=int, default=16, help="lists an approximate search scans (default 16)")
     q.add_argument("--out", required=True, help="FILE.pt or FILE.npz: indices and scores, (n_queries, k)")
     q.set_defaults(run=query)
+    x = commands.add_parser("index", help="a FAISS index of a store's rows, for query --approximate",
+                            description="Build an approximate (FAISS inverted-file) index of a store's rows.")
+    x.add_argument("store")
+    x.add_argument("--kind", default="ivf-sq8", help="ivf-sq8 (one byte a number, default) or ivf-flat (float32)")
+    x.add_argument("--nlist", type=int, help="lists (k-means centroids); default 4 sqrt(rows)")
+    x.set_defaults(run=index)
     i = commands.add_parser("info", help="the manifest, size and integrity of a store")
     i.add_argument("store")
     i.set_defaults(run=info)

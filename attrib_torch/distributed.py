@@ -20,7 +20,7 @@ from torch import Tensor
 import kernels
 from attrib_core import Accumulator
 
-__all__ = ["world", "my_part", "all_merge", "gather_topk", "merge_topks", "check_same"]
+__all__ = ["world", "my_part", "RankShare", "all_merge", "all_sum", "gather_topk", "merge_topks", "check_same"]
 
 
 def world() -> Tuple[int, int]:
@@ -38,16 +38,41 @@ def my_part(items: Sequence[Any]) -> Sequence[Any]:
     return items[rank::size]
 
 
-def _to_cpu(state: Any) -> Any:
+def _moved(state: Any, device: Any) -> Any:
+    """``state`` (tensors in NamedTuples, lists, tuples and dicts) with every tensor on ``device``."""
     if isinstance(state, Tensor):
-        return state.detach().cpu()
+        return state.detach().to(device)
     if isinstance(state, tuple) and hasattr(state, "_fields"):
-        return type(state)(*(_to_cpu(v) for v in state))
+        return type(state)(*(_moved(v, device) for v in state))
     if isinstance(state, (list, tuple)):
-        return type(state)(_to_cpu(v) for v in state)
+        return type(state)(_moved(v, device) for v in state)
     if isinstance(state, dict):
-        return {k: _to_cpu(v) for k, v in state.items()}
+        return {k: _moved(v, device) for k, v in state.items()}
     return state
+
+
+def _first_device(state: Any) -> Any:
+    leaves = [state] if isinstance(state, Tensor) else (
+        list(state.values()) if isinstance(state, dict) else list(state) if isinstance(state, (list, tuple)) else [])
+    for leaf in leaves:
+        found = _first_device(leaf) if not isinstance(leaf, Tensor) else leaf.device
+        if found is not None:
+            return found
+    return None
+
+
+class RankShare:
+    """Every ``world``-th item of a re-iterable (a loader's batches), from this rank's position: its deterministic,
+    disjoint share; the others' items are passed over (still produced by the loader, not computed on)."""
+
+    def __init__(self, items: Any) -> None:
+        self.items = items
+
+    def __iter__(self):
+        rank, size = world()
+        for i, item in enumerate(self.items):
+            if i % size == rank:
+                yield item
 
 
 def all_merge(accumulator: Accumulator, state: Any) -> Any:
@@ -62,12 +87,29 @@ def all_merge(accumulator: Accumulator, state: Any) -> Any:
     rank, size = world()
     if size == 1:
         return state
+    device = _first_device(state)
     states: list = [None] * size
-    dist.all_gather_object(states, _to_cpu(state))
+    dist.all_gather_object(states, _moved(state, "cpu"))
     merged = states[0]
     for other in states[1:]:
         merged = accumulator.merge(merged, other)
-    return merged
+    return merged if device is None else _moved(merged, device)
+
+
+def all_sum(tensors: Sequence[Tensor]) -> list:
+    """Each tensor summed over the ranks (``all_reduce``), in its dtype; the same on every rank. Without a process
+    group, the tensors themselves."""
+    import torch.distributed as dist
+
+    rank, size = world()
+    if size == 1:
+        return list(tensors)
+    out = []
+    for t in tensors:
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        out.append(t)
+    return out
 
 
 def merge_topks(parts: Sequence[kernels.TopK], k: int, *, largest: bool = True) -> kernels.TopK:

@@ -382,25 +382,35 @@ class IFAttributorEKFAC(BaseInnerProductAttributor):
 
     _cache_fields = BaseInnerProductAttributor._cache_fields + ('_fits',)
 
-    def cache(self, full_train_dataloader: Any, max_iter: Optional[int] = None) -> None:
+    def cache(self, full_train_dataloader: Any, max_iter: Optional[int] = None, *,
+              distributed: bool = False) -> None:
         """Fit the EK-FAC factors of every checkpoint on the training loader.
 
         Args:
             full_train_dataloader: the training data.
             max_iter: fit on the first ``max_iter`` batches only (dattri's argument);
                 every batch by default. Kept for later implicit re-caching.
+            distributed: under ``torch.distributed`` (every rank calling with the same
+                loader), each rank fits on every ``world``-th batch and the factors' and
+                corrections' statistics are merged across ranks (``all_merge``): every
+                rank holds the single process's fit, up to the order of floating-point sums.
         """
         if max_iter is not None:
             self.max_iter = positive_int(max_iter, "max_iter")
-        super().cache(full_train_dataloader)
+        super().cache(full_train_dataloader, distributed=distributed)
 
     def _prepare(self, ckpt_idx: int) -> None:
         params = {k: v.to(self.device) for k, v in self.task.params(ckpt_idx).items()}
         data = Batches(self.full_train_dataloader, self.device, limit=self.max_iter)  # two passes, one batch held
         if self.fisher == "sampled":  # the same labels on both passes: batch i's draw is seeded by i
             data = Mapped(data, lambda i, batch: self._with_sampled_labels(params, batch, (self.seed, ckpt_idx, i)))
+        reduce = None
+        if self._distributed:
+            from .distributed import RankShare, all_merge
+
+            data, reduce = RankShare(data), all_merge
         fit = ekfac(self.task.get_model(), self.task.loss_func, params, data, layers=self._modules,
-                    mask=_attention_mask)
+                    mask=_attention_mask, reduce=reduce)
         self._fits[ckpt_idx] = fit
 
     def _with_sampled_labels(self, params, batch, key):

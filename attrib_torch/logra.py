@@ -250,13 +250,22 @@ class LoGraAttributor(BaseInnerProductAttributor):
             raw = self._fit_ekfac(ckpt_idx, loader)
         else:
             stored = ckpt_idx in self._stores  # then the rows stay on disk: the fit streams them
+            shared = stored and self._distributed  # each rank sums its share of the stored rows
             sums, n, kept = None, 0, []
-            for rows in self._grouped(loader, ckpt_idx, train=True, transform=lambda c, rep: rep):
+            for rows in self._grouped(loader, ckpt_idx, train=True, transform=lambda c, rep: rep, share=shared):
                 part = self._second_moment_sums(rows)
                 sums = part if sums is None else [a + b for a, b in zip(sums, part)]
                 n += rows.shape[0]
                 if not stored:
                     kept.append(rows)
+            if shared:  # the ranks' sums added up: every rank fits the same preconditioner
+                from .distributed import all_sum
+
+                if sums is None:  # more ranks than groups of rows
+                    sums = [torch.zeros(k * l, k * l, dtype=torch.float64, device=self.device)
+                            for k, l in self.compression.dims.values()]
+                *sums, total = all_sum([*sums, torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+                n = int(total)
             if self.preconditioner == "fisher":
                 self._inverses[ckpt_idx] = self._fit(sums, n)
             if stored:
@@ -391,8 +400,10 @@ class LoGraAttributor(BaseInnerProductAttributor):
         """:meth:`attribute_tokens` from per-token stores (one per checkpoint, rows of the same positions)."""
         offsets, positions = _same_positions(stores), stores[0].column("positions").long()
         scores = torch.zeros(stores[0].n_rows, queries[0].shape[0], dtype=queries[0].dtype, device=self.device)
+        from .store import stored_rows
+
         for store, query, weight in zip(stores, queries, weights):
-            for start, block in store.blocks(_TOKEN_BLOCK_ROWS):
+            for start, block in stored_rows(store, _TOKEN_BLOCK_ROWS):
                 block = block.to(self.device, query.dtype)
                 scores[start : start + len(block)] += weight * (block @ query.T)
         return TokenScores(scores, offsets, positions)

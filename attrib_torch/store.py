@@ -54,7 +54,8 @@ from attrib_core.trees import examples_in
 
 from .data import batches
 
-__all__ = ["FeatureStore", "StoreMismatch", "StoreCorrupted", "StoreWriter", "TokenRows", "build_store", "stored_examples", "read_manifest", "fingerprint_state",
+__all__ = ["FeatureStore", "StoreMismatch", "StoreCorrupted", "StoreWriter", "TokenRows", "build_store",
+           "stored_rows", "stored_examples", "read_manifest", "fingerprint_state",
            "fingerprint_data", "STORE_DTYPES"]
 
 FORMAT = "attrib-store/2"
@@ -404,17 +405,24 @@ class FeatureStore:
             running = kernels.merge_topk(running, scores, start, k, largest=largest)
         return gather_topk(running, k, largest=largest) if distributed else running
 
-    def blocks(self, block_rows: int, *, shards: Optional[Sequence[Shard]] = None) -> Iterator[Tuple[int, Tensor]]:
+    def blocks(self, block_rows: int, *, shards: Optional[Sequence[Shard]] = None,
+               part: Tuple[int, int] = (0, 1)) -> Iterator[Tuple[int, Tensor]]:
         """``(first row, rows)`` blocks of at most ``block_rows`` rows, read from the shards into one reused
         buffer (plain reads, not the memory map: the process holds one block, whatever the store's size).
-        Each block is valid until the next is read."""
+        Each block is valid until the next is read. ``part=(rank, world)``: every ``world``-th block only, from
+        ``rank`` (the others are not read)."""
         row_bytes = self.width * np.dtype(self._np_dtype).itemsize
         buffer = np.empty((block_rows, self.width), dtype=self._np_dtype)
+        rank, size = part
+        count = 0
         for shard in self.shards if shards is None else shards:
             with open(self.path / shard.file, "rb", buffering=0) as f:
-                f.seek(HEADER_BYTES)
                 for first in range(0, shard.rows, block_rows):
                     n = min(block_rows, shard.rows - first)
+                    count += 1
+                    if (count - 1) % size != rank:
+                        continue
+                    f.seek(HEADER_BYTES + first * row_bytes)
                     view = memoryview(buffer[:n].reshape(-1).view(np.uint8))
                     got = 0
                     while got < n * row_bytes:
@@ -425,20 +433,37 @@ class FeatureStore:
                     yield shard.start + first, self._tensor(buffer[:n])
 
 
-def stored_examples(store: FeatureStore, examples: int) -> Iterator[Tensor]:
-    """The store's rows of ``examples`` examples at a time, in float32 or wider (a copy each): a per-token store's
-    rows added up per example, in order of position (what one row per example would hold)."""
+def stored_rows(store: FeatureStore, rows: int, *, part: Tuple[int, int] = (0, 1)) -> Iterator[Tuple[int, Tensor]]:
+    """``(first row, rows)``: the store's rows ``rows`` at a time from row 0, whatever its shards (so that stores of
+    the same rows built by other numbers of writers give the same blocks), in float32 or wider (a copy each).
+    ``part=(rank, world)``: only every ``world``-th block from ``rank`` is read."""
+    wide = torch.promote_types(store.torch_dtype, torch.float32)
+    rank, size = part
+    for block, first in enumerate(range(0, store.n_rows, rows)):
+        if block % size == rank:
+            yield first, store.rows(first, min(first + rows, store.n_rows)).to(wide)
+
+
+def stored_examples(store: FeatureStore, examples: int, *,
+                    part: Tuple[int, int] = (0, 1)) -> Iterator[Tuple[int, Tensor]]:
+    """``(first example, rows)``: the store's rows of ``examples`` examples at a time, in float32 or wider (a copy
+    each); a per-token store's rows added up per example, in order of position (what one row per example would
+    hold). ``part=(rank, world)``: only every ``world``-th block from ``rank`` is read."""
     wide = torch.promote_types(store.torch_dtype, torch.float32)
     n = store.n_examples
     offsets = store.token_offsets() if store.per_token else None
-    for first in range(0, n, examples):
+    rank, size = part
+    for block, first in enumerate(range(0, n, examples)):
+        if block % size != rank:
+            continue
         last = min(first + examples, n)
         if offsets is None:
-            yield store.rows(first, last).to(wide)
+            yield first, store.rows(first, last).to(wide)
             continue
         lo, hi = int(offsets[first]), int(offsets[last])
         owner = torch.repeat_interleave(torch.arange(last - first), offsets[first + 1 : last + 1] - offsets[first:last])
-        yield torch.zeros(last - first, store.width, dtype=wide).index_add_(0, owner, store.rows(lo, hi).to(wide))
+        yield first, torch.zeros(last - first, store.width, dtype=wide).index_add_(0, owner,
+                                                                                  store.rows(lo, hi).to(wide))
 
 
 def _check_file(path: Path, name: str, shape: Tuple[int, ...], np_dtype: Any, sha256: Optional[str]) -> None:

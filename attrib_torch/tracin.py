@@ -78,11 +78,12 @@ class TracInAttributor(BaseInnerProductAttributor):
     def checkpoint_weights(self) -> List[float]:
         return self.weight_list.tolist()
 
-    def cache(self, full_train_dataloader: Any = None, stores: Any = None) -> None:
+    def cache(self, full_train_dataloader: Any = None, stores: Any = None, *, distributed: bool = False) -> None:
         """Keep the training loader; nothing else needs precomputing (gradients are kept on first use).
 
         ``stores``: one :class:`attrib_torch.FeatureStore` per checkpoint of this attributor's
-        (projected) gradients over the loader's dataset (:meth:`build_store`), read in their place.
+        (projected) gradients over the loader's dataset (:meth:`build_store`), read in their place;
+        ``distributed`` as the base's (:meth:`topk` over the stores shared out over the ranks).
         """
         if full_train_dataloader is not None:
             check_loader(full_train_dataloader, "full_train_dataloader")
@@ -94,6 +95,7 @@ class TracInAttributor(BaseInnerProductAttributor):
         self.clear_cache()
         self.full_train_dataloader = full_train_dataloader
         self._stores = {} if stores is None else dict(enumerate(stores))
+        self._distributed = bool(distributed)
         if stores is not None:
             self._factored = False  # the stored representations are explicit (projected) gradients
         elif self._unfactored_for_stores:

@@ -36,6 +36,7 @@ from attrib_core import (
     layer_factors,
     layer_specs,
 )
+from attrib_core.layer_capture import layer_input
 from attrib_core.trees import examples_in
 
 from .task import LayerName
@@ -133,7 +134,8 @@ class GradientRecorder:
             raise RuntimeError("GradientRecorder: already recording")
         self._handles.append(self.model.register_forward_pre_hook(self._begin_pass, with_kwargs=True))
         for spec in self._specs:
-            self._handles.append(self._modules[spec.module].register_forward_hook(self._layer_hook(spec.module)))
+            self._handles.append(self._modules[spec.module].register_forward_hook(self._layer_hook(spec.module),
+                                                                                  with_kwargs=True))
         return self
 
     def __exit__(self, kind, value, traceback) -> None:
@@ -164,7 +166,7 @@ class GradientRecorder:
             self._passes.append(_Pass(examples_in((args, kwargs))))
 
     def _layer_hook(self, name: str):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> Optional[Tensor]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Optional[Tensor]:
             if not self._passes or not torch.is_grad_enabled() or not output.requires_grad:
                 return None  # evaluation, or a pass this recorder does not see
             current = self._passes[-1]
@@ -172,7 +174,7 @@ class GradientRecorder:
                 raise RuntimeError(f"GradientRecorder: layer {name!r} ran twice in one forward pass (shared "
                                    "weights, or activation checkpointing recomputing it): its per-example "
                                    "gradients cannot be told apart; leave it out with module_name")
-            x = args[0].detach()
+            x = layer_input(name, args, kwargs).detach()
             shared = output.dim() > 1 and output.shape[0] == 1 and current.examples > 1
             if shared:  # one output row for the whole batch (a position embedding): give each example its own
                 x = x.expand(current.examples, *x.shape[1:])

@@ -138,6 +138,14 @@ def test_info_reports_damaged_stores_and_query_finds_training_tokens(user, capsy
     assert torch.equal(offsets[found["examples"]] + found["positions"], found["indices"])
     main(["query", str(store), "--queries", "userobjs:queries", "--k", "3", "--out", str(user / "s.pt")])
     assert torch.load(user / "s.pt")["indices"].max() < 13  # sequences, their token rows added up
+    with pytest.raises(SystemExit, match="attrib index"):
+        main(["query", str(store), "--queries", "userobjs:queries", "--tokens", "--approximate", "--out", "a.pt"])
+    main(["index", str(store), "--kind", "ivf-flat", "--nlist", "4"])
+    main(["query", str(store), "--queries", "userobjs:queries", "--k", "3", "--tokens", "--approximate",
+          "--nprobe", "4", "--out", str(user / "a.pt")])  # every list scanned: the exact answer
+    approximate = torch.load(user / "a.pt")
+    assert torch.equal(approximate["indices"], found["indices"])
+    assert torch.equal(approximate["positions"], found["positions"])
     shard = store / "part-00000.npy"
     shard.write_bytes(shard.read_bytes()[:-7])
     main(["info", str(store)])

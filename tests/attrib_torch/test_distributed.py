@@ -89,3 +89,64 @@ def test_merged_top_k_equals_one_stream_ties_included():
         parts = [TopK(p.values, p.indices + s) for p, s in zip(parts, (0, 13, 29))]
         merged = merge_topks(parts[::-1], 7, largest=largest)  # in any order
         assert torch.equal(merged.indices, whole.indices) and torch.equal(merged.values, whole.values)
+
+
+ATTRIBUTORS = textwrap.dedent('''
+    import sys, warnings, torch, torch.distributed as dist
+    from torch import nn
+    from torch.func import functional_call
+    from torch.utils.data import DataLoader, TensorDataset
+    from attrib_torch import AttributionTask, IFAttributorEKFAC, LoGraAttributor
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    train_set = TensorDataset(torch.randn(41, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (41,), generator=g))
+    test_set = TensorDataset(torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g))
+    train, test = DataLoader(train_set, batch_size=4), DataLoader(test_set, batch_size=3)
+    def loss(params, batch):
+        return nn.functional.cross_entropy(functional_call(model, params, (batch[0],)), batch[1])
+    def task():
+        return AttributionTask(loss, model, model.state_dict())
+
+    # EK-FAC: each rank fits on every other batch, the statistics merged
+    alone, shared = IFAttributorEKFAC(task(), damping=1e-3, show_progress=False), IFAttributorEKFAC(
+        task(), damping=1e-3, show_progress=False)
+    alone.cache(train)
+    shared.cache(train, distributed=True)
+    for a, b in zip(alone._fits[0].layers, shared._fits[0].layers):
+        torch.testing.assert_close(a.eigenvalues, b.eigenvalues)
+    torch.testing.assert_close(shared.attribute(train, test), alone.attribute(train, test))
+
+    # LoGra over a store: the Fisher's sums and the top-k shared out, in groups and blocks of 8 rows (so that each
+    # rank has several, not one holding everything)
+    import attrib_torch.base
+    attrib_torch.base._GROUP_MAX_ROWS = attrib_torch.base._STORE_BLOCK_ROWS = 8
+    def logra():
+        return LoGraAttributor(task(), rank=2, show_progress=False)
+    store = logra().build_store(sys.argv[1], train_set, batch_size=4, chunk_rows=8, rank=rank, world=2)
+    alone, shared = logra(), logra()
+    alone.cache(train, stores=[store])
+    shared.cache(train, stores=[store], distributed=True)
+    for (va, ea), (vb, eb) in zip(alone._inverses[0], shared._inverses[0]):
+        torch.testing.assert_close(ea, eb)
+    for proponents in (True, False):
+        one, many = alone.topk(test, 5, proponents), shared.topk(test, 5, proponents)
+        assert torch.equal(one.indices, many.indices), (one.indices, many.indices)
+        torch.testing.assert_close(one.values, many.values)
+    print(f"rank {rank} ok", flush=True)
+    dist.destroy_process_group()
+''')
+
+
+def test_two_ranks_fit_curvature_and_score_through_attributors_as_one_process(tmp_path):
+    script = tmp_path / "attributors.py"
+    script.write_text(ATTRIBUTORS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), str(tmp_path / "s")], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "rank 0 ok" in out.stdout and "rank 1 ok" in out.stdout

@@ -538,3 +538,20 @@ def test_a_store_is_refused_for_another_models_buffers_or_another_loss(tmp_path)
         attributor(cross_entropy, other).cache(train, stores=[store])
     with pytest.raises(StoreMismatch, match="its description"):
         attributor(margin, state).cache(train, stores=[store])
+
+
+def test_a_ranks_share_of_blocks_covers_the_store_once_with_the_other_ranks(tmp_path):
+    from attrib_torch.store import stored_examples, stored_rows
+
+    for rank in range(3):
+        build(tmp_path / "s", rank=rank, world=3)
+    store = FeatureStore.open(tmp_path / "s")
+    for read in (lambda part: [(s, b.clone()) for s, b in store.blocks(7, part=part)],
+                 lambda part: list(stored_rows(store, 7, part=part)),
+                 lambda part: list(stored_examples(store, 7, part=part))):
+        shares = [read((rank, 2)) for rank in range(2)]
+        joined = sorted(shares[0] + shares[1], key=lambda item: item[0])
+        whole = read((0, 1))
+        assert [s for s, _ in joined] == [s for s, _ in whole]
+        assert all(torch.equal(a.float(), b.float()) for (_, a), (_, b) in zip(joined, whole))
+        assert torch.equal(torch.cat([b.float() for _, b in whole]), store.rows().float())
