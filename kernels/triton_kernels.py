@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any, Dict, NamedTuple, Tuple
 
 import torch
 import triton
@@ -129,12 +130,54 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+class Launch(NamedTuple):
+    """One kernel launch as the wrappers below make it: ``kernel[grid](*args, **meta)``. The static analysis of
+    the compiled kernels (``benchmarks/kernels_sass.py``) binds the same arguments, so it compiles exactly the
+    specialisations a real launch would."""
+
+    kernel: Any
+    grid: Tuple[int, ...]
+    args: Tuple[Any, ...]
+    meta: Dict[str, Any]
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.meta)
+
+
+def entries_launch(out: Tensor, table: Tensor, seed: int, row_offset: int, kind: str) -> Launch:
+    rows, dim_out = out.shape
+    grid = (triton.cdiv(rows, 32), triton.cdiv(dim_out, 32))
+    return Launch(_entries_kernel, grid, (out, table, rows, dim_out, row_offset, _host_mix(seed ^ K0)),
+                  dict(KIND=_KIND[kind], BLOCK_R=32, BLOCK_K=32))
+
+
+def project_launch(x: Tensor, out: Tensor, table: Tensor, kind: str, seed: int, offset: int,
+                   interpreted: bool = False) -> Launch:
+    B, P = x.shape
+    dim_out = out.shape[1]
+    low = kind == "rademacher" and x.dtype in (torch.float16, torch.bfloat16) and not interpreted
+    block_b, block_p, block_k = 64, 32, 64
+    grid = (triton.cdiv(B, block_b), triton.cdiv(dim_out, block_k))
+    args = (x, out, table, B, P, dim_out, x.stride(0), x.stride(1), out.stride(0), out.stride(1), offset,
+            _host_mix(seed ^ K0), 1.0 / math.sqrt(dim_out))
+    return Launch(_project_kernel, grid, args,
+                  dict(KIND=_KIND[kind], LOW_PRECISION_DOT=low, BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_K=block_k))
+
+
+def inner_launch(a: Tensor, b: Tensor, out: Tensor, normalize: bool) -> Launch:
+    N, K = a.shape
+    M = b.shape[0]
+    block_n, block_m, block_k = 64, 64, 32
+    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
+    args = (a, b, out, N, M, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1))
+    return Launch(_inner_kernel, grid, args, dict(NORMALIZE=normalize, BLOCK_N=block_n, BLOCK_M=block_m,
+                                                  BLOCK_K=block_k))
+
+
 def entries(seed: int, row_offset: int, rows: int, dim_out: int, kind: str, device: torch.device) -> Tensor:
     """Unscaled entries ``R[row_offset : row_offset + rows, :dim_out]``, float32."""
     out = torch.empty(rows, dim_out, dtype=torch.float32, device=device)
-    grid = (triton.cdiv(rows, 32), triton.cdiv(dim_out, 32))
-    _entries_kernel[grid](out, gaussian_table(device), rows, dim_out, row_offset, _host_mix(seed ^ K0),
-                          KIND=_KIND[kind], BLOCK_R=32, BLOCK_K=32)
+    entries_launch(out, gaussian_table(device), seed, row_offset, kind)()
     return out
 
 
@@ -143,26 +186,13 @@ def project_dense(x: Tensor, dim_out: int, kind: str, seed: int, offset: int) ->
     if _interpreted() and x.dtype == torch.bfloat16:
         x = x.to(torch.float32)
     out = torch.empty(B, dim_out, dtype=torch.float32, device=x.device)
-    low = kind == "rademacher" and x.dtype in (torch.float16, torch.bfloat16) and not _interpreted()
-    block_b, block_p, block_k = 64, 32, 64
-    grid = (triton.cdiv(B, block_b), triton.cdiv(dim_out, block_k))
-    _project_kernel[grid](
-        x, out, gaussian_table(x.device), B, P, dim_out, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        offset, _host_mix(seed ^ K0), 1.0 / math.sqrt(dim_out),
-        KIND=_KIND[kind], LOW_PRECISION_DOT=low, BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_K=block_k,
-    )
+    project_launch(x, out, gaussian_table(x.device), kind, seed, offset, interpreted=_interpreted())()
     return out
 
 
 def inner(a: Tensor, b: Tensor, normalize: bool) -> Tensor:
     if _interpreted():
         a, b = a.to(torch.float32), b.to(torch.float32)
-    N, K = a.shape
-    M = b.shape[0]
-    out = torch.empty(N, M, dtype=torch.float32, device=a.device)
-    block_n, block_m, block_k = 64, 64, 32
-    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
-    _inner_kernel[grid](a, b, out, N, M, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                        out.stride(0), out.stride(1), NORMALIZE=normalize,
-                        BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k)
+    out = torch.empty(a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
+    inner_launch(a, b, out, normalize)()
     return out

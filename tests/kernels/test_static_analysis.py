@@ -1,0 +1,99 @@
+"""The static analysis of the compiled kernels: the SASS reading on a hand-counted listing, binding as a real launch
+binds (int64 sizes past 2^31), and a subset of configurations compiled for sm_80 and sm_90a without a GPU."""
+
+import pytest
+
+from kernels import static_analysis as sa
+
+LISTING = """
+        /*0000*/                   IMAD.MOV.U32 R1, RZ, RZ, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_TID.X ;
+.L_x_1:
+        /*0020*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0030*/                   LOP3.LUT R3, R2, 0xff, RZ, 0xc0, !PT ;
+        /*0040*/                   I2F R4, R3 ;
+        /*0050*/                   FFMA R5, R4, R4, R5 ;
+        /*0060*/                   HMMA.16816.F32.BF16 R8, R12, R14, R8 ;
+        /*0070*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4].tnspB, R24 ;
+        /*0080*/                   LDG.E R6, desc[UR4][R2.64] ;
+        /*0090*/              @!P2 BRA `(.L_x_1) ;
+.L_x_2:
+        /*00a0*/                   FFMA R5, R4, R4, R5 ;
+        /*00b0*/                   BRA `(.L_x_2);
+"""
+
+
+def test_the_main_loop_and_its_instruction_mix_are_read_as_counted_by_hand():
+    lines = LISTING.splitlines()
+    loop = sa.main_loop(lines)
+    mix = sa._mix(loop)
+    # IADD3 + LOP3 are integer, I2F a conversion, FFMA fp, HMMA and HGMMA tensor-core, LDG memory, BRA other
+    assert (mix["int"], mix["cvt"], mix["fp"], mix["tc"], mix["memory"], mix["other"]) == (2, 1, 1, 2, 1, 1)
+    assert mix["macs"] == 32 + 16 * 8 * 16 + 64 * 64 * 16 // 4  # FFMA lanes, m16n8k16, one warp's part of 64x64x16
+    assert sa._mix(lines)["int"] == 3  # the IMAD outside the loop too
+
+
+# Compiled in a process without TRITON_INTERPRET (conftest sets it for the kernel tests: under it @triton.jit
+# makes interpreted functions, which neither specialise arguments nor compile).
+COMPILE = """
+import json, sys, torch
+try:
+    import triton  # noqa: F401
+except ImportError as error:
+    print("SKIP", error); sys.exit(0)
+from kernels import static_analysis as sa
+from kernels import triton_kernels as tk
+
+def project(B, P, seed=0):
+    return sa.Config("p", tk.project_launch(sa._meta(B, P, dtype=torch.bfloat16), sa._meta(B, 256), sa._meta(65536),
+                                            "rademacher", seed, 0), True)
+
+signatures = {
+    "small": sa.bound_source(project(64, 1 << 20), "sm_90a")[0].signature,
+    "large": sa.bound_source(project(2, 1 << 31), "sm_90a")[0].signature,
+    # seed 1580096365 hashes to seed_key 1, which Triton would make a constant unless told not to
+    "seed_key_one": sa.bound_source(project(64, 1 << 20, seed=1580096365), "sm_90a")[0].signature,
+}
+records = [sa.analyse(c, arch) for c in sa.configs() if c.name in ("project/rademacher/bfloat16", "inner/dot/float32")
+           for arch in ("sm_80", "sm_90a")]
+print(json.dumps({"signatures": signatures, "records": records}))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    if out.stdout.startswith("SKIP"):
+        pytest.skip(out.stdout)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_arguments_bind_as_a_real_launch_binds_them(compiled):
+    from kernels import triton_kernels as tk
+    from kernels.hash import K0
+
+    signatures = compiled["signatures"]
+    assert signatures["small"]["P"] == "i32" and signatures["large"]["P"] == "i64"  # sizes past 2^31
+    assert signatures["small"]["stride_xp"] == "constexpr"  # a unit stride is specialised
+    assert tk._host_mix(1580096365 ^ K0) == 1 and signatures["seed_key_one"]["seed_key"] == "i32"  # never a constant
+
+
+def test_a_subset_of_configurations_compiles_for_both_architectures_and_is_analysed(compiled):
+    records = compiled["records"]
+    assert sorted((r["config"], r["arch"]) for r in records) == [
+        ("inner/dot/float32", "sm_80"), ("inner/dot/float32", "sm_90a"),
+        ("project/rademacher/bfloat16", "sm_80"), ("project/rademacher/bfloat16", "sm_90a")]
+    for record in records:
+        loop = record["loop"]
+        assert record["registers"] > 0 and record["num_warps"] >= 1 and loop["macs"] > 0
+        assert record["int_lane_ops_per_mac"] == pytest.approx(32 * loop["int"] / loop["macs"])
+        assert 0 < record["roofline_fraction_of_bf16_peak"] <= 1
+        if record["config"].startswith("project"):  # bf16 inputs: the ±1 entries on tensor cores
+            assert record["tensor_core_instructions"] > 0 and loop["tc"] > 0
