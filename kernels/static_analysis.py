@@ -27,7 +27,9 @@ configuration and architecture:
 
   A warp instruction counts 32 lane-operations (``IMAD.WIDE`` one instruction, a
   conservative count); ``FFMA`` 32 MACs; ``HMMA.MNK`` ``M·N·K`` MACs; ``HGMMA.MxNxK``
-  ``M·N·K / 4`` per warp (one instruction per warpgroup of four warps). Loads,
+  ``M·N·K / 4`` per warp (one instruction per warpgroup of four warps); a tf32 MAC
+  costs two bf16 MACs of tensor-core time, and a ``tf32x3`` product (fp32 inputs as
+  three tf32 products) does one useful MAC per three. Loads,
   stores, moves and branches are counted, not modelled. A bound from the instruction
   mix only: a static estimate, not a timing.
 
@@ -85,7 +87,7 @@ def configs(B: int = 4096, P: int = 1 << 24, K: int = 8192, only: Optional[str] 
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             launch = tk.inner_launch(_meta(B, K, dtype=dtype), _meta(B, K, dtype=dtype), _meta(B, B), normalize)
             out.append(Config(f"inner/{'cosine' if normalize else 'dot'}/{str(dtype)[6:]}", launch,
-                              dtype != torch.float32))
+                              True))  # fp32 through tf32x3, fp16/bf16 directly
     return [c for c in out if only is None or c.name.startswith(only)]
 
 
@@ -165,13 +167,18 @@ def _macs(opcode: str, suffix: str) -> int:
 
 
 def _mix(lines: Sequence[str]) -> Dict[str, int]:
-    counts = {"int": 0, "fp": 0, "cvt": 0, "tc": 0, "memory": 0, "other": 0, "macs": 0}
+    """Instruction counts by pipe, the multiply-adds they do (``macs``), and ``tc_cost``: the tensor-core MACs in
+    units of bf16 MACs (a tf32 MAC costs two: the tf32 rate is half the bf16 rate)."""
+    counts = {"int": 0, "fp": 0, "cvt": 0, "tc": 0, "memory": 0, "other": 0, "macs": 0, "tc_cost": 0}
     for line in lines:
         match = _INSTRUCTION.match(line)
         if not match:
             continue
         opcode, suffix = match.group(3), match.group(4) or ""
-        counts["macs"] += _macs(opcode, suffix)
+        macs = _macs(opcode, suffix)
+        counts["macs"] += macs
+        if opcode in _TC:
+            counts["tc_cost"] += macs * (2 if "TF32" in suffix else 1)
         if opcode in _TC:
             counts["tc"] += 1
         elif opcode in _INT:
@@ -221,13 +228,13 @@ def analyse(config: Config, arch: str) -> Dict[str, Any]:
     }
     if loop["macs"]:
         lane = {key: 32 * loop[key] for key in ("int", "fp", "cvt")}
-        tc_macs = loop["macs"] if loop["tc"] else 0
-        fp_macs = loop["macs"] - tc_macs
+        # tf32x3 does three tensor-core products per useful multiply-add (fp32 from tf32 parts)
+        useful = loop["macs"] / 3 if config.launch.meta.get("PRECISION") == "tf32x3" else loop["macs"]
         cycles = max(lane["int"] / rates["int"], lane["fp"] / rates["fp"], lane["cvt"] / rates["cvt"],
-                     tc_macs / rates["tc"])
-        record["int_lane_ops_per_mac"] = lane["int"] / loop["macs"]
-        record["roofline_fraction_of_bf16_peak"] = min(1.0, (loop["macs"] / rates["tc"]) / cycles) if cycles else None
-        record["fp32_fma_macs_in_loop"] = fp_macs
+                     loop["tc_cost"] / rates["tc"])
+        record["useful_macs"] = useful
+        record["int_lane_ops_per_mac"] = lane["int"] / useful
+        record["roofline_fraction_of_bf16_peak"] = min(1.0, (useful / rates["tc"]) / cycles) if cycles else None
     else:
         record["int_lane_ops_per_mac"] = None
         record["roofline_fraction_of_bf16_peak"] = None

@@ -86,7 +86,7 @@ def _project_kernel(x_ptr, out_ptr, table_ptr, B, P, K, stride_xb, stride_xp, st
     offs_k = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
     key_seed = seed_key.to(tl.uint32)
     acc = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
-    for start in range(0, P, BLOCK_P):
+    for start in range(0, P.to(tl.int64), BLOCK_P):  # int64: P near 2^31 must not wrap
         offs_p = start + tl.arange(0, BLOCK_P).to(tl.int64)
         x_mask = (offs_b[:, None] < B) & (offs_p[None, :] < P)
         x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_p[None, :] * stride_xp, mask=x_mask, other=0.0)
@@ -102,26 +102,28 @@ def _project_kernel(x_ptr, out_ptr, table_ptr, B, P, K, stride_xb, stride_xp, st
 
 @triton.jit
 def _inner_kernel(a_ptr, b_ptr, out_ptr, N, M, K, stride_an, stride_ak, stride_bm, stride_bk,
-                  stride_on, stride_om, NORMALIZE: tl.constexpr,
+                  stride_on, stride_om, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     offs_m = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     norm_a = tl.zeros((BLOCK_N,), dtype=tl.float32)
     norm_b = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for start in range(0, K, BLOCK_K):
+    for start in range(0, K.to(tl.int64), BLOCK_K):
         offs_k = start + tl.arange(0, BLOCK_K).to(tl.int64)
         a = tl.load(a_ptr + offs_n[:, None] * stride_an + offs_k[None, :] * stride_ak,
-                    mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
+                    mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)
         b = tl.load(b_ptr + offs_m[:, None] * stride_bm + offs_k[None, :] * stride_bk,
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
-        acc += tl.dot(a, tl.trans(b), input_precision="ieee")
-        if NORMALIZE:  # the norms ride along the same pass over the data
-            norm_a += tl.sum(a * a, axis=1)
-            norm_b += tl.sum(b * b, axis=1)
-    if NORMALIZE:  # one norm at a time: their product can underflow where each does not
-        acc = acc / tl.maximum(tl.sqrt(norm_a), 1.1754943508222875e-38)[:, None]
-        acc = acc / tl.maximum(tl.sqrt(norm_b), 1.1754943508222875e-38)[None, :]
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        # fp16/bf16 straight onto tensor cores (fp32 accumulation); fp32 as three tf32 products (tf32x3)
+        acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
+        if NORMALIZE:  # the norms ride along the same pass over the data, in fp32
+            a32, b32 = a.to(tl.float32), b.to(tl.float32)
+            norm_a += tl.sum(a32 * a32, axis=1)
+            norm_b += tl.sum(b32 * b32, axis=1)
+    if NORMALIZE:  # one norm at a time (their product can underflow where each does not), IEEE sqrt and division
+        acc = tl.div_rn(acc, tl.maximum(tl.sqrt_rn(norm_a), 1.1754943508222875e-38)[:, None])
+        acc = tl.div_rn(acc, tl.maximum(tl.sqrt_rn(norm_b), 1.1754943508222875e-38)[None, :])
     mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
     tl.store(out_ptr + offs_n[:, None] * stride_on + offs_m[None, :] * stride_om, acc, mask=mask)
 
@@ -141,7 +143,12 @@ class Launch(NamedTuple):
     meta: Dict[str, Any]
 
     def __call__(self) -> None:
-        self.kernel[self.grid](*self.args, **self.meta)
+        device = next(a.device for a in self.args if isinstance(a, Tensor))
+        if device.type == "cuda":  # on the tensors' GPU, not the current one
+            with torch.cuda.device(device):
+                self.kernel[self.grid](*self.args, **self.meta)
+        else:
+            self.kernel[self.grid](*self.args, **self.meta)
 
 
 def entries_launch(out: Tensor, table: Tensor, seed: int, row_offset: int, kind: str) -> Launch:
@@ -164,14 +171,22 @@ def project_launch(x: Tensor, out: Tensor, table: Tensor, kind: str, seed: int, 
                   dict(KIND=_KIND[kind], LOW_PRECISION_DOT=low, BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_K=block_k))
 
 
-def inner_launch(a: Tensor, b: Tensor, out: Tensor, normalize: bool) -> Launch:
+_GRID_Y = 65535  # CUDA's limit on the second and third grid dimensions
+
+
+def inner_launch(a: Tensor, b: Tensor, out: Tensor, normalize: bool, interpreted: bool = False) -> Launch:
+    """``out = a bᵀ`` (cosines with ``normalize``) for ``b`` of at most ``65535 · 64`` rows (:func:`inner`
+    launches larger ``b`` in slices)."""
     N, K = a.shape
     M = b.shape[0]
     block_n, block_m, block_k = 64, 64, 32
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
+    if grid[1] > _GRID_Y:
+        raise ValueError(f"inner_launch: {M} rows of b need {grid[1]} blocks, over the grid's {_GRID_Y}")
+    precision = "ieee" if interpreted else ("tf32x3" if a.dtype == torch.float32 else "ieee")
     args = (a, b, out, N, M, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1))
-    return Launch(_inner_kernel, grid, args, dict(NORMALIZE=normalize, BLOCK_N=block_n, BLOCK_M=block_m,
-                                                  BLOCK_K=block_k))
+    return Launch(_inner_kernel, grid, args, dict(NORMALIZE=normalize, PRECISION=precision, BLOCK_N=block_n,
+                                                  BLOCK_M=block_m, BLOCK_K=block_k))
 
 
 def entries(seed: int, row_offset: int, rows: int, dim_out: int, kind: str, device: torch.device) -> Tensor:
@@ -194,5 +209,8 @@ def inner(a: Tensor, b: Tensor, normalize: bool) -> Tensor:
     if _interpreted():
         a, b = a.to(torch.float32), b.to(torch.float32)
     out = torch.empty(a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
-    inner_launch(a, b, out, normalize)()
+    rows = _GRID_Y * 64  # b's rows per launch, within the grid's limit
+    for start in range(0, b.shape[0], rows):
+        stop = min(start + rows, b.shape[0])
+        inner_launch(a, b[start:stop], out[:, start:stop], normalize, interpreted=_interpreted())()
     return out

@@ -93,7 +93,9 @@ def test_a_subset_of_configurations_compiles_for_both_architectures_and_is_analy
     for record in records:
         loop = record["loop"]
         assert record["registers"] > 0 and record["num_warps"] >= 1 and loop["macs"] > 0
-        assert record["int_lane_ops_per_mac"] == pytest.approx(32 * loop["int"] / loop["macs"])
+        assert record["int_lane_ops_per_mac"] == pytest.approx(32 * loop["int"] / record["useful_macs"])
         assert 0 < record["roofline_fraction_of_bf16_peak"] <= 1
-        if record["config"].startswith("project"):  # bf16 inputs: the ±1 entries on tensor cores
-            assert record["tensor_core_instructions"] > 0 and loop["tc"] > 0
+        # bf16 projection: the ±1 entries on tensor cores; fp32 inner: three tf32 products
+        assert record["meant_for_tensor_cores"] and record["tensor_core_instructions"] > 0 and loop["tc"] > 0
+    tf32 = [r for r in records if r["config"] == "inner/dot/float32"]
+    assert all(r["useful_macs"] == r["loop"]["macs"] / 3 for r in tf32)

@@ -74,3 +74,25 @@ def test_forced_triton_backend_runs_the_kernels(monkeypatch):
     assert torch.equal(top.indices, expected.indices.T)
     assert torch.equal(dispatch.projection_entries(9, 20, kind="gaussian", seed=4),
                        reference.dense_tile(4, torch.arange(9), 20, "gaussian") * (1 / 20**0.5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_inner_is_accurate_against_float64(dtype, normalize):
+    g = torch.Generator().manual_seed(11)
+    a, b = torch.randn(70, 300, generator=g).to(dtype), torch.randn(50, 300, generator=g).to(dtype)
+    exact = a.double() @ b.double().T
+    if normalize:
+        exact = exact / a.double().norm(dim=1)[:, None] / b.double().norm(dim=1)[None, :]
+    got = triton_kernels.inner(a, b, normalize).double()
+    scale = exact.abs().max()
+    assert float((got - exact).abs().max() / scale) < 1e-5  # fp32 accumulation of the inputs' exact products
+
+
+def test_inner_slices_queries_beyond_the_grid_limit(monkeypatch):
+    monkeypatch.setattr(triton_kernels, "_GRID_Y", 2)  # 2 blocks of 64 queries per launch
+    g = torch.Generator().manual_seed(12)
+    a, b = torch.randn(40, 16, generator=g), torch.randn(300, 16, generator=g)
+    torch.testing.assert_close(triton_kernels.inner(a, b, False), a @ b.T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="over the grid"):
+        triton_kernels.inner_launch(a, b, torch.empty(40, 300), False)
