@@ -29,7 +29,8 @@ configuration and architecture:
   conservative count); ``FFMA`` 32 MACs; ``HMMA.MNK`` ``M·N·K`` MACs; ``HGMMA.MxNxK``
   ``M·N·K / 4`` per warp (one instruction per warpgroup of four warps); a tf32 MAC
   costs two bf16 MACs of tensor-core time, and a ``tf32x3`` product (fp32 inputs as
-  three tf32 products) does one useful MAC per three. Loads,
+  three tf32 products) or the projection's three-way bf16 split of fp32 inputs does
+  one useful MAC per three. Loads,
   stores, moves and branches are counted, not modelled. A bound from the instruction
   mix only: a static estimate, not a timing.
 
@@ -81,8 +82,7 @@ def configs(B: int = 4096, P: int = 1 << 24, K: int = 8192, only: Optional[str] 
         out.append(Config(f"entries/{kind}", tk.entries_launch(_meta(B, K), table, 0, 0, kind), False))
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             launch = tk.project_launch(_meta(B, P, dtype=dtype), _meta(B, K), table, kind, 0, 0)
-            meant = launch.meta["LOW_PRECISION_DOT"]
-            out.append(Config(f"project/{kind}/{str(dtype)[6:]}", launch, meant))
+            out.append(Config(f"project/{kind}/{str(dtype)[6:]}", launch, launch.meta["DOT"] != 0))
     for normalize in (False, True):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             launch = tk.inner_launch(_meta(B, K, dtype=dtype), _meta(B, K, dtype=dtype), _meta(B, B), normalize)
@@ -228,8 +228,10 @@ def analyse(config: Config, arch: str) -> Dict[str, Any]:
     }
     if loop["macs"]:
         lane = {key: 32 * loop[key] for key in ("int", "fp", "cvt")}
-        # tf32x3 does three tensor-core products per useful multiply-add (fp32 from tf32 parts)
-        useful = loop["macs"] / 3 if config.launch.meta.get("PRECISION") == "tf32x3" else loop["macs"]
+        # tf32x3, and the projection's three-way bf16 split of float32 x, do three tensor-core products per useful
+        # multiply-add
+        meta = config.launch.meta
+        useful = loop["macs"] / 3 if meta.get("PRECISION") == "tf32x3" or meta.get("DOT") == 2 else loop["macs"]
         cycles = max(lane["int"] / rates["int"], lane["fp"] / rates["fp"], lane["cvt"] / rates["cvt"],
                      loop["tc_cost"] / rates["tc"])
         record["useful_macs"] = useful

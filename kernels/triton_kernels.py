@@ -51,18 +51,33 @@ def _row_keys(seed_key, rows):
 
 
 @triton.jit
-def _tile(keys, cols, table_ptr, KIND: tl.constexpr):
-    """Unscaled entries for row keys ``(BP,)`` and int64 columns ``(BK,)``: ``(BP, BK)`` float32."""
+def _tile(keys, col_start, cols, table_ptr, KIND: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
+    """Unscaled entries for row keys ``(BP,)`` and the columns ``cols`` ``(BK,)`` (int64, from ``col_start``, a
+    multiple of 32): ``(BP, BK)`` in ``DTYPE`` (float32, or for Rademacher also float16/bfloat16)."""
     if KIND == 0:
-        w = (cols >> 5).to(tl.uint32) * 0x61C88647
-        h = _mix(keys[:, None] ^ w[None, :])
-        bit = (h >> (cols & 31).to(tl.uint32)[None, :]) & 1
-        return 1.0 - 2.0 * bit.to(tl.float32)
+        # One hash per 32-bit word: word w gives columns 32w .. 32w + 31 (bit j & 31 of word j >> 5).
+        words = (col_start >> 5) + tl.arange(0, BLOCK_K // 32).to(tl.int64)
+        h = _mix(keys[:, None] ^ (words.to(tl.uint32) * 0x61C88647)[None, :])  # (BP, BK / 32)
+        bits = (h[:, :, None] >> tl.arange(0, 32).to(tl.uint32)[None, None, :]) & 1
+        bits = tl.reshape(bits, (keys.shape[0], BLOCK_K))
+        return _signs(bits, DTYPE)
     else:
         w = (cols >> 1).to(tl.uint32) * 0x61C88647
         h = _mix(keys[:, None] ^ w[None, :])
         index = (h >> ((cols & 1) * 16).to(tl.uint32)[None, :]) & 0xFFFF
         return tl.load(table_ptr + index.to(tl.int32))
+
+
+@triton.jit
+def _signs(bits, DTYPE: tl.constexpr):
+    """``+1`` where ``bits`` is 0 and ``-1`` where it is 1, made as bit patterns (the sign bit over the pattern of
+    1.0), not by int-to-float conversion."""
+    if DTYPE == tl.float32:
+        return ((bits << 31) | 0x3F800000).to(tl.float32, bitcast=True)
+    elif DTYPE == tl.bfloat16:
+        return ((bits.to(tl.uint16) << 15) | 0x3F80).to(tl.bfloat16, bitcast=True)
+    else:
+        return ((bits.to(tl.uint16) << 15) | 0x3C00).to(tl.float16, bitcast=True)
 
 
 # seed_key is never specialised: Triton turns an integer argument equal to 1 into a
@@ -73,14 +88,33 @@ def _entries_kernel(out_ptr, table_ptr, R, K, row_offset, seed_key, KIND: tl.con
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
     keys = _row_keys(seed_key.to(tl.uint32), row_offset + rows)
-    values = _tile(keys, cols, table_ptr, KIND)
+    values = _tile(keys, tl.program_id(1).to(tl.int64) * BLOCK_K, cols, table_ptr, KIND, BLOCK_K, tl.float32)
     mask = (rows[:, None] < R) & (cols[None, :] < K)
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], values, mask=mask)
 
 
+@triton.jit
+def _bf16_part(v):
+    """The bf16 number made of ``v``'s upper 16 bits (``v`` float32): ``v`` truncated to 8 significant bits,
+    exactly, by bit operations (no rounding conversion)."""
+    return (v.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _split_dot(x, tile):
+    """``x @ tile`` for float32 ``x`` and a bf16 ``tile`` of ±1 on tensor cores: ``x = x₁ + x₂ + x₃`` exactly
+    (three bf16 parts of 8 significant bits each, by truncation: each residual is exact in float32), and ±1 is
+    exact in bf16, so three bf16 products accumulated in float32 give the float32 product."""
+    x1 = _bf16_part(x)
+    r1 = x - x1.to(tl.float32)
+    x2 = _bf16_part(r1)
+    x3 = _bf16_part(r1 - x2.to(tl.float32))
+    return tl.dot(x1, tile) + tl.dot(x2, tile) + tl.dot(x3, tile)
+
+
 @triton.jit(do_not_specialize=["seed_key"])
 def _project_kernel(x_ptr, out_ptr, table_ptr, B, P, K, stride_xb, stride_xp, stride_ob, stride_ok,
-                    row_offset, seed_key, scale, KIND: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr,
+                    row_offset, seed_key, scale, KIND: tl.constexpr, DOT: tl.constexpr,
                     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     offs_k = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
@@ -91,10 +125,14 @@ def _project_kernel(x_ptr, out_ptr, table_ptr, B, P, K, stride_xb, stride_xp, st
         x_mask = (offs_b[:, None] < B) & (offs_p[None, :] < P)
         x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_p[None, :] * stride_xp, mask=x_mask, other=0.0)
         # The tile of the matrix lives in registers only, reused by the BLOCK_B rows of x.
-        tile = _tile(_row_keys(key_seed, row_offset + offs_p), offs_k, table_ptr, KIND)
-        if LOW_PRECISION_DOT:  # ±1 entries are exact in fp16/bf16: tensor cores lose nothing
-            acc += tl.dot(x, tile.to(x.dtype))
-        else:
+        keys = _row_keys(key_seed, row_offset + offs_p)
+        col_start = tl.program_id(1).to(tl.int64) * BLOCK_K
+        if DOT == 1:  # ±1 entries are exact in fp16/bf16: tensor cores lose nothing
+            acc += tl.dot(x, _tile(keys, col_start, offs_k, table_ptr, KIND, BLOCK_K, x.dtype))
+        elif DOT == 2:  # float32 x on tensor cores through its exact three-way bf16 split
+            acc += _split_dot(x, _tile(keys, col_start, offs_k, table_ptr, KIND, BLOCK_K, tl.bfloat16))
+        else:  # FMA in float32 (Gaussian entries, and the interpreter)
+            tile = _tile(keys, col_start, offs_k, table_ptr, KIND, BLOCK_K, tl.float32)
             acc += tl.dot(x.to(tl.float32), tile, input_precision="ieee")
     out_mask = (offs_b[:, None] < B) & (offs_k[None, :] < K)
     tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_k[None, :] * stride_ok, acc * scale, mask=out_mask)
@@ -162,13 +200,20 @@ def project_launch(x: Tensor, out: Tensor, table: Tensor, kind: str, seed: int, 
                    interpreted: bool = False) -> Launch:
     B, P = x.shape
     dim_out = out.shape[1]
-    low = kind == "rademacher" and x.dtype in (torch.float16, torch.bfloat16) and not interpreted
-    block_b, block_p, block_k = 64, 32, 64
+    # DOT: 1 fp16/bf16 x on tensor cores, 2 float32 x split into three bf16 parts on tensor cores, 0 float32 FMA
+    dot = 0
+    if kind == "rademacher" and not interpreted:  # the interpreter's bf16 arithmetic is wrong
+        dot = 1 if x.dtype in (torch.float16, torch.bfloat16) else 2
+    # Each generated tile of the matrix serves BLOCK_B rows of x: the more, the less hashing per multiply-add
+    # (static model, sm_90a bf16: 0.50 integer lane-ops per MAC at 64 rows, 0.27 at 128, 0.14 at 256).
+    # (The FMA path gains nothing from it and spills at 256 rows: it keeps 64.)
+    block_b, warps = ((256, 8) if B > 128 else (128, 8) if B > 64 else (64, 4)) if dot else (64, 4)
+    block_p, block_k = 32, 64
     grid = (triton.cdiv(B, block_b), triton.cdiv(dim_out, block_k))
     args = (x, out, table, B, P, dim_out, x.stride(0), x.stride(1), out.stride(0), out.stride(1), offset,
             _host_mix(seed ^ K0), 1.0 / math.sqrt(dim_out))
-    return Launch(_project_kernel, grid, args,
-                  dict(KIND=_KIND[kind], LOW_PRECISION_DOT=low, BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_K=block_k))
+    return Launch(_project_kernel, grid, args, dict(KIND=_KIND[kind], DOT=dot, BLOCK_B=block_b, BLOCK_P=block_p,
+                                                    BLOCK_K=block_k, num_warps=warps))
 
 
 _GRID_Y = 65535  # CUDA's limit on the second and third grid dimensions

@@ -96,3 +96,30 @@ def test_inner_slices_queries_beyond_the_grid_limit(monkeypatch):
     torch.testing.assert_close(triton_kernels.inner(a, b, False), a @ b.T, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="over the grid"):
         triton_kernels.inner_launch(a, b, torch.empty(40, 300), False)
+
+
+def test_the_three_bf16_parts_of_a_float32_add_up_to_it_exactly():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def parts(x_ptr, out_ptr, N, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < N, other=0.0)
+        x1 = triton_kernels._bf16_part(x)
+        r1 = x - x1.to(tl.float32)
+        x2 = triton_kernels._bf16_part(r1)
+        x3 = triton_kernels._bf16_part(r1 - x2.to(tl.float32))
+        for i, part in ((0, x1), (1, x2), (2, x3)):
+            tl.store(out_ptr + i * N + offs, part.to(tl.float32), mask=offs < N)
+
+    g = torch.Generator().manual_seed(13)
+    # numbers from 2^-100 to 2^120, signed zeros, the largest: the interpreter flushes subnormal numbers to zero,
+    # so inputs whose parts would be subnormal (below 2^-110) are left to the GPU
+    x = torch.randn(500, generator=g) * torch.exp2(torch.randint(-100, 120, (500,), generator=g).float())
+    x = torch.cat([x, torch.tensor([0.0, -0.0, 3.4e38, -3.4e38, 1.0, -1.0])])
+    out = torch.empty(3 * len(x))
+    parts[(1,)](x, out, len(x), BLOCK=512)
+    p = out.view(3, -1)
+    assert all(torch.equal(q, q.bfloat16().float()) for q in p)  # each part is a bf16 number
+    assert torch.equal(p.double().sum(0), x.double())  # and they add up to x exactly
