@@ -104,6 +104,11 @@ class Compression(NamedTuple):
         """Numbers per example: ``Σ k_out · k_in`` over the blocks."""
         return sum(k_out * k_in for k_out, k_in in self.dims.values())
 
+    def description(self) -> dict:
+        """What makes two compressions the same (JSON values): kind, seed, and per block its dims and masks."""
+        return {"kind": self.kind, "seed": self.seed, "dims": {b: list(d) for b, d in self.dims.items()},
+                "masks": {b: list(m) for b, m in self.masks.items()}}
+
 
 def _blocks(specs: Sequence[LayerSpec]) -> dict[str, list[LayerSpec]]:
     """Specs grouped by the weight they hold, in order of first appearance, named by the first module."""

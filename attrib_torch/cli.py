@@ -286,8 +286,15 @@ def query(args: argparse.Namespace) -> None:
     else:
         result = attributor.topk(test, k, proponents=not args.opponents)
     found = {"indices": result.indices.cpu(), "scores": result.values.cpu()}
-    if args.tokens:  # the token rows' sequences and positions
-        found["examples"], found["positions"] = store.locate(found["indices"])
+    missing = int((found["indices"] < 0).sum())  # an approximate search whose lists held fewer than k rows
+    if args.tokens:  # the token rows' sequences and positions (-1 where an approximate search found none)
+        valid = found["indices"] >= 0
+        found["examples"] = torch.full_like(found["indices"], -1)
+        found["positions"] = torch.full_like(found["indices"], -1)
+        found["examples"][valid], found["positions"][valid] = store.locate(found["indices"][valid])
+    if missing:
+        print(f"--approximate: {missing} of {found['indices'].numel()} entries found no row (index -1, score NaN) "
+              f"in the {args.nprobe} lists scanned; raise --nprobe")
     if out.suffix == ".npz":
         import numpy as np
 
@@ -308,7 +315,10 @@ def index(args: argparse.Namespace) -> None:
     if args.nlist is not None and args.nlist < 1:
         raise SystemExit(f"--nlist: expected a positive integer, got {args.nlist}")
     store = FeatureStore.open(args.store)
-    built = ApproximateIndex.build(store, kind=args.kind, nlist=args.nlist)
+    try:
+        built = ApproximateIndex.build(store, kind=args.kind, nlist=args.nlist)
+    except ValueError as error:
+        raise SystemExit(f"index: {error}") from error
     print(f"{args.store}/faiss: {built.settings['kind']} index of {store.n_rows} rows in {built.settings['nlist']} "
           "lists")
 

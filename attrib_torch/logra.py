@@ -232,9 +232,7 @@ class LoGraAttributor(BaseInnerProductAttributor):
         """The base's, with the compression (kind, seed, per-block dims and masks) and the second moments' digest."""
         from .store import fingerprint_state
 
-        comp = self.compression
-        return {**super().store_description(ckpt_idx), "kind": comp.kind, "seed": comp.seed,
-                "dims": {b: list(d) for b, d in comp.dims.items()}, "masks": {b: list(m) for b, m in comp.masks.items()},
+        return {**super().store_description(ckpt_idx), **self.compression.description(),
                 "second_moments": None if self._second_moments is None else fingerprint_state(self._second_moments)}
 
     # -- preconditioner ---------------------------------------------------------------------
@@ -248,6 +246,8 @@ class LoGraAttributor(BaseInnerProductAttributor):
                 raise ValueError("stores: preconditioner='ekfac' fits on the compressed factors of every position, "
                                  "which a store of compressed gradients does not hold; use 'fisher' or 'identity'")
             raw = self._fit_ekfac(ckpt_idx, loader)
+        elif self.preconditioner == "identity" and ckpt_idx in self._stores:
+            return  # nothing to fit, and scoring reads the store (train_reps), one block at a time
         else:
             stored = ckpt_idx in self._stores  # then the rows stay on disk: the fit streams them
             shared = stored and self._distributed  # each rank sums its share of the stored rows
@@ -360,7 +360,7 @@ class LoGraAttributor(BaseInnerProductAttributor):
             weights = self.checkpoint_weights()
             queries = [torch.cat(list(self._grouped(test_dataloader, c, train=False))) for c in range(len(weights))]
             stores = [self._stores.get(c) for c in range(len(weights))]
-            if all(store is not None and store.per_token for store in stores):
+            if train_dataloader is self.full_train_dataloader and all(s is not None and s.per_token for s in stores):
                 return self._stored_token_scores(stores, queries, weights)
             rows, counts, positions = [], [], []
             for batch in batches(train_dataloader, self.device, desc="per-token scores",
@@ -386,6 +386,9 @@ class LoGraAttributor(BaseInnerProductAttributor):
         Indices are rows of the stores; ``store.locate(indices)`` gives their sequences and positions.
         """
         check_loader(test_dataloader, "test_dataloader")
+        if self.normalize:
+            raise ValueError("topk_tokens: with normalize=True a score is a cosine of whole gradients, which does not "
+                             "split over positions")
         stores = [self._stores.get(c) for c in range(len(self.task))]
         if not all(store is not None and store.per_token for store in stores):
             raise ValueError("topk_tokens: call cache(train_loader, stores=[...]) with a per-token store per "
@@ -398,6 +401,9 @@ class LoGraAttributor(BaseInnerProductAttributor):
 
     def _stored_token_scores(self, stores: List[Any], queries: List[Tensor], weights: List[float]) -> TokenScores:
         """:meth:`attribute_tokens` from per-token stores (one per checkpoint, rows of the same positions)."""
+        if self.normalize:
+            raise ValueError("attribute_tokens: with normalize=True a score is a cosine of whole gradients; per-token "
+                             "stores hold the positions' raw terms")
         offsets, positions = _same_positions(stores), stores[0].column("positions").long()
         scores = torch.zeros(stores[0].n_rows, queries[0].shape[0], dtype=queries[0].dtype, device=self.device)
         from .store import stored_rows

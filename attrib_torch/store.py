@@ -219,7 +219,8 @@ class _Appended:
 
     def append(self, values: np.ndarray) -> None:
         values = np.ascontiguousarray(values, dtype=self.np_dtype)
-        self.handle.write(memoryview(values).cast("B"))
+        if values.size:  # (a batch of padding only keeps no positions)
+            self.handle.write(memoryview(values.reshape(-1).view(np.uint8)))
         self.rows += len(values)
 
     def sync(self) -> None:
@@ -378,10 +379,11 @@ class FeatureStore:
         running top-k with :func:`kernels.merge_topk`), so memory holds one block and
         the ``(m, k)`` result whatever the store's size; indices are rows of the
         store, ties to the smaller index (:meth:`locate` turns a per-token store's rows
-        into examples and positions). With ``distributed`` (under ``torch.distributed``)
-        each rank scans every ``world``-th shard and the ranks' results are gathered
-        and merged (:func:`attrib_torch.distributed.gather_topk`): every rank returns
-        what one process scanning all shards would.
+        into examples and positions). With ``distributed`` (under ``torch.distributed``,
+        every rank passing the same queries) each rank scans every ``world``-th block and
+        the ranks' results are gathered and merged
+        (:func:`attrib_torch.distributed.gather_topk`): every rank returns what one
+        process scanning the whole store would.
         """
         if not isinstance(queries, Tensor) or queries.dim() != 2 or queries.shape[1] != self.width:
             raise ValueError(f"queries: expected a (m, {self.width}) tensor, got "
@@ -394,13 +396,12 @@ class FeatureStore:
             raise ValueError("queries: contain NaN or Inf")
         wide = torch.promote_types(torch.promote_types(queries.dtype, self.torch_dtype), torch.float32)
         queries = queries.to(wide)
-        from .distributed import check_same, gather_topk, my_part
+        from .distributed import check_same, gather_topk, world
 
         if distributed:
             check_same(queries, "queries")
-        shards = list(my_part(self.shards)) if distributed else self.shards
         running = kernels.empty_topk(queries.shape[0], wide, queries.device)
-        for start, block in self.blocks(block_rows, shards=shards):
+        for start, block in self.blocks(block_rows, part=world() if distributed else (0, 1)):
             scores = kernels.inner(block.to(queries.device, wide), queries).T  # (m, block)
             running = kernels.merge_topk(running, scores, start, k, largest=largest)
         return gather_topk(running, k, largest=largest) if distributed else running
@@ -729,6 +730,10 @@ def _write_shard(path: Path, rank: int, mine: List[Tuple[int, int]], featurize: 
         raise StoreCorrupted(f"store {path}: ledger {ledger_path.name} records chunks {[c[0] for c in done][:8]}, "
                              f"which are not the first of this writer's chunks {[a for a, _ in mine][:8]}")
     intact = _intact_chunks(path, done, names, dtypes, widths)
+    if intact < len(done) and ledger.get("sha256"):  # a finished shard is repaired: the store is unfinished first
+        manifest = _read_json(path / MANIFEST)
+        if manifest.get("complete"):
+            _write_json_atomic(path / MANIFEST, {**manifest, "complete": False})
     if intact < len(done) or (not mine[len(done):] and not ledger.get("sha256")):
         del done[intact:]
         ledger.pop("sha256", None)

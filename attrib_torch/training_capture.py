@@ -26,9 +26,11 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from attrib_core import (
     compress_factors,
+    compress_gradient,
     compressed_gradients,
     compression,
     coverage,
@@ -37,14 +39,13 @@ from attrib_core import (
     layer_specs,
 )
 from attrib_core.layer_capture import layer_input
-from attrib_core.trees import examples_in
 
 from .task import LayerName
 from .user_warning import warn
 
 __all__ = ["GradientRecorder", "attribute_recorded"]
 
-_COLUMNS = {"index": "int64", "step": "int64", "lr": "float64"}
+_COLUMNS = {"index": "int64", "step": "int64", "lr": "float64", "scale": "float64"}
 
 
 class _Pass:
@@ -95,6 +96,11 @@ class GradientRecorder:
         self.model, self.path = model, Path(path)
         if self.path.exists() and any(self.path.iterdir()):
             raise ValueError(f"path: {self.path} is not empty; record into a new directory")
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            raise RuntimeError("GradientRecorder: not under torch.distributed yet (every rank would write the same "
+                               "segments, and DDP averages the ranks' gradients the hooks see one of); record in a "
+                               "single process")
         from .store import STORE_DTYPES
 
         if dtype not in STORE_DTYPES:
@@ -117,14 +123,12 @@ class GradientRecorder:
         self._steps = 0
         self._pending_indices: List[Tensor] = []  # from batches that carried them (the Trainer callback)
         self._index_key: Optional[str] = None
+        self._warned_no_index = False
 
     # -- the description a LoGraAttributor with the same arguments also has ---------------------------------
 
     def description(self) -> Dict[str, Any]:
-        comp = self.compression
-        return {"method": "recorded training gradients", "kind": comp.kind, "seed": comp.seed,
-                "dims": {b: list(d) for b, d in comp.dims.items()},
-                "masks": {b: list(m) for b, m in comp.masks.items()},
+        return {"method": "recorded training gradients", **self.compression.description(),
                 "parameters": sorted({s.weight for s in self._specs} | {s.bias for s in self._specs if s.bias})}
 
     # -- hooks ---------------------------------------------------------------------------------------
@@ -155,7 +159,9 @@ class GradientRecorder:
     def _begin_pass(self, module: nn.Module, args: tuple, kwargs: dict):
         if self._index_key is not None and self._index_key in kwargs:
             kwargs = dict(kwargs)
-            self._pending_indices.append(torch.as_tensor(kwargs.pop(self._index_key)).reshape(-1).cpu())
+            indices = torch.as_tensor(kwargs.pop(self._index_key)).reshape(-1).cpu()  # never for the model
+            if torch.is_grad_enabled():  # an evaluation pass's indices are not a training step's
+                self._pending_indices.append(indices)
             self._pending_pass(args, kwargs)
             return args, kwargs
         self._pending_pass(args, kwargs)
@@ -163,7 +169,13 @@ class GradientRecorder:
 
     def _pending_pass(self, args: tuple, kwargs: dict) -> None:
         if torch.is_grad_enabled():
-            self._passes.append(_Pass(examples_in((args, kwargs))))
+            # the batch size: the largest leading dimension of the model's tensor inputs (a (1, T) position_ids
+            # passed first must not make the batch one example)
+            sizes = [t.shape[0] for t in pytree.tree_leaves((args, kwargs))
+                     if isinstance(t, Tensor) and t.dim()]
+            if not sizes:
+                raise RuntimeError("GradientRecorder: the model was called without a tensor with a batch dimension")
+            self._passes.append(_Pass(max(sizes)))
 
     def _layer_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Optional[Tensor]:
@@ -176,14 +188,21 @@ class GradientRecorder:
                                    "gradients cannot be told apart; leave it out with module_name")
             x = layer_input(name, args, kwargs).detach()
             shared = output.dim() > 1 and output.shape[0] == 1 and current.examples > 1
-            if shared:  # one output row for the whole batch (a position embedding): give each example its own
+            if shared:  # one output row for the whole batch
+                if not isinstance(module, nn.Embedding):
+                    raise RuntimeError(f"GradientRecorder: layer {name!r} computes one output row for the whole "
+                                       "batch; its per-example gradients are not in the backward pass (leave it "
+                                       "out with module_name)")
+                # a position embedding of (1, T) ids, added to every example: giving each its own row broadcasts
+                # to the same sum
                 x = x.expand(current.examples, *x.shape[1:])
                 output = output.expand(current.examples, *output.shape[1:])
             current.inputs[name] = x
             current.outputs[name] = (tuple(output.shape), output.dtype, output.device)
 
-            def keep(grad: Tensor) -> None:
-                current.grads[name] = grad.detach()
+            def keep(grad: Tensor) -> None:  # several backward passes through one forward pass add up
+                held = current.grads.get(name)
+                current.grads[name] = grad.detach() if held is None else held + grad.detach()
 
             output.register_hook(keep)
             return output if shared else None
@@ -192,17 +211,32 @@ class GradientRecorder:
 
     # -- recording -----------------------------------------------------------------------------------
 
-    def step(self, indices: Optional[Sequence[int]] = None, lr: Optional[float] = None) -> int:
+    def step(self, indices: Optional[Sequence[int]] = None, lr: Optional[float] = None, *,
+             check_grads: bool = False) -> int:
         """Record the forward and backward passes since the last call (one training step): one row per example.
 
         Call after the backward pass(es) and before the optimizer changes the weights.
         ``indices``: the dataset rows of the step's examples, in batch order (-1 where
         unknown); ``lr``: the learning rate of the update (recorded per row; 1 if None).
-        Returns the rows written.
+        ``check_grads``: compare the rows' sum with the compressed ``.grad`` of the recorded
+        parameters (this step's only: zero them between steps), after any clipping; the
+        factor between them (gradient-norm clipping scales the whole gradient) is
+        recorded as the rows' ``scale`` (1 otherwise), and a ``.grad`` that is not the
+        backward pass's gradient times one factor is refused. Returns the rows written.
         """
         passes, self._passes = self._passes, []
         if not passes:
             raise RuntimeError("GradientRecorder.step: no forward pass with gradients since the last step")
+        stray = [i for i, p in enumerate(passes) if p.inputs and not p.grads]
+        if stray:
+            self._pending_indices = []
+            raise RuntimeError(f"GradientRecorder.step: {len(stray)} of the {len(passes)} forward passes since the "
+                               "last step had no backward pass (an evaluation with gradients enabled?); run "
+                               "evaluation under torch.no_grad(), or step() before it")
+        if self._index_key is not None and not self._pending_indices and not self._warned_no_index:
+            self._warned_no_index = True
+            warn(f"GradientRecorder: the batches carry no {self._index_key!r} entry, so rows get index -1 (give the "
+                 "dataset that column and TrainingArguments(remove_unused_columns=False))")
         rows = torch.cat([self._rows(p) for p in passes])
         n = len(rows)
         if indices is None and self._pending_indices:
@@ -212,12 +246,41 @@ class GradientRecorder:
         if tuple(index.shape) != (n,):
             raise ValueError(f"indices: expected one per example of the step ({n}), got {tuple(index.shape)}")
         lr = 1.0 if lr is None else float(lr)
+        scale = self._applied_scale(rows.sum(0)) if check_grads else 1.0
         if self._writer is None:
             self._open_segment(rows.shape[1])
         self._writer.append(rows, index=index, step=torch.full((n,), self._steps, dtype=torch.long),
-                            lr=torch.full((n,), lr, dtype=torch.float64))
+                            lr=torch.full((n,), lr, dtype=torch.float64),
+                            scale=torch.full((n,), scale, dtype=torch.float64))
         self._steps += 1
         return n
+
+    def _applied_scale(self, total: Tensor) -> float:
+        """The factor ``c`` with ``compress(.grad) = c · total`` (``total`` the step's rows added up), or a
+        RuntimeError if ``.grad`` is not the backward pass's gradient times one factor."""
+        params = dict(self.model.named_parameters())
+        parts = []
+        with torch.no_grad():
+            for block in self.compression.members:
+                spec = next(s for s in self._specs if s.module == block)
+                names = [spec.weight] + ([spec.bias] if spec.bias else [])
+                grads = [torch.zeros_like(params[n]) if params[n].grad is None else params[n].grad for n in names]
+                G = torch.cat([g.reshape(1, -1) for g in grads], dim=1).to(total.dtype)
+                parts.append(compress_gradient(G, spec, self.compression)[0])
+        applied = torch.cat(parts).double()
+        total = total.double()
+        norm = float(total.norm())
+        if norm == 0.0:
+            return 1.0
+        scale = float(applied @ total) / norm ** 2
+        residual = float((applied - scale * total).norm())
+        tolerance = 1e-3 if total.dtype != torch.float64 else 1e-8
+        if residual > tolerance * max(float(applied.norm()), norm * abs(scale)):
+            raise RuntimeError(f"GradientRecorder.step(check_grads=True): the recorded parameters' .grad is not the "
+                               f"backward pass's gradient times one factor (relative residual "
+                               f"{residual / max(float(applied.norm()), 1e-30):.1e}): zero the gradients between "
+                               "steps, and change them only by scaling (gradient-norm clipping)")
+        return scale
 
     def _rows(self, recorded: _Pass) -> Tensor:
         captured = {}
@@ -266,7 +329,8 @@ class GradientRecorder:
         segment). ``index_key``: a batch entry holding each example's dataset row, removed
         before the model sees it (give the dataset an integer column of that name, and
         ``TrainingArguments(remove_unused_columns=False)``); without it rows get -1.
-        The learning rate of each row is the optimizer's at the step. fp16 loss scaling
+        The learning rate of each row is the optimizer's at the step, and its ``scale``
+        the factor gradient-norm clipping (``max_grad_norm``) applied. fp16 loss scaling
         (``fp16=True``) and gradient checkpointing are refused: the first scales the
         gradients the hooks see, the second recomputes the forward pass.
         """
@@ -293,7 +357,7 @@ class GradientRecorder:
             def on_pre_optimizer_step(self, args, state, control, **kwargs):
                 optimizer = kwargs.get("optimizer")
                 lr = None if optimizer is None else optimizer.param_groups[0]["lr"]
-                recorder.step(lr=lr)
+                recorder.step(lr=lr, check_grads=True)  # after the Trainer's clipping: its factor is recorded
 
             def on_epoch_end(self, args, state, control, **kwargs):
                 if segment == "epoch":
@@ -312,8 +376,9 @@ class GradientRecorder:
 
 def attribute_recorded(attributor: Any, stores: Sequence[Any], test_dataloader: Any, n_train: int, *,
                        lr_weighted: bool = True) -> Tensor:
-    """``(n_train, n_test)`` TracIn scores from recorded segments: ``Σ_c Σ_{rows r of example i} lr_r ⟨row_r, g̃_j⟩``
-    with ``g̃_j`` test example ``j``'s compressed gradient at checkpoint ``c``.
+    """``(n_train, n_test)`` TracIn scores from recorded segments:
+    ``Σ_c Σ_{rows r of example i} lr_r · scale_r · ⟨row_r, g̃_j⟩`` with ``g̃_j`` test example ``j``'s compressed
+    gradient at checkpoint ``c`` and ``scale_r`` the factor clipping applied to the row's step (1 unclipped).
 
     Args:
         attributor: a :class:`attrib_torch.LoGraAttributor` with ``preconditioner="identity"``
@@ -342,9 +407,7 @@ def attribute_recorded(attributor: Any, stores: Sequence[Any], test_dataloader: 
                          f"({len(attributor.task)}), got {len(stores)}")
     if isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 1:
         raise ValueError(f"n_train: expected a positive integer, got {n_train!r}")
-    comp = attributor.compression
-    wanted = {"kind": comp.kind, "seed": comp.seed, "dims": {b: list(d) for b, d in comp.dims.items()},
-              "masks": {b: list(m) for b, m in comp.masks.items()}}
+    wanted = attributor.compression.description()
     with untouched(attributor.task):
         queries = []
         for c, store in enumerate(stores):
@@ -359,11 +422,11 @@ def attribute_recorded(attributor: Any, stores: Sequence[Any], test_dataloader: 
             queries.append(torch.cat(list(attributor._grouped(test_dataloader, c, train=False))))
     scores = torch.zeros(n_train, queries[0].shape[0], dtype=queries[0].dtype, device=attributor.device)
     for store, query in zip(stores, queries):
-        index, lr = store.column("index"), store.column("lr")
+        index, weight = store.column("index"), store.column("scale")  # what clipping left of each row
+        if lr_weighted:
+            weight = weight * store.column("lr")
         for start, block in store.blocks(8192):
             rows = block.to(attributor.device, query.dtype)
-            part = rows @ query.T
-            if lr_weighted:
-                part = part * lr[start : start + len(rows), None].to(part.device, part.dtype)
+            part = (rows @ query.T) * weight[start : start + len(rows), None].to(rows.device, query.dtype)
             scores.index_add_(0, index[start : start + len(rows)].to(scores.device), part)
     return scores

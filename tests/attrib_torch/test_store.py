@@ -399,6 +399,10 @@ def test_logra_per_token_stores_add_up_to_sequences_and_give_token_scores(tmp_pa
     for proponents in (True, False):  # over sequences: the store's rows added up, streamed
         got, dense = stored.topk(test, 4, proponents), torch.topk(scores.T, 4, dim=1, largest=proponents)
         assert torch.equal(got.indices, dense.indices)
+    # another loader: its tokens computed, against the Fisher fitted on the store (in float32, hence rtol 1e-4)
+    part = DataLoader(torch.utils.data.Subset(train_set, range(3)), batch_size=4)
+    torch.testing.assert_close(stored.attribute_tokens(part, test).scores, tokens.scores[: int(tokens.offsets[3])],
+                               rtol=1e-4, atol=1e-6)
     examples, positions = store.locate(best.indices)
     assert torch.equal(tokens.offsets[examples] + positions, best.indices)  # every kept position of a prefix
     with pytest.raises(ValueError, match="no per-token representations"):
@@ -555,3 +559,40 @@ def test_a_ranks_share_of_blocks_covers_the_store_once_with_the_other_ranks(tmp_
         assert [s for s, _ in joined] == [s for s, _ in whole]
         assert all(torch.equal(a.float(), b.float()) for (_, a), (_, b) in zip(joined, whole))
         assert torch.equal(torch.cat([b.float() for _, b in whole]), store.rows().float())
+
+
+def test_a_per_token_batch_of_padding_only_and_an_empty_append_are_written(tmp_path):
+    from attrib_torch.store import StoreWriter
+
+    data = Tokens()
+    data.mask[:4] = 0  # the first batch keeps no position
+    store = build(tmp_path / "s", featurize=token_featurize, dataset=data, per_token=True)
+    assert store.n_rows == int(data.mask.sum()) and torch.equal(store.token_offsets()[:5], torch.zeros(5).long())
+    writer = StoreWriter(tmp_path / "w", width=3, description={"x": 1})
+    writer.append(torch.zeros(0, 3))
+    writer.append(torch.ones(2, 3))
+    assert torch.equal(writer.close({}).rows(), torch.ones(2, 3))
+
+
+def test_repairing_a_finished_shard_marks_the_store_unfinished_first(tmp_path):
+    import attrib_torch.store as store_module
+
+    build(tmp_path / "s")
+    shard = tmp_path / "s" / "part-00000.npy"
+    data = bytearray(shard.read_bytes())
+    data[128 + 3] ^= 0x01  # a byte of the first chunk
+    shard.write_bytes(bytes(data))
+    seen = []
+    real = store_module._Appended.__init__
+
+    def spying(self, file, *args):
+        seen.append(json.loads((tmp_path / "s" / "manifest.json").read_text())["complete"])
+        real(self, file, *args)
+
+    store_module._Appended.__init__ = spying
+    try:
+        repaired = build(tmp_path / "s")
+    finally:
+        store_module._Appended.__init__ = real
+    assert seen and not any(seen)  # unfinished before the shard was touched
+    assert files(repaired.path) == files(build(tmp_path / "fresh").path)

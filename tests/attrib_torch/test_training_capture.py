@@ -164,6 +164,53 @@ def test_recorder_misuse_is_named(tmp_path):
     with pytest.raises(RuntimeError, match="ran twice"):
         with GradientRecorder(twice, tmp_path / "b"):
             twice(x)
+    with pytest.raises(RuntimeError, match="had no backward pass"):
+        with GradientRecorder(model, tmp_path / "c") as recorder:
+            model(x).sum().backward()
+            model(x)  # an evaluation with gradients enabled
+            recorder.step()
+
+    class Pooled(nn.Module):  # a learned query through a Linear, summed over its leading dimension
+        def __init__(self):
+            super().__init__()
+            self.query = nn.Parameter(torch.randn(1, 5, dtype=torch.float64))
+            self.q = nn.Linear(5, 3).double()
+
+        def forward(self, x):
+            return x[:, :3] + self.q(self.query).sum(0)
+
+    pooled = Pooled()
+    with pytest.warns(UserWarning, match="query"):  # the parameter in no layer, named
+        recorder = GradientRecorder(pooled, tmp_path / "d")
+    with pytest.raises(RuntimeError, match="one output row for the whole batch"):
+        with recorder:
+            pooled(x)
+
+
+def test_clipping_is_recorded_as_a_scale_and_other_changes_to_the_gradient_refused(tmp_path):
+    model = small_mlp(0, (5, 7, 3))
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+    with GradientRecorder(model, tmp_path / "a") as recorder:
+        l1 = nn.functional.cross_entropy(model(x), y)
+        l2 = model(x).pow(2).mean()  # a second loss, a second backward pass through its own forward pass
+        l1.backward()
+        l2.backward()
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01))
+        recorder.step(list(range(6)) * 2, check_grads=True)  # two forward passes: each example twice
+        model.zero_grad()
+        out = model(x)
+        (out.sum() + out.pow(2).sum()).backward(retain_graph=True)  # two backward passes through one forward
+        out.mean().backward()
+        recorder.step(list(range(6)), check_grads=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        model[0].weight.grad += 1.0  # not a scaling of the backward pass's gradient
+        with pytest.raises(RuntimeError, match="not the backward pass's gradient times one factor"):
+            recorder.step(list(range(6)), check_grads=True)
+    store = FeatureStore.open(recorder.segments[0])
+    scales = store.column("scale")
+    torch.testing.assert_close(scales[:12], torch.full((12,), 0.01 / norm, dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(scales[12:], torch.ones(6, dtype=torch.float64), rtol=1e-5, atol=0)
 
 
 transformers = pytest.importorskip("transformers")
@@ -235,7 +282,7 @@ def test_a_trainer_records_every_step_through_the_callback(tmp_path):
     def run(record):
         model = tiny_gpt2()
         args = TrainingArguments(output_dir=str(tmp_path / f"out{record}"), per_device_train_batch_size=4,
-                                 num_train_epochs=2, learning_rate=1e-2, max_grad_norm=0.0, report_to=[],
+                                 num_train_epochs=2, learning_rate=1e-2, max_grad_norm=0.05, report_to=[],
                                  save_strategy="no", remove_unused_columns=False, seed=3, use_cpu=True,
                                  logging_strategy="no", gradient_accumulation_steps=2, dataloader_num_workers=0)
         callbacks = []
@@ -254,8 +301,11 @@ def test_a_trainer_records_every_step_through_the_callback(tmp_path):
     step = 0
     for store in stores:
         assert sorted(store.column("index").tolist()) == list(range(12))
+        scales = store.column("scale")
+        assert bool((scales < 1).all())  # max_grad_norm=0.05 clips every step: its factor is recorded
         for s, rows in rows_by_step(store).items():
-            torch.testing.assert_close(rows.sum(0), probe.grads[s].double(), rtol=1e-5, atol=1e-8)
+            scale = float(scales[store.column("step") == s][0])
+            torch.testing.assert_close(scale * rows.sum(0), probe.grads[s].double(), rtol=1e-5, atol=1e-8)
             step += 1
     assert step == len(probe.grads) == 4  # 12 examples, batches of 4, two accumulated per step, 2 epochs
     lrs = torch.cat([s.column("lr") for s in stores])
