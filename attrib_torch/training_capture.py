@@ -267,6 +267,8 @@ class GradientRecorder:
                 grads = [torch.zeros_like(params[n]) if params[n].grad is None else params[n].grad for n in names]
                 G = torch.cat([g.reshape(1, -1) for g in grads], dim=1).to(total.dtype)
                 parts.append(compress_gradient(G, spec, self.compression)[0])
+        # float32 gradients (and rows) are compared to float32's precision, float64 ones to float64's
+        tolerance = 1e-8 if total.dtype == torch.float64 else 1e-3
         applied = torch.cat(parts).double()
         total = total.double()
         norm = float(total.norm())
@@ -274,13 +276,13 @@ class GradientRecorder:
             return 1.0
         scale = float(applied @ total) / norm ** 2
         residual = float((applied - scale * total).norm())
-        tolerance = 1e-3 if total.dtype != torch.float64 else 1e-8
         if residual > tolerance * max(float(applied.norm()), norm * abs(scale)):
             raise RuntimeError(f"GradientRecorder.step(check_grads=True): the recorded parameters' .grad is not the "
                                f"backward pass's gradient times one factor (relative residual "
                                f"{residual / max(float(applied.norm()), 1e-30):.1e}): zero the gradients between "
                                "steps, and change them only by scaling (gradient-norm clipping)")
-        return scale
+        # within the precision of the comparison of 1 the gradient was not scaled: 1 exactly, not its estimate
+        return 1.0 if abs(scale - 1.0) <= (1e-12 if tolerance < 1e-3 else 1e-5) else scale
 
     def _rows(self, recorded: _Pass) -> Tensor:
         captured = {}

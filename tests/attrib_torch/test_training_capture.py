@@ -207,6 +207,11 @@ def test_clipping_is_recorded_as_a_scale_and_other_changes_to_the_gradient_refus
         model[0].weight.grad += 1.0  # not a scaling of the backward pass's gradient
         with pytest.raises(RuntimeError, match="not the backward pass's gradient times one factor"):
             recorder.step(list(range(6)), check_grads=True)
+    single = small_mlp(0, (5, 7, 3), dtype=torch.float32)  # float32 rows: compared to float32's precision
+    with GradientRecorder(single, tmp_path / "b") as other:
+        nn.functional.cross_entropy(single(x.float()), y).backward()
+        other.step(check_grads=True)
+    assert torch.equal(FeatureStore.open(other.segments[0]).column("scale"), torch.ones(6, dtype=torch.float64))
     store = FeatureStore.open(recorder.segments[0])
     scales = store.column("scale")
     torch.testing.assert_close(scales[:12], torch.full((12,), 0.01 / norm, dtype=torch.float64), rtol=1e-5, atol=0)
