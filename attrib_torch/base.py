@@ -327,9 +327,8 @@ class BaseInnerProductAttributor(BaseAttributor):
         if store is not None:  # the representations were computed before, into a store: read them
             if explicit is None:
                 transform = self.transform_stored_rep
-            from .store import stored_examples
-
             from .distributed import world
+            from .store import stored_examples
 
             part = world() if share else (0, 1)
             for _, rows in stored_examples(store, limit if group else self._store_batch(loader), part=part):
