@@ -194,16 +194,22 @@ def _build_config(args: argparse.Namespace, saved: Path) -> dict:
         return previous
     if args.model is None or args.data is None:
         raise SystemExit("build: --model and --data are required (or --resume to rerun a saved build)")
-    if previous is not None:
-        if previous["given"] != given:
-            raise SystemExit(f"build: {saved.parent} was built with another configuration ({saved}: "
-                             f"{json.dumps(previous['given'])}); use --resume, or another directory")
-        return previous  # the same command again: it finishes the store
-    method = args.method or "logra"
+    method = given.get("method", "logra")
     defaults = {"method": method, "proj_dim": 256 if method in ("logra", "factgrass") else 4096,
                 "dtype": "float32", "seed": 0, "chunk_rows": None, "batch_size": None, "loss": None,
                 "per_token": False, "device": "cuda" if torch.cuda.is_available() else "cpu"}
-    return {**defaults, **given, "given": given}
+    config = {**defaults, **given, "given": given}
+    if previous is not None:
+        # the same build again (an option spelled out at its default included): it finishes the store; the batch
+        # size and chunking are resolved from the data when not given, so they are compared only when given
+        differ = [f for f in _BUILD_FIELDS if (f in given or f not in ("batch_size", "chunk_rows"))
+                  and config[f] != previous.get(f)]
+        if differ:
+            raise SystemExit(f"build: {saved.parent} was built with another configuration ({saved}: "
+                             f"{', '.join(f'{f}={previous.get(f)!r}' for f in differ)}; this command: "
+                             f"{', '.join(f'{f}={config[f]!r}' for f in differ)}); use --resume, or another directory")
+        return previous
+    return config
 
 
 def build(args: argparse.Namespace) -> None:

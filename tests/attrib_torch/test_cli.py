@@ -92,6 +92,8 @@ def test_build_query_and_info_agree_with_the_attributor(user, capsys):
     main(["build", str(store), "--model", "userobjs:model", "--data", "userobjs:data", "--proj-dim", "9",
           "--chunk-rows", "8"])  # the same command again, as after a crash
     main(["build", str(store), "--resume", "--chunk-rows", "8"])
+    main(["build", str(store), "--model", "userobjs:model", "--data", "userobjs:data", "--proj-dim", "9",
+          "--chunk-rows", "8", "--dtype", "float32", "--seed", "0"])  # defaults spelled out: the same build
     assert {p.name: p.read_bytes() for p in store.iterdir()} == before
     with pytest.raises(SystemExit, match="--proj_dim 16"):
         main(["build", str(store), "--resume", "--proj-dim", "16"])
