@@ -36,7 +36,7 @@ from .layer_capture import Captured, LayerSpec
 
 __all__ = ["side_seed", "project_factors", "project_gradient", "Compression", "compression", "compress_factors",
            "compress_one_hot", "embedding_input_maps", "compressed_covariances", "compressed_ekfac",
-           "compress_gradient", "compressed_gradients", "token_gradients", "token_scores", "COMPRESSION_KINDS"]
+           "compress_gradient", "compress_parameter_gradients", "compressed_gradients", "token_gradients", "token_scores", "COMPRESSION_KINDS"]
 
 COMPRESSION_KINDS = ("logra", "factgrass")
 MASK_RATIO = 4  # FactGraSS keeps this many coordinates per output dimension before its SJLT
@@ -289,6 +289,24 @@ def compress_gradient(G: Tensor, spec: LayerSpec, comp: Compression) -> Tensor:
     right = _side(weight, k_in, m_in, comp.kind, side_seed(comp.seed, spec.module, "in"))  # (n, d_out, k_in)
     both = _side(right.transpose(1, 2), k_out, m_out, comp.kind, side_seed(comp.seed, spec.module, "out"))
     return both.transpose(1, 2).reshape(n, k_out * k_in)
+
+
+def compress_parameter_gradients(grads: Mapping[str, Tensor], specs: Sequence[LayerSpec], comp: Compression, *,
+                                 transform: Optional[Callable[[Tensor, LayerSpec], Tensor]] = None) -> Tensor:
+    """``(n, Σ k_out · k_in)``: explicit gradients ``{parameter: (n, ...)}`` of the blocks' weights (and biases)
+    compressed block after block as :func:`compressed_gradients` lays out the factors' (a tied weight's gradient
+    once, in its block's orientation); ``transform(G, spec)`` is applied to each block's ``(n, P_block)`` first."""
+    first: dict[str, LayerSpec] = {}
+    for spec in specs:
+        first.setdefault(spec.module, spec)
+    parts = []
+    for block in comp.members:
+        spec = first[block]
+        names = [spec.weight] + ([spec.bias] if spec.bias else [])
+        n = grads[names[0]].shape[0]
+        G = torch.cat([grads[name].reshape(n, -1) for name in names], dim=1)
+        parts.append(compress_gradient(G if transform is None else transform(G, spec), spec, comp))
+    return torch.cat(parts, dim=1)
 
 
 def compressed_covariances(projected: Mapping[str, Captured], comp: Compression) -> dict[str, Tuple[Tensor, Tensor]]:

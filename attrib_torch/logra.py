@@ -23,7 +23,7 @@ import kernels
 
 from attrib_core import (
     compress_factors,
-    compress_gradient,
+    compress_parameter_gradients,
     compressed_covariances,
     compressed_ekfac,
     compressed_gradients,
@@ -184,20 +184,10 @@ class LoGraAttributor(BaseInnerProductAttributor):
         """The first examples' compressed gradients equal their autograd gradients compressed, or a ValueError."""
         head = take(data, slice(0, min(HEAD_EXAMPLES, batch_size(data))))
         dense = per_sample_grad_loop(lambda c, d: func({**fixed, **c}, d))(chosen, head)
-        offsets, start = {}, 0
-        for n in chosen:
-            offsets[n] = (start, start + chosen[n].numel())
-            start += chosen[n].numel()
-        parts = []
-        first = {s.module: s for s in self._specs}
-        for block in self.compression.members:  # a tied weight's gradient once, in its block's orientation
-            spec = first[block]
-            names = [spec.weight] + ([spec.bias] if spec.bias else [])
-            G = torch.cat([dense[:, offsets[n][0] : offsets[n][1]] for n in names], dim=1)
-            if self._scales is not None:
-                G = scale_gradient(G, spec, self._scales[spec.module])
-            parts.append(compress_gradient(G, spec, self.compression))
-        expected = torch.cat(parts, dim=1).to(compressed.dtype)
+        grads = dict(zip(chosen, dense.split([t.numel() for t in chosen.values()], dim=1)))
+        scaled = None if self._scales is None else (lambda G, spec: scale_gradient(G, spec, self._scales[spec.module]))
+        expected = compress_parameter_gradients(grads, self._specs, self.compression, transform=scaled)
+        expected = expected.to(compressed.dtype)
         got = compressed[: expected.shape[0]]
         error, scale = float((got - expected).norm()), float(expected.norm())
         tolerance = 1e-8 if got.dtype == torch.float64 else 1e-3

@@ -406,8 +406,7 @@ class FeatureStore:
             running = kernels.merge_topk(running, scores, start, k, largest=largest)
         return gather_topk(running, k, largest=largest) if distributed else running
 
-    def blocks(self, block_rows: int, *, shards: Optional[Sequence[Shard]] = None,
-               part: Tuple[int, int] = (0, 1)) -> Iterator[Tuple[int, Tensor]]:
+    def blocks(self, block_rows: int, *, part: Tuple[int, int] = (0, 1)) -> Iterator[Tuple[int, Tensor]]:
         """``(first row, rows)`` blocks of at most ``block_rows`` rows, read from the shards into one reused
         buffer (plain reads, not the memory map: the process holds one block, whatever the store's size).
         Each block is valid until the next is read. ``part=(rank, world)``: every ``world``-th block only, from
@@ -416,7 +415,7 @@ class FeatureStore:
         buffer = np.empty((block_rows, self.width), dtype=self._np_dtype)
         rank, size = part
         count = 0
-        for shard in self.shards if shards is None else shards:
+        for shard in self.shards:
             with open(self.path / shard.file, "rb", buffering=0) as f:
                 for first in range(0, shard.rows, block_rows):
                     n = min(block_rows, shard.rows - first)
@@ -496,6 +495,19 @@ def check_agrees(where: str, held: Mapping[str, Any], wanted: Mapping[str, Any],
                                 f"{json.dumps(value)[:200]}")
 
 
+def _checked_layout(width: int, layout: Optional[Sequence[Tuple[str, int]]], dtype: str) -> List[Tuple[str, int]]:
+    """The layout as ``[(name, width)]`` (one block of ``width`` if None), after checking ``width``, the layout's
+    widths and ``dtype``; a ValueError naming the argument otherwise."""
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(STORE_DTYPES)}, got {dtype!r}")
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"width: expected a positive integer, got {width!r}")
+    layout = [(str(n), int(w)) for n, w in (layout or [("features", width)])]
+    if sum(w for _, w in layout) != width:
+        raise ValueError(f"layout: its widths add up to {sum(w for _, w in layout)}, not width={width}")
+    return layout
+
+
 def _check_agrees(path: Path, existing: dict, wanted: dict) -> None:
     check_agrees(f"store {path}", existing, {f: wanted.get(f) for f in _IDENTITY},
                  "this build's (build into a new directory, or remove the old store)")
@@ -557,9 +569,8 @@ def build_store(
             description, chunking or number of writers.
     """
     path = Path(path)
-    if dtype not in STORE_DTYPES:
-        raise ValueError(f"dtype: expected one of {sorted(STORE_DTYPES)}, got {dtype!r}")
-    for name, value in (("width", width), ("batch_size", batch_size), ("chunk_rows", chunk_rows), ("world", world)):
+    layout = _checked_layout(width, layout, dtype)
+    for name, value in (("batch_size", batch_size), ("chunk_rows", chunk_rows), ("world", world)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive integer, got {value!r}")
     if chunk_rows % batch_size:
@@ -572,9 +583,6 @@ def build_store(
         raise TypeError("featurize: expected a function batch -> (B, width) tensor")
     if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         raise TypeError(f"dataset: expected a map-style dataset (len and indexing), got {type(dataset).__name__}")
-    layout = [(str(n), int(w)) for n, w in (layout or [("features", width)])]
-    if sum(w for _, w in layout) != width:
-        raise ValueError(f"layout: its widths add up to {sum(w for _, w in layout)}, not width={width}")
     n = len(dataset)
     chunks = _chunk_ranges(n, chunk_rows)
     clock = time.perf_counter()
@@ -831,13 +839,7 @@ class StoreWriter:
                  layout: Optional[Sequence[Tuple[str, int]]] = None, dtype: str = "float32",
                  columns: Optional[Mapping[str, str]] = None) -> None:
         self.path = Path(path)
-        if dtype not in STORE_DTYPES:
-            raise ValueError(f"dtype: expected one of {sorted(STORE_DTYPES)}, got {dtype!r}")
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"width: expected a positive integer, got {width!r}")
-        layout = [(str(n), int(w)) for n, w in (layout or [("features", width)])]
-        if sum(w for _, w in layout) != width:
-            raise ValueError(f"layout: its widths add up to {sum(w for _, w in layout)}, not width={width}")
+        layout = _checked_layout(width, layout, dtype)
         columns = {str(c): np.dtype(d).name for c, d in (columns or {}).items()}
         if (self.path / MANIFEST).exists() or (self.path.exists() and any(self.path.glob("part-*"))):
             raise StoreMismatch(f"store {self.path}: already holds a store; record into a new directory")

@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 
 from attrib_core import (
     compress_factors,
-    compress_gradient,
+    compress_parameter_gradients,
     compressed_gradients,
     compression,
     coverage,
@@ -112,6 +112,7 @@ class GradientRecorder:
             if left.left_out:
                 warn(f"GradientRecorder: {left.describe()}; recording the {len(left.covered)} parameters of "
                      f"{len(self._specs)} compressed layers only")
+        self._tracked = {s.weight for s in self._specs} | {s.bias for s in self._specs if s.bias}  # parameter names
         self.compression, _ = compression(self._specs, rank, kind=kind, seed=seed)
         self._input_maps = embedding_input_maps(self._specs, self.compression)
         self._modules = dict(model.named_modules(remove_duplicate=False))
@@ -129,7 +130,7 @@ class GradientRecorder:
 
     def description(self) -> Dict[str, Any]:
         return {"method": "recorded training gradients", **self.compression.description(),
-                "parameters": sorted({s.weight for s in self._specs} | {s.bias for s in self._specs if s.bias})}
+                "parameters": sorted(self._tracked)}
 
     # -- hooks ---------------------------------------------------------------------------------------
 
@@ -258,18 +259,13 @@ class GradientRecorder:
     def _applied_scale(self, total: Tensor) -> float:
         """The factor ``c`` with ``compress(.grad) = c · total`` (``total`` the step's rows added up), or a
         RuntimeError if ``.grad`` is not the backward pass's gradient times one factor."""
-        params = dict(self.model.named_parameters())
-        parts = []
+        grads = {n: (torch.zeros_like(p) if p.grad is None else p.grad).to(total.dtype)[None]
+                 for n, p in self.model.named_parameters() if n in self._tracked}
         with torch.no_grad():
-            for block in self.compression.members:
-                spec = next(s for s in self._specs if s.module == block)
-                names = [spec.weight] + ([spec.bias] if spec.bias else [])
-                grads = [torch.zeros_like(params[n]) if params[n].grad is None else params[n].grad for n in names]
-                G = torch.cat([g.reshape(1, -1) for g in grads], dim=1).to(total.dtype)
-                parts.append(compress_gradient(G, spec, self.compression)[0])
+            applied = compress_parameter_gradients(grads, self._specs, self.compression)[0]
         # float32 gradients (and rows) are compared to float32's precision, float64 ones to float64's
         tolerance = 1e-8 if total.dtype == torch.float64 else 1e-3
-        applied = torch.cat(parts).double()
+        applied = applied.double()
         total = total.double()
         norm = float(total.norm())
         if norm == 0.0:

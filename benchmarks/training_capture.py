@@ -34,26 +34,35 @@ from torch import nn
 RANK = 16
 
 
+def _hand_loop(n: int, epochs: int, batch: int, loss: Callable, optimizer: Callable) -> Callable:
+    """``run(model, recorder)``: ``epochs`` epochs over ``n`` examples in seeded random batches of ``batch`` rows,
+    ``loss(model, indices)`` backpropagated, ``optimizer(parameters)`` stepping; a recorder (if any) records every
+    step before the update and closes a segment per epoch."""
+    orders = [torch.randperm(n, generator=torch.Generator().manual_seed(e)) for e in range(epochs)]
+
+    def run(model: nn.Module, recorder) -> None:
+        step = optimizer(model.parameters())
+        for order in orders:
+            for idx in order.split(batch):
+                loss(model, idx).backward()
+                if recorder is not None:
+                    recorder.step(idx, lr=step.param_groups[0]["lr"])
+                step.step()
+                step.zero_grad()
+            if recorder is not None:
+                recorder.checkpoint()
+
+    return run
+
+
 def _mlp_training(epochs: int):
     from .scale import tiled_digits
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 1024), nn.Tanh(), nn.Linear(1024, 1024), nn.Tanh(), nn.Linear(1024, 10))
     x, y = tiled_digits(8192, seed=1)
-    orders = [torch.randperm(len(x), generator=torch.Generator().manual_seed(e)) for e in range(epochs)]
-
-    def run(model: nn.Module, recorder) -> None:
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-        for order in orders:
-            for idx in order.split(64):
-                nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-                if recorder is not None:
-                    recorder.step(idx, lr=0.05)
-                optimizer.step()
-                optimizer.zero_grad()
-            if recorder is not None:
-                recorder.checkpoint()
-
+    run = _hand_loop(len(x), epochs, 64, lambda m, idx: nn.functional.cross_entropy(m(x[idx]), y[idx]),
+                     lambda params: torch.optim.SGD(params, lr=0.05))
     return model.train(), run
 
 
@@ -61,23 +70,10 @@ def _lm_training(epochs: int):
     from .lm_data import batch_of, gpt2, load_corpus
 
     corpus = load_corpus()
-    model = gpt2()
     ids, mask = corpus.train_ids, corpus.train_mask
-    orders = [torch.randperm(len(ids), generator=torch.Generator().manual_seed(e)) for e in range(epochs)]
-
-    def run(model: nn.Module, recorder) -> None:
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        for order in orders:
-            for idx in order.split(16):
-                model(**batch_of(ids[idx], mask[idx])).loss.backward()
-                if recorder is not None:
-                    recorder.step(idx, lr=optimizer.param_groups[0]["lr"])
-                optimizer.step()
-                optimizer.zero_grad()
-            if recorder is not None:
-                recorder.checkpoint()
-
-    return model.train(), run
+    run = _hand_loop(len(ids), epochs, 16, lambda m, idx: m(**batch_of(ids[idx], mask[idx])).loss,
+                     lambda params: torch.optim.Adam(params, lr=1e-3))
+    return gpt2().train(), run
 
 
 def _trainer_training(epochs: int):

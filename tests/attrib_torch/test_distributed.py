@@ -69,14 +69,20 @@ def test_two_ranks_merge_statistics_and_top_k_as_one_process(tmp_path):
                     batch_size=4, chunk_rows=8, rank=rank, world=3, show_progress=False)
     assert build_store(tmp_path / "s", lambda batch: batch[0] * 2, data, width=4, description={"x": 2},
                        model_state={}, batch_size=4, chunk_rows=8, rank=0, world=3, show_progress=False) is not None
+    out = two_ranks(SCRIPT, tmp_path)
+    assert "rank 0 of 2 ok" in out and "rank 1 of 2 ok" in out
+
+
+def two_ranks(source, tmp_path):
+    """The stdout of ``source`` run by 2 gloo ranks under torchrun, given ``tmp_path / "s"``; it must succeed."""
     script = tmp_path / "ranks.py"
-    script.write_text(SCRIPT)
+    script.write_text(source)
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(script), str(tmp_path / "s")], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "rank 0 of 2 ok" in out.stdout and "rank 1 of 2 ok" in out.stdout
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
 
 
 def test_merged_top_k_equals_one_stream_ties_included():
@@ -142,11 +148,5 @@ ATTRIBUTORS = textwrap.dedent('''
 
 
 def test_two_ranks_fit_curvature_and_score_through_attributors_as_one_process(tmp_path):
-    script = tmp_path / "attributors.py"
-    script.write_text(ATTRIBUTORS)
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script), str(tmp_path / "s")], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "rank 0 ok" in out.stdout and "rank 1 ok" in out.stdout
+    out = two_ranks(ATTRIBUTORS, tmp_path)
+    assert "rank 0 ok" in out and "rank 1 ok" in out

@@ -175,7 +175,8 @@ def test_an_unfinished_build_and_bad_arguments_are_named(tmp_path):
             build(tmp_path / f"bad-{match[:4]}", **kwargs)
 
 
-def test_logra_caches_from_a_store_of_its_features_and_refuses_another_ones(tmp_path):
+def gpt2_logra():
+    """LoGra (rank 3) on a small GPT-2: ``(attributor(seed=0), train_set, train loader, test loader)``."""
     pytest.importorskip("transformers")
     from torch.utils.data import DataLoader
 
@@ -185,13 +186,21 @@ def test_logra_caches_from_a_store_of_its_features_and_refuses_another_ones(tmp_
     model = gpt2()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     train_set, test_set = Sequences(9, 41), Sequences(3, 42)
-    train, test = DataLoader(train_set, batch_size=4), DataLoader(test_set, batch_size=3)
 
     def attributor(seed=0):
         task = AttributionTask(CausalLMLoss(model), model, state)
         with pytest.warns(UserWarning):  # the LayerNorms left out, named
             return LoGraAttributor(task, rank=3, seed=seed, show_progress=False)
 
+    return attributor, train_set, DataLoader(train_set, batch_size=4), DataLoader(test_set, batch_size=3)
+
+
+def test_logra_caches_from_a_store_of_its_features_and_refuses_another_ones(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from tests.attrib_torch.test_hf_models import Sequences
+
+    attributor, train_set, train, test = gpt2_logra()
     direct = attributor().attribute(train, test)
     store = attributor().build_store(tmp_path / "s", train_set, batch_size=4, chunk_rows=4)
     assert store.n_rows == 9 and store.manifest["description"]["kind"] == "logra"
@@ -365,21 +374,9 @@ def test_a_per_token_store_keeps_offsets_positions_and_resumes_to_the_same_bytes
 
 
 def test_logra_per_token_stores_add_up_to_sequences_and_give_token_scores(tmp_path):
-    pytest.importorskip("transformers")
     from torch.utils.data import DataLoader
 
-    from attrib_torch import AttributionTask, CausalLMLoss, LoGraAttributor
-    from tests.attrib_torch.test_hf_models import Sequences, gpt2
-
-    model = gpt2()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    train_set, test_set = Sequences(9, 41), Sequences(3, 42)
-    train, test = DataLoader(train_set, batch_size=4), DataLoader(test_set, batch_size=3)
-
-    def attributor():
-        task = AttributionTask(CausalLMLoss(model), model, state)
-        with pytest.warns(UserWarning):  # the LayerNorms left out, named
-            return LoGraAttributor(task, rank=3, show_progress=False)
+    attributor, train_set, train, test = gpt2_logra()
 
     direct = attributor()
     scores, tokens = direct.attribute(train, test), direct.attribute_tokens(train, test)
@@ -408,7 +405,7 @@ def test_logra_per_token_stores_add_up_to_sequences_and_give_token_scores(tmp_pa
     with pytest.raises(ValueError, match="no per-token representations"):
         from attrib_torch import TracInAttributor
 
-        TracInAttributor(AttributionTask(CausalLMLoss(model), model, state), [1.0], False,
+        TracInAttributor(attributor().task, [1.0], False,
                          show_progress=False).build_store(tmp_path / "x", train_set, per_token=True)
 
 

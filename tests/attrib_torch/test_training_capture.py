@@ -11,7 +11,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
-from attrib_core import compress_gradient
+from attrib_core import compress_parameter_gradients
 from attrib_torch import AttributionTask, GradientRecorder, LoGraAttributor, attribute_recorded
 from attrib_torch.store import FeatureStore, StoreCorrupted
 from tests.helpers import params_of, small_mlp
@@ -21,14 +21,7 @@ RANK, SEED, LR = (2, 3), 4, 0.1
 
 def compressed(recorder, grads):
     """``(n, width)``: explicit gradients ``{name: (n, *shape)}`` compressed block by block as the recorder does."""
-    n = len(next(iter(grads.values())))
-    parts = []
-    for block in recorder.compression.members:
-        spec = next(s for s in recorder._specs if s.module == block)
-        names = [spec.weight] + ([spec.bias] if spec.bias else [])
-        G = torch.cat([grads[name].reshape(n, -1) for name in names], dim=1)
-        parts.append(compress_gradient(G, spec, recorder.compression))
-    return torch.cat(parts, dim=1)
+    return compress_parameter_gradients(grads, recorder._specs, recorder.compression)
 
 
 def shares(model, params, share_losses):
