@@ -1,6 +1,6 @@
 """What the Triton kernels compile to on sm_80 and sm_90a, without a GPU: :mod:`kernels.static_analysis`'s table.
 
-    PYTHONPATH=. python -m benchmarks.kernels_sass [--json] [--arch sm_80,sm_90a] [--only project]
+    PYTHONPATH=. python -m benchmarks.kernels_sass [--json] [--arch sm_80,sm_90a] [--only project] [--rows B]
 
 Registers, spills, shared memory, tensor-core instructions, the main loop's instruction
 mix and integer lane-operations per multiply-add, and the roofline bound (fraction of
@@ -23,12 +23,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON record per configuration and architecture")
     parser.add_argument("--arch", default="sm_80,sm_90a")
     parser.add_argument("--only", help="configurations whose name starts with this (e.g. project)")
+    parser.add_argument("--rows", type=int, default=4096, help="B: rows of x (gradients) per call; 4096 by default")
     args = parser.parse_args(argv)
     archs = [a for a in args.arch.split(",") if a]
     for arch in archs:
         if arch not in ARCHS:
             raise SystemExit(f"--arch: expected some of {sorted(ARCHS)}, got {arch!r}")
-    records = [analyse(c, arch) for c in configs(only=args.only) for arch in archs]
+    records = [analyse(c) for arch in archs for c in configs(arch, B=args.rows, only=args.only)]
     if args.json:
         for record in records:
             print(json.dumps(record, sort_keys=True))

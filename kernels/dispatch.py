@@ -75,11 +75,18 @@ def project(
 
     The matrix is defined entry by entry by the hash in :mod:`kernels.hash` and is
     never materialised whole: the torch path generates one tile of at most 4M
-    entries at a time, the Triton kernel one ``32 x 64`` tile in registers per 64
-    rows of ``x``. Since entries depend on ``(seed, row, column)`` only, the result
-    does not depend on tile, chunk or batch sizes or on the device, and projecting
-    column slices of ``x`` with their ``offset`` and summing gives the projection
-    of the whole (for ``P`` too large to hold at once).
+    entries at a time, the Triton kernel one tile (up to ``64 x 128``) in
+    registers, shared by up to 256 rows of ``x`` (:func:`kernels.triton_kernels.project_plan`).
+    Since entries depend on ``(seed, row, column)`` only, the result does not
+    depend on tile, chunk or batch sizes or on the device (up to float summation
+    order, which for one shape and GPU generation is the same at every run), and
+    projecting column slices of ``x`` with their ``offset`` and summing gives the
+    projection of the whole (for ``P`` too large to hold at once).
+
+    On GPUs with bf16 tensor cores (sm_80 and later) the Rademacher projection runs
+    on them exactly (±1 is exact in fp16/bf16, and float32 ``x`` goes in as three
+    exact bf16 parts); the Gaussian one as three tf32 products (``tf32x3``: each
+    product to about ``2^-21`` relative instead of float32's ``2^-24``).
 
     Args:
         x: ``(B, P)`` float32, float16, bfloat16 or float64 (accumulated in float32).

@@ -8,7 +8,8 @@ and cubin with the ``ptxas`` inside the triton wheel. :func:`analyse` reports pe
 configuration and architecture:
 
 - registers, spill bytes (stores + loads, ``ptxas -v`` on the PTX, with the ptxas and
-  flags Triton's compile uses), shared memory, warps;
+  flags Triton's compile uses), shared memory (against the limit of the smallest GPU
+  that takes the configuration), warps;
 - tensor-core instructions (``HMMA`` on sm_80, ``HGMMA``/``HMMA`` on sm_90a) in the code;
 - in the main loop (the backward branch whose body holds the most multiply-adds),
   per iteration and warp: integer, floating-point, conversion and tensor-core
@@ -29,7 +30,8 @@ configuration and architecture:
   conservative count); ``FFMA`` 32 MACs; ``HMMA.MNK`` ``M·N·K`` MACs; ``HGMMA.MxNxK``
   ``M·N·K / 4`` per warp (one instruction per warpgroup of four warps); a tf32 MAC
   costs two bf16 MACs of tensor-core time, and a ``tf32x3`` product (fp32 inputs as
-  three tf32 products) or the projection's three-way bf16 split of fp32 inputs does
+  three tf32 products), the Gaussian projection's ``tf32x3`` or the three bf16 parts of a
+  float32 projection input do
   one useful MAC per three. Loads,
   stores, moves and branches are counted, not modelled. A bound from the instruction
   mix only: a static estimate, not a timing.
@@ -52,6 +54,9 @@ ARCHS = {"sm_80": 80, "sm_90a": 90}
 # per SM and clock: integer lanes, fp32 lanes, conversion lanes, dense bf16 tensor-core MACs
 RATES = {"sm_80": {"int": 64, "fp": 64, "cvt": 16, "tc": 1024},
          "sm_90a": {"int": 64, "fp": 128, "cvt": 16, "tc": 2048}}
+# shared memory a block may use on the smallest GPU that takes each tile table: H100/H200 227 KiB; "sm_80" also
+# serves sm_86/sm_89 (RTX 30xx/40xx, L4, L40) with 99 KiB (A100: 163 KiB)
+SHARED_LIMIT = {"sm_80": 99 * 1024, "sm_90a": 227 * 1024}
 
 _INT = {"IMAD", "IADD3", "IADD", "VIADD", "LOP3", "LOP", "SHF", "SHL", "SHR", "ISETP", "LEA", "IMNMX", "VIMNMX",
         "IABS", "PRMT", "SEL", "ISCADD", "BMSK", "SGXT", "IMUL", "POPC", "FLO", "BREV", "IDP", "IMUL32I",
@@ -63,6 +68,7 @@ _TC = {"HMMA", "HGMMA", "IMMA", "DMMA"}
 
 class Config(NamedTuple):
     name: str
+    arch: str  # "sm_80" or "sm_90a": the tile table the dispatcher takes on that GPU generation
     launch: Any  # kernels.triton_kernels.Launch
     tensor_cores: bool  # meant to run on tensor cores
 
@@ -71,22 +77,32 @@ def _meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def configs(B: int = 4096, P: int = 1 << 24, K: int = 8192, only: Optional[str] = None) -> List[Config]:
-    """The configurations the dispatcher launches, with arguments of a realistic size (``B`` gradients of ``P``
-    parameters projected to ``K``; ``inner`` of ``B`` by ``B`` rows of ``K``)."""
+def project_config(arch: str, kind: str, dtype: torch.dtype, B: int, P: int, K: int) -> Config:
+    """The projection launch :func:`kernels.triton_kernels.project_dense` makes on ``arch`` for ``x`` ``(B, P)``
+    of ``dtype`` (a float32 Rademacher input: the launch over one chunk of its bf16 parts)."""
     from kernels import triton_kernels as tk
 
-    table = _meta(65536)
+    plan = tk.project_plan(B, P, K, dtype, kind, arch, interpreted=False)
+    columns = min(P, plan.chunk)
+    x = _meta(3, B, columns, dtype=torch.bfloat16) if plan.parts == 3 else _meta(B, columns, dtype=dtype)[None]
+    launch = tk.project_launch(x, _meta(plan.splits, B, K), _meta(65536), kind, 0, 0, plan)
+    return Config(f"project/{kind}/{str(dtype)[6:]}", arch, launch, plan.dot != 0)
+
+
+def configs(arch: str, B: int = 4096, P: int = 1 << 24, K: int = 8192, only: Optional[str] = None) -> List[Config]:
+    """The configurations the dispatcher launches on ``arch``, with arguments of a realistic size (``B`` gradients
+    of ``P`` parameters projected to ``K``; ``inner`` of ``B`` by ``B`` rows of ``K``)."""
+    from kernels import triton_kernels as tk
+
     out = []
     for kind in ("rademacher", "gaussian"):
-        out.append(Config(f"entries/{kind}", tk.entries_launch(_meta(B, K), table, 0, 0, kind), False))
+        out.append(Config(f"entries/{kind}", arch, tk.entries_launch(_meta(B, K), _meta(65536), 0, 0, kind), False))
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            launch = tk.project_launch(_meta(B, P, dtype=dtype), _meta(B, K), table, kind, 0, 0)
-            out.append(Config(f"project/{kind}/{str(dtype)[6:]}", launch, launch.meta["DOT"] != 0))
+            out.append(project_config(arch, kind, dtype, B, P, K))
     for normalize in (False, True):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             launch = tk.inner_launch(_meta(B, K, dtype=dtype), _meta(B, K, dtype=dtype), _meta(B, B), normalize)
-            out.append(Config(f"inner/{'cosine' if normalize else 'dot'}/{str(dtype)[6:]}", launch,
+            out.append(Config(f"inner/{'cosine' if normalize else 'dot'}/{str(dtype)[6:]}", arch, launch,
                               True))  # fp32 through tf32x3, fp16/bf16 directly
     return [c for c in out if only is None or c.name.startswith(only)]
 
@@ -97,15 +113,15 @@ def _bin(tool: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool)
 
 
-def bound_source(config: Config, arch: str) -> Tuple[Any, Any, Dict[str, Any]]:
-    """``(source, target, options)``: the launch's arguments bound by Triton's JIT binder for ``arch``, the
+def bound_source(config: Config) -> Tuple[Any, Any, Dict[str, Any]]:
+    """``(source, target, options)``: the launch's arguments bound by Triton's JIT binder for ``config.arch``, the
     signature and specialisations a real launch of them would compile."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
     kernel, args, meta = config.launch.kernel, config.launch.args, dict(config.launch.meta)
-    target = GPUTarget("cuda", ARCHS[arch], 32)
+    target = GPUTarget("cuda", ARCHS[config.arch], 32)
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **meta)
@@ -113,11 +129,11 @@ def bound_source(config: Config, arch: str) -> Tuple[Any, Any, Dict[str, Any]]:
     return ASTSource(kernel, signature, constexprs, attrs), target, options.__dict__
 
 
-def compile_config(config: Config, arch: str) -> Any:
-    """The launch compiled (PTX, cubin) for ``arch`` as a real launch would compile it."""
+def compile_config(config: Config) -> Any:
+    """The launch compiled (PTX, cubin) for ``config.arch`` as a real launch would compile it."""
     from triton.compiler import compile as triton_compile
 
-    source, target, options = bound_source(config, arch)
+    source, target, options = bound_source(config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return triton_compile(source, target=target, options=options)
@@ -212,8 +228,9 @@ def main_loop(sass: Sequence[str]) -> List[str]:
     return best
 
 
-def analyse(config: Config, arch: str) -> Dict[str, Any]:
-    compiled = compile_config(config, arch)
+def analyse(config: Config) -> Dict[str, Any]:
+    arch = config.arch
+    compiled = compile_config(config)
     report = _ptxas_report(compiled.asm["ptx"], arch)
     sass = _sass(compiled.asm["cubin"])
     whole = _mix(sass)
@@ -222,16 +239,18 @@ def analyse(config: Config, arch: str) -> Dict[str, Any]:
     record: Dict[str, Any] = {
         "config": config.name, "arch": arch, "registers": report["registers"],
         "spill_bytes": report["spill_stores"] + report["spill_loads"], "shared_bytes": int(compiled.metadata.shared),
+        "shared_limit_bytes": SHARED_LIMIT[arch],
         "num_warps": int(compiled.metadata.num_warps), "tensor_core_instructions": whole["tc"],
         "meant_for_tensor_cores": config.tensor_cores, "loop": loop,
         "signature": {k: v for k, v in compiled.src.signature.items()},
     }
     if loop["macs"]:
         lane = {key: 32 * loop[key] for key in ("int", "fp", "cvt")}
-        # tf32x3, and the projection's three-way bf16 split of float32 x, do three tensor-core products per useful
-        # multiply-add
+        # tf32x3 (fp32 inner, the Gaussian projection) and the three bf16 parts of a float32 projection input do three
+        # tensor-core products per useful multiply-add
         meta = config.launch.meta
-        useful = loop["macs"] / 3 if meta.get("PRECISION") == "tf32x3" or meta.get("DOT") == 2 else loop["macs"]
+        three = meta.get("PRECISION") == "tf32x3" or meta.get("DOT") == 2 or meta.get("PARTS") == 3
+        useful = loop["macs"] / 3 if three else loop["macs"]
         cycles = max(lane["int"] / rates["int"], lane["fp"] / rates["fp"], lane["cvt"] / rates["cvt"],
                      loop["tc_cost"] / rates["tc"])
         record["useful_macs"] = useful

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict, NamedTuple, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -58,14 +58,57 @@ def _tile(keys, col_start, cols, table_ptr, KIND: tl.constexpr, BLOCK_K: tl.cons
         # One hash per 32-bit word: word w gives columns 32w .. 32w + 31 (bit j & 31 of word j >> 5).
         words = (col_start >> 5) + tl.arange(0, BLOCK_K // 32).to(tl.int64)
         h = _mix(keys[:, None] ^ (words.to(tl.uint32) * 0x61C88647)[None, :])  # (BP, BK / 32)
-        bits = (h[:, :, None] >> tl.arange(0, 32).to(tl.uint32)[None, None, :]) & 1
-        bits = tl.reshape(bits, (keys.shape[0], BLOCK_K))
-        return _signs(bits, DTYPE)
+        return tl.reshape(_word_signs(h, DTYPE), (keys.shape[0], BLOCK_K))
     else:
-        w = (cols >> 1).to(tl.uint32) * 0x61C88647
-        h = _mix(keys[:, None] ^ w[None, :])
-        index = (h >> ((cols & 1) * 16).to(tl.uint32)[None, :]) & 0xFFFF
-        return tl.load(table_ptr + index.to(tl.int32))
+        # One hash per word: word w gives column 2w (low 16 bits) and 2w + 1 (high 16 bits), joined in the thread
+        # that hashed it
+        words = (col_start >> 1) + tl.arange(0, BLOCK_K // 2).to(tl.int64)
+        h = _mix(keys[:, None] ^ (words.to(tl.uint32) * 0x61C88647)[None, :])  # (BP, BK / 2)
+        low = tl.load(table_ptr + (h & 0xFFFF).to(tl.int32))
+        high = tl.load(table_ptr + (h >> 16).to(tl.int32))
+        return tl.reshape(tl.join(low, high), (keys.shape[0], BLOCK_K))
+
+
+@triton.jit
+def _sign(h, bit: tl.constexpr, DTYPE: tl.constexpr):
+    return _signs((h >> bit) & 1, DTYPE)
+
+@triton.jit
+def _word_signs(h, DTYPE: tl.constexpr):
+    """The 32 entries of each word of ``h`` ``(BP, W)``: ``(BP, W, 2, 2, 2, 2, 2)``, entry ``[p, w, i4, .., i0]`` from
+    bit ``16 i4 + 8 i3 + 4 i2 + 2 i1 + i0``. Built by joins, which keep a word's 32 entries in the thread that
+    hashed it (a broadcast over a new axis of 32 would have every lane of a warp recompute the same words)."""
+    a0 = tl.join(_sign(h, 0, DTYPE), _sign(h, 16, DTYPE))
+    a1 = tl.join(_sign(h, 1, DTYPE), _sign(h, 17, DTYPE))
+    a2 = tl.join(_sign(h, 2, DTYPE), _sign(h, 18, DTYPE))
+    a3 = tl.join(_sign(h, 3, DTYPE), _sign(h, 19, DTYPE))
+    a4 = tl.join(_sign(h, 4, DTYPE), _sign(h, 20, DTYPE))
+    a5 = tl.join(_sign(h, 5, DTYPE), _sign(h, 21, DTYPE))
+    a6 = tl.join(_sign(h, 6, DTYPE), _sign(h, 22, DTYPE))
+    a7 = tl.join(_sign(h, 7, DTYPE), _sign(h, 23, DTYPE))
+    a8 = tl.join(_sign(h, 8, DTYPE), _sign(h, 24, DTYPE))
+    a9 = tl.join(_sign(h, 9, DTYPE), _sign(h, 25, DTYPE))
+    a10 = tl.join(_sign(h, 10, DTYPE), _sign(h, 26, DTYPE))
+    a11 = tl.join(_sign(h, 11, DTYPE), _sign(h, 27, DTYPE))
+    a12 = tl.join(_sign(h, 12, DTYPE), _sign(h, 28, DTYPE))
+    a13 = tl.join(_sign(h, 13, DTYPE), _sign(h, 29, DTYPE))
+    a14 = tl.join(_sign(h, 14, DTYPE), _sign(h, 30, DTYPE))
+    a15 = tl.join(_sign(h, 15, DTYPE), _sign(h, 31, DTYPE))
+    b0 = tl.join(a0, a8)
+    b1 = tl.join(a1, a9)
+    b2 = tl.join(a2, a10)
+    b3 = tl.join(a3, a11)
+    b4 = tl.join(a4, a12)
+    b5 = tl.join(a5, a13)
+    b6 = tl.join(a6, a14)
+    b7 = tl.join(a7, a15)
+    c0 = tl.join(b0, b4)
+    c1 = tl.join(b1, b5)
+    c2 = tl.join(b2, b6)
+    c3 = tl.join(b3, b7)
+    d0 = tl.join(c0, c2)
+    d1 = tl.join(c1, c3)
+    return tl.join(d0, d1)
 
 
 @triton.jit
@@ -93,49 +136,47 @@ def _entries_kernel(out_ptr, table_ptr, R, K, row_offset, seed_key, KIND: tl.con
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], values, mask=mask)
 
 
-@triton.jit
-def _bf16_part(v):
-    """The bf16 number made of ``v``'s upper 16 bits (``v`` float32): ``v`` truncated to 8 significant bits,
-    exactly, by bit operations (no rounding conversion)."""
-    return (v.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
-def _split_dot(x, tile):
-    """``x @ tile`` for float32 ``x`` and a bf16 ``tile`` of ±1 on tensor cores: ``x = x₁ + x₂ + x₃`` exactly
-    (three bf16 parts of 8 significant bits each, by truncation: each residual is exact in float32), and ±1 is
-    exact in bf16, so three bf16 products accumulated in float32 give the float32 product."""
-    x1 = _bf16_part(x)
-    r1 = x - x1.to(tl.float32)
-    x2 = _bf16_part(r1)
-    x3 = _bf16_part(r1 - x2.to(tl.float32))
-    return tl.dot(x1, tile) + tl.dot(x2, tile) + tl.dot(x3, tile)
-
-
 @triton.jit(do_not_specialize=["seed_key"])
-def _project_kernel(x_ptr, out_ptr, table_ptr, B, P, K, stride_xb, stride_xp, stride_ob, stride_ok,
-                    row_offset, seed_key, scale, KIND: tl.constexpr, DOT: tl.constexpr,
-                    BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+def _project_kernel(x_ptr, out_ptr, table_ptr, B, P, K, stride_xs, stride_xb, stride_xp, stride_os, stride_ob,
+                    stride_ok, row_offset, seed_key, columns_per_split, KIND: tl.constexpr, DOT: tl.constexpr,
+                    PARTS: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """Unscaled ``x @ R[row_offset + p0 : row_offset + p1]`` over split ``program_id(2)``'s columns ``p0 .. p1``
+    of ``x`` into ``out[split]``; ``x`` holds ``PARTS`` matrices (``stride_xs`` apart) whose sum is the input: one,
+    or the three exact bf16 parts of a float32 input. ``ACCUMULATE`` continues the sums already in ``out``."""
     offs_b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     offs_k = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    split = tl.program_id(2).to(tl.int64)
+    first = split * columns_per_split
+    last = tl.minimum(first + columns_per_split, P.to(tl.int64))
     key_seed = seed_key.to(tl.uint32)
-    acc = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
-    for start in range(0, P.to(tl.int64), BLOCK_P):  # int64: P near 2^31 must not wrap
-        offs_p = start + tl.arange(0, BLOCK_P).to(tl.int64)
-        x_mask = (offs_b[:, None] < B) & (offs_p[None, :] < P)
-        x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_p[None, :] * stride_xp, mask=x_mask, other=0.0)
-        # The tile of the matrix lives in registers only, reused by the BLOCK_B rows of x.
-        keys = _row_keys(key_seed, row_offset + offs_p)
-        col_start = tl.program_id(1).to(tl.int64) * BLOCK_K
-        if DOT == 1:  # ±1 entries are exact in fp16/bf16: tensor cores lose nothing
-            acc += tl.dot(x, _tile(keys, col_start, offs_k, table_ptr, KIND, BLOCK_K, x.dtype))
-        elif DOT == 2:  # float32 x on tensor cores through its exact three-way bf16 split
-            acc += _split_dot(x, _tile(keys, col_start, offs_k, table_ptr, KIND, BLOCK_K, tl.bfloat16))
-        else:  # FMA in float32 (Gaussian entries, and the interpreter)
-            tile = _tile(keys, col_start, offs_k, table_ptr, KIND, BLOCK_K, tl.float32)
-            acc += tl.dot(x.to(tl.float32), tile, input_precision="ieee")
+    col_start = tl.program_id(1).to(tl.int64) * BLOCK_K
+    out_ptrs = out_ptr + split * stride_os + offs_b[:, None] * stride_ob + offs_k[None, :] * stride_ok
     out_mask = (offs_b[:, None] < B) & (offs_k[None, :] < K)
-    tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_k[None, :] * stride_ok, acc * scale, mask=out_mask)
+    if ACCUMULATE:
+        acc = tl.load(out_ptrs, mask=out_mask, other=0.0)
+    else:
+        acc = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
+    for start in range(first, last, BLOCK_P):  # int64: P near 2^31 must not wrap
+        offs_p = start + tl.arange(0, BLOCK_P).to(tl.int64)
+        x_ptrs = x_ptr + offs_b[:, None] * stride_xb + offs_p[None, :] * stride_xp
+        x_mask = (offs_b[:, None] < B) & (offs_p[None, :] < last)
+        # The tile of the matrix lives in registers only, reused by the BLOCK_B rows of x (and by every part).
+        keys = _row_keys(key_seed, row_offset + offs_p)
+        if DOT == 1:  # ±1 entries are exact in fp16/bf16: tensor cores lose nothing
+            tile = _tile(keys, col_start, offs_k, table_ptr, KIND, BLOCK_K, x_ptr.dtype.element_ty)
+            for part in tl.static_range(PARTS):
+                acc = tl.dot(tl.load(x_ptrs + part * stride_xs, mask=x_mask, other=0.0), tile, acc)
+        elif DOT == 2:  # Gaussian entries (float32) on tensor cores as three tf32 products
+            tile = _tile(keys, col_start, offs_k, table_ptr, KIND, BLOCK_K, tl.float32)
+            x = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)
+            acc = tl.dot(x, tile, acc, input_precision="tf32x3")
+        else:  # FMA in float32 (the interpreter, GPUs without bf16 tensor cores)
+            tile = _tile(keys, col_start, offs_k, table_ptr, KIND, BLOCK_K, tl.float32)
+            for part in tl.static_range(PARTS):
+                x = tl.load(x_ptrs + part * stride_xs, mask=x_mask, other=0.0).to(tl.float32)
+                acc = tl.dot(x, tile, acc, input_precision="ieee")
+    tl.store(out_ptrs, acc, mask=out_mask)
 
 
 @triton.jit
@@ -196,24 +237,117 @@ def entries_launch(out: Tensor, table: Tensor, seed: int, row_offset: int, kind:
                   dict(KIND=_KIND[kind], BLOCK_R=32, BLOCK_K=32))
 
 
-def project_launch(x: Tensor, out: Tensor, table: Tensor, kind: str, seed: int, offset: int,
-                   interpreted: bool = False) -> Launch:
-    B, P = x.shape
-    dim_out = out.shape[1]
-    # DOT: 1 fp16/bf16 x on tensor cores, 2 float32 x split into three bf16 parts on tensor cores, 0 float32 FMA
-    dot = 0
-    if kind == "rademacher" and not interpreted:  # the interpreter's bf16 arithmetic is wrong
-        dot = 1 if x.dtype in (torch.float16, torch.bfloat16) else 2
-    # Each generated tile of the matrix serves BLOCK_B rows of x: the more, the less hashing per multiply-add
-    # (static model, sm_90a bf16: 0.50 integer lane-ops per MAC at 64 rows, 0.27 at 128, 0.14 at 256).
-    # (The FMA path gains nothing from it and spills at 256 rows: it keeps 64.)
-    block_b, warps = ((256, 8) if B > 128 else (128, 8) if B > 64 else (64, 4)) if dot else (64, 4)
-    block_p, block_k = 32, 64
-    grid = (triton.cdiv(B, block_b), triton.cdiv(dim_out, block_k))
-    args = (x, out, table, B, P, dim_out, x.stride(0), x.stride(1), out.stride(0), out.stride(1), offset,
-            _host_mix(seed ^ K0), 1.0 / math.sqrt(dim_out))
-    return Launch(_project_kernel, grid, args, dict(KIND=_KIND[kind], DOT=dot, BLOCK_B=block_b, BLOCK_P=block_p,
-                                                    BLOCK_K=block_k, num_warps=warps))
+class ProjectPlan(NamedTuple):
+    """How :func:`project_dense` launches the projection kernel for one input shape and GPU generation.
+
+    ``dot``: 1 on tensor cores (±1 entries, exact in fp16/bf16), 2 Gaussian entries as three tf32 products, 0 FMA.
+    ``parts``: 3 where a float32 input goes in as its three exact bf16 parts (:func:`bf16_parts`), else 1.
+    ``chunk``: columns of ``x`` per launch (parts are made a chunk at a time; later launches continue the sums).
+    ``splits``: programs over disjoint column ranges of ``columns_per_split`` (a multiple of ``block_p``),
+    their partial sums added in a fixed order afterwards, for inputs of too few rows to fill the GPU.
+    """
+
+    dot: int
+    parts: int
+    block_b: int
+    block_p: int
+    block_k: int
+    warps: int
+    stages: int
+    chunk: int
+    splits: int
+    columns_per_split: int
+
+
+# Tiles per GPU generation and path, ((rows of x above which it is taken, (BLOCK_B, BLOCK_P, BLOCK_K, warps,
+# stages)), ...), chosen with the static model of kernels/static_analysis.py (benchmarks/kernels_sass.py,
+# RESULTS.md): no spills, shared memory within the smallest GPU that takes the table (227 KiB on Hopper; 99 KiB
+# for "sm_80", which also serves sm_86/sm_89 and later), and as many rows per generated tile of the matrix as
+# the accumulator's registers allow (each tile serves BLOCK_B rows of x: the more, the less hashing per
+# multiply-add).
+_TILES = {
+    ("sm_90a", "half"): ((128, (256, 64, 128, 8, 3)), (64, (128, 64, 128, 4, 3)), (0, (64, 64, 128, 4, 3))),
+    ("sm_90a", "parts"): ((128, (256, 32, 128, 8, 3)), (64, (128, 32, 128, 4, 3)), (0, (64, 32, 128, 4, 3))),
+    ("sm_90a", "gaussian"): ((64, (128, 32, 128, 8, 3)), (0, (64, 32, 128, 4, 3))),
+    ("sm_80", "half"): ((128, (256, 64, 64, 8, 3)), (64, (128, 64, 64, 4, 3)), (0, (64, 64, 64, 4, 3))),
+    ("sm_80", "parts"): ((128, (256, 32, 64, 8, 2)), (64, (128, 32, 64, 4, 3)), (0, (64, 32, 64, 4, 3))),
+    ("sm_80", "gaussian"): ((64, (128, 32, 128, 8, 3)), (0, (64, 32, 128, 4, 3))),
+    (None, "fma"): ((0, (64, 32, 64, 4, 3)),),
+}
+_TARGET_PROGRAMS = 264  # split over P until the grid has this many programs (2 waves of an H100's 132 SMs) ...
+_MIN_SPLIT_COLUMNS = 4096  # ... but never into ranges shorter than this
+_PART_BYTES = 1 << 28  # the bf16 parts of a float32 input are made at most this many bytes at a time
+
+
+def device_arch(device: torch.device) -> Optional[str]:
+    """The tile table a CUDA device takes: ``"sm_90a"`` (Hopper), ``"sm_80"`` (Ampere and later), ``None``
+    (older GPUs: no bf16 tensor cores, FMA) or for a CPU tensor."""
+    if device.type != "cuda":
+        return None
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm_90a" if major == 9 else "sm_80" if major >= 8 else None
+
+
+def project_plan(B: int, P: int, K: int, dtype: torch.dtype, kind: str, arch: Optional[str],
+                 interpreted: bool) -> ProjectPlan:
+    """The launch plan for ``x`` ``(B, P)`` of ``dtype`` projected to ``K`` on ``arch`` (see :class:`ProjectPlan`).
+    Depends on the shape and the GPU generation only, never on timings, so a call's summation order (its float
+    rounding) is the same at every run."""
+    tensor_cores = arch is not None and not interpreted  # the interpreter's bf16 arithmetic is wrong
+    # float32 x as three bf16 parts on tensor cores; the interpreter runs the same plan on float32 copies of them
+    parts = 3 if kind == "rademacher" and dtype == torch.float32 and (tensor_cores or interpreted) else 1
+    if not tensor_cores:
+        dot, path = 0, (None, "fma")
+    elif kind == "rademacher":
+        dot, path = 1, (arch, "parts" if parts == 3 else "half")
+    else:
+        dot, path = 2, (arch, "gaussian")
+    block_b, block_p, block_k, warps, stages = next(tile for above, tile in _TILES[path] if B > above)
+    chunk = max(P, 1)
+    if parts == 3:
+        chunk = min(chunk, max(block_p, _PART_BYTES // (3 * 2 * B) // block_p * block_p))
+    programs = triton.cdiv(B, block_b) * triton.cdiv(K, block_k)
+    splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, programs), chunk // _MIN_SPLIT_COLUMNS))
+    columns_per_split = triton.cdiv(triton.cdiv(chunk, splits), block_p) * block_p
+    splits = triton.cdiv(chunk, columns_per_split)
+    return ProjectPlan(dot, parts, block_b, block_p, block_k, warps, stages, chunk, splits, columns_per_split)
+
+
+def bf16_parts(x: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """``(3, B, P)``: float32 ``x`` ``(B, P)`` as three bf16 numbers each, ``x = x₀ + x₁ + x₂``, stored in ``dtype``
+    (bfloat16, or float32 holding the same values).
+
+    ``x₀`` is ``x`` truncated to 8 significant bits, ``x₁`` the residual so truncated, ``x₂`` what is left: each
+    residual is exact in float32, and what is left has at most 8 significant bits, so the sum is exact wherever
+    ``|x| >= 2^-110``; below (float32 residuals in bf16's subnormal range) ``x₂`` is rounded, an absolute error
+    under ``2^-133``. A non-finite ``x`` gives NaN parts. With ±1 matrix entries, each part's products are exact
+    and three bf16 tensor-core products accumulated in float32 make the float32 projection.
+    """
+    x = x.to(torch.float32)
+    high = -65536  # 0xFFFF0000 as int32: sign, exponent and the top 7 stored bits of the significand
+    first = (x.view(torch.int32) & high).view(torch.float32)
+    rest = x - first
+    second = (rest.view(torch.int32) & high).view(torch.float32)
+    out = torch.empty(3, *x.shape, dtype=torch.bfloat16, device=x.device)
+    out[0].copy_(first)
+    out[1].copy_(second)
+    out[2].copy_(rest - second)
+    return out if dtype == torch.bfloat16 else out.to(dtype)
+
+
+def project_launch(x: Tensor, out: Tensor, table: Tensor, kind: str, seed: int, offset: int, plan: ProjectPlan,
+                   accumulate: bool = False) -> Launch:
+    """The kernel over ``x`` ``(plan.parts, B, P)`` (its parts summing to the input; columns from matrix row
+    ``offset``) into ``out`` ``(plan.splits, B, K)``, unscaled; ``accumulate`` continues the sums in ``out``."""
+    _, B, P = x.shape
+    dim_out = out.shape[2]
+    grid = (triton.cdiv(B, plan.block_b), triton.cdiv(dim_out, plan.block_k), plan.splits)
+    args = (x, out, table, B, P, dim_out, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),
+            out.stride(2), offset, _host_mix(seed ^ K0), plan.columns_per_split)
+    return Launch(_project_kernel, grid, args,
+                  dict(KIND=_KIND[kind], DOT=plan.dot, PARTS=plan.parts, ACCUMULATE=accumulate,
+                       BLOCK_B=plan.block_b, BLOCK_P=plan.block_p, BLOCK_K=plan.block_k, num_warps=plan.warps,
+                       num_stages=plan.stages))
 
 
 _GRID_Y = 65535  # CUDA's limit on the second and third grid dimensions
@@ -242,12 +376,24 @@ def entries(seed: int, row_offset: int, rows: int, dim_out: int, kind: str, devi
 
 
 def project_dense(x: Tensor, dim_out: int, kind: str, seed: int, offset: int) -> Tensor:
-    B, P = x.shape
-    if _interpreted() and x.dtype == torch.bfloat16:
+    interpreted = _interpreted()
+    if interpreted and x.dtype == torch.bfloat16:
         x = x.to(torch.float32)
-    out = torch.empty(B, dim_out, dtype=torch.float32, device=x.device)
-    project_launch(x, out, gaussian_table(x.device), kind, seed, offset, interpreted=_interpreted())()
-    return out
+    B, P = x.shape
+    plan = project_plan(B, P, dim_out, x.dtype, kind, device_arch(x.device), interpreted)
+    partial = torch.empty(plan.splits, B, dim_out, dtype=torch.float32, device=x.device)
+    table = gaussian_table(x.device)
+    for start in range(0, max(P, 1), plan.chunk):
+        columns = x[:, start : start + plan.chunk]
+        if plan.parts == 3:
+            parts = bf16_parts(columns, torch.float32 if interpreted else torch.bfloat16)
+        else:
+            parts = columns.unsqueeze(0)
+        project_launch(parts, partial, table, kind, seed, offset + start, plan, accumulate=start > 0)()
+    out = partial[0] if plan.splits == 1 else partial[0].clone()
+    for split in range(1, plan.splits):  # in a fixed order: the same rounding at every run
+        out.add_(partial[split])
+    return out.mul_(1.0 / math.sqrt(dim_out))
 
 
 def inner(a: Tensor, b: Tensor, normalize: bool) -> Tensor:

@@ -99,27 +99,64 @@ def test_inner_slices_queries_beyond_the_grid_limit(monkeypatch):
 
 
 def test_the_three_bf16_parts_of_a_float32_add_up_to_it_exactly():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def parts(x_ptr, out_ptr, N, BLOCK: tl.constexpr):
-        offs = tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + offs, mask=offs < N, other=0.0)
-        x1 = triton_kernels._bf16_part(x)
-        r1 = x - x1.to(tl.float32)
-        x2 = triton_kernels._bf16_part(r1)
-        x3 = triton_kernels._bf16_part(r1 - x2.to(tl.float32))
-        for i, part in ((0, x1), (1, x2), (2, x3)):
-            tl.store(out_ptr + i * N + offs, part.to(tl.float32), mask=offs < N)
-
     g = torch.Generator().manual_seed(13)
-    # numbers from 2^-100 to 2^120, signed zeros, the largest: the interpreter flushes subnormal numbers to zero,
-    # so inputs whose parts would be subnormal (below 2^-110) are left to the GPU
-    x = torch.randn(500, generator=g) * torch.exp2(torch.randint(-100, 120, (500,), generator=g).float())
-    x = torch.cat([x, torch.tensor([0.0, -0.0, 3.4e38, -3.4e38, 1.0, -1.0])])
-    out = torch.empty(3 * len(x))
-    parts[(1,)](x, out, len(x), BLOCK=512)
-    p = out.view(3, -1)
-    assert all(torch.equal(q, q.bfloat16().float()) for q in p)  # each part is a bf16 number
-    assert torch.equal(p.double().sum(0), x.double())  # and they add up to x exactly
+    # from 2^-149 (subnormal) to 2^127, signed zeros, the largest
+    x = torch.randn(4000, generator=g) * torch.exp2(torch.randint(-149, 127, (4000,), generator=g).float())
+    x = torch.cat([x, torch.tensor([0.0, -0.0, 3.4028234e38, -3.4028234e38, 1.0, -1.0, 2.0**-126, 2.0**-149])])
+    x = x[torch.isfinite(x)].reshape(1, -1)
+    parts = triton_kernels.bf16_parts(x)
+    assert parts.dtype == torch.bfloat16 and parts.shape == (3, *x.shape)
+    assert torch.equal(triton_kernels.bf16_parts(x, torch.float32), parts.float())  # the same numbers stored wider
+    error = (parts.double().sum(0) - x.double()).abs()
+    normal = x.abs() >= 2.0**-110
+    assert int(normal.sum()) > 3000 and torch.equal(error[normal], torch.zeros_like(error[normal]))  # exact
+    assert float(error.max()) < 2.0**-133  # below: the last part rounded in bf16's subnormal range
+
+
+def _tiny_chunks_and_splits(monkeypatch):
+    """Plans that split every input's columns over programs (ranges of 32) and make float32 parts 64 columns at a
+    time, so small inputs exercise both."""
+    monkeypatch.setattr(triton_kernels, "_MIN_SPLIT_COLUMNS", 32)
+    monkeypatch.setattr(triton_kernels, "_PART_BYTES", 3 * 2 * 64 * 5)  # 64 columns of 5 rows
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_projection_split_over_columns_and_chunked_equals_the_reference(monkeypatch, kind, dtype):
+    _tiny_chunks_and_splits(monkeypatch)
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(5, 300, generator=g).to(dtype)
+    cast = torch.float32 if dtype == torch.bfloat16 else dtype  # the interpreter's bf16 arithmetic is wrong
+    plan = triton_kernels.project_plan(5, 300, 40, cast, kind, None, interpreted=True)
+    assert plan.splits > 1 and plan.columns_per_split % plan.block_p == 0
+    assert plan.chunk < 300 if (kind, cast) == ("rademacher", torch.float32) else plan.chunk == 300
+    got = triton_kernels.project_dense(x, 40, kind, 9, 123)
+    torch.testing.assert_close(got, reference.project_dense(x.float(), 40, kind, 9, 123), rtol=1e-5, atol=1e-5)
+
+
+def test_a_chunked_float32_projection_continues_the_same_sums(monkeypatch):
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(5, 300, generator=g)
+    whole = triton_kernels.project_dense(x, 40, "rademacher", 9, 123)
+    monkeypatch.setattr(triton_kernels, "_PART_BYTES", 3 * 2 * 64 * 5)
+    assert triton_kernels.project_plan(5, 300, 40, torch.float32, "rademacher", None, True).chunk == 64
+    assert torch.equal(triton_kernels.project_dense(x, 40, "rademacher", 9, 123), whole)  # bit for bit
+
+
+def test_the_plan_follows_the_gpu_generation_and_the_shape():
+    plan = triton_kernels.project_plan
+    for arch in ("sm_80", "sm_90a"):
+        half = plan(4096, 1 << 24, 8192, torch.bfloat16, "rademacher", arch, False)
+        assert (half.dot, half.parts, half.block_b, half.warps, half.splits) == (1, 1, 256, 8, 1)
+        single = plan(4096, 1 << 24, 8192, torch.float32, "rademacher", arch, False)
+        assert single.parts == 3 and single.dot == 1 and 3 * 2 * 4096 * single.chunk <= triton_kernels._PART_BYTES
+        assert plan(4096, 1 << 24, 8192, torch.float32, "gaussian", arch, False).dot == 2
+        # one row: a single tile of rows, so the columns are split until the grid fills the GPU
+        small = plan(1, 1 << 24, 8192, torch.bfloat16, "rademacher", arch, False)
+        programs = -(-8192 // small.block_k)
+        assert small.block_b == 64 and small.splits * programs >= triton_kernels._TARGET_PROGRAMS
+        assert small.columns_per_split >= triton_kernels._MIN_SPLIT_COLUMNS
+        assert (small.splits - 1) * small.columns_per_split < (1 << 24) <= small.splits * small.columns_per_split
+    fma = plan(4096, 1 << 24, 8192, torch.float32, "rademacher", None, False)  # a GPU without bf16 tensor cores
+    assert (fma.dot, fma.parts) == (0, 1)
+    assert plan(4096, 1 << 24, 8192, torch.float32, "rademacher", "sm_90a", True).dot == 0  # the interpreter: FMA
