@@ -158,10 +158,16 @@ def topk_inner(
 ) -> TopK:
     """For each row of ``b``, the ``k`` rows of ``a`` with the largest (or smallest) inner product.
 
-    Streams ``a`` in blocks of ``block_rows`` rows (default: about 16M scores per
-    block), scoring each block with :func:`inner` and merging it into a running
-    top-k, so the ``(n, m)`` matrix is never allocated. Ties go to the smaller
-    index of ``a``, whatever the block size.
+    On the Triton path with ``k <= 128`` (and float32/float16/bfloat16 inputs) one
+    fused kernel scores tiles of ``a`` against tiles of ``b`` in registers and keeps
+    each query's best candidates by sorting networks over keys that order by score
+    and then by smaller index; ``a`` is cut into chunks of ``block_rows`` rows
+    (default: enough to fill the GPU), one program each, and only each chunk's
+    best candidates reach memory. Otherwise ``a`` is streamed in blocks of
+    ``block_rows`` rows (default: about 16M scores per block), each scored with
+    :func:`inner` and merged into a running top-k. Either way the ``(n, m)``
+    matrix is never allocated, and ties go to the smaller index of ``a``, whatever
+    the block size.
 
     Returns:
         :class:`TopK` with ``values`` and ``indices`` of shape ``(m, k)``.
@@ -171,12 +177,20 @@ def topk_inner(
     k = _check_positive_int(k, "k")
     if k > n:
         raise ValueError(f"k: cannot exceed the number of rows of a ({n}), got {k}")
-    if block_rows is None:
-        block_rows = max(k, (1 << 24) // max(m, 1))
-    block_rows = _check_positive_int(block_rows, "block_rows")
+    if block_rows is not None:
+        block_rows = _check_positive_int(block_rows, "block_rows")
     if not bool(torch.isfinite(b).all()):
         raise ValueError("b: contains NaN or Inf")
+    fused = backend(a) == "triton" and torch.float64 not in (a.dtype, b.dtype) and m > 0
+    if fused and k <= _triton().FUSED_TOPK_MAX_K and n < 2**32:
+        values, indices, bad, rows = _triton().topk(a, b, k, largest, normalize, block_rows)
+        if bool(bad.any()):  # the one wait for the GPU, after the whole scan
+            start = int(bad.nonzero()[0]) * rows
+            raise ValueError(f"a: rows {start}..{min(n, start + rows) - 1} give NaN or Inf scores")
+        return TopK(values, indices)
     dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    if block_rows is None:
+        block_rows = max(k, (1 << 24) // max(m, 1))
     running = empty_topk(m, dtype, b.device)
     for start in range(0, n, block_rows):
         stop = min(n, start + block_rows)

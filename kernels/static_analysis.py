@@ -104,7 +104,21 @@ def configs(arch: str, B: int = 4096, P: int = 1 << 24, K: int = 8192, only: Opt
             launch = tk.inner_launch(_meta(B, K, dtype=dtype), _meta(B, K, dtype=dtype), _meta(B, B), normalize)
             out.append(Config(f"inner/{'cosine' if normalize else 'dot'}/{str(dtype)[6:]}", arch, launch,
                               True))  # fp32 through tf32x3, fp16/bf16 directly
+    for k in (10, 100):  # the fused top-k: 2^20 candidate rows of width K / 64, B queries
+        for dtype in (torch.float32, torch.bfloat16):
+            out.append(topk_config(arch, dtype, 1 << 20, B, K // 64, k))
     return [c for c in out if only is None or c.name.startswith(only)]
+
+
+def topk_config(arch: str, dtype: torch.dtype, n: int, m: int, width: int, k: int) -> Config:
+    """The fused top-k launch :func:`kernels.triton_kernels.topk` makes for ``n`` candidates, ``m`` queries."""
+    from kernels import triton_kernels as tk
+
+    plan = tk.topk_plan(n, m, k)
+    keys = _meta(m, plan.chunks, plan.block_n, dtype=torch.int64)
+    bad = _meta(-(-m // plan.block_m), plan.chunks, dtype=torch.int32)
+    launch = tk.topk_launch(_meta(n, width, dtype=dtype), _meta(m, width, dtype=dtype), keys, bad, plan, True, False)
+    return Config(f"topk/k={k}/{str(dtype)[6:]}", arch, launch, True)
 
 
 def _bin(tool: str) -> str:

@@ -180,14 +180,13 @@ def _project_kernel(x_ptr, out_ptr, table_ptr, B, P, K, stride_xs, stride_xb, st
 
 
 @triton.jit
-def _inner_kernel(a_ptr, b_ptr, out_ptr, N, M, K, stride_an, stride_ak, stride_bm, stride_bk,
-                  stride_on, stride_om, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    offs_m = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    norm_a = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    norm_b = tl.zeros((BLOCK_M,), dtype=tl.float32)
+def _scores(a_ptr, b_ptr, offs_n, offs_m, N, M, K, stride_an, stride_ak, stride_bm, stride_bk,
+            NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``(BLOCK_N, BLOCK_M)`` float32: inner products (cosines with ``NORMALIZE``) of rows ``offs_n`` of ``a`` with
+    rows ``offs_m`` of ``b`` (0 outside ``N`` and ``M``)."""
+    acc = tl.zeros((offs_n.shape[0], offs_m.shape[0]), dtype=tl.float32)
+    norm_a = tl.zeros((offs_n.shape[0],), dtype=tl.float32)
+    norm_b = tl.zeros((offs_m.shape[0],), dtype=tl.float32)
     for start in range(0, K.to(tl.int64), BLOCK_K):
         offs_k = start + tl.arange(0, BLOCK_K).to(tl.int64)
         a = tl.load(a_ptr + offs_n[:, None] * stride_an + offs_k[None, :] * stride_ak,
@@ -195,7 +194,7 @@ def _inner_kernel(a_ptr, b_ptr, out_ptr, N, M, K, stride_an, stride_ak, stride_b
         b = tl.load(b_ptr + offs_m[:, None] * stride_bm + offs_k[None, :] * stride_bk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         # fp16/bf16 straight onto tensor cores (fp32 accumulation); fp32 as three tf32 products (tf32x3)
-        acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
         if NORMALIZE:  # the norms ride along the same pass over the data, in fp32
             a32, b32 = a.to(tl.float32), b.to(tl.float32)
             norm_a += tl.sum(a32 * a32, axis=1)
@@ -203,8 +202,120 @@ def _inner_kernel(a_ptr, b_ptr, out_ptr, N, M, K, stride_an, stride_ak, stride_b
     if NORMALIZE:  # one norm at a time (their product can underflow where each does not), IEEE sqrt and division
         acc = tl.div_rn(acc, tl.maximum(tl.sqrt_rn(norm_a), 1.1754943508222875e-38)[:, None])
         acc = tl.div_rn(acc, tl.maximum(tl.sqrt_rn(norm_b), 1.1754943508222875e-38)[None, :])
+    return acc
+
+
+@triton.jit
+def _inner_kernel(a_ptr, b_ptr, out_ptr, N, M, K, stride_an, stride_ak, stride_bm, stride_bk,
+                  stride_on, stride_om, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_m = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    acc = _scores(a_ptr, b_ptr, offs_n, offs_m, N, M, K, stride_an, stride_ak, stride_bm, stride_bk, NORMALIZE,
+                  PRECISION, BLOCK_K)
     mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
     tl.store(out_ptr + offs_n[:, None] * stride_on + offs_m[None, :] * stride_om, acc, mask=mask)
+
+
+_NO_CANDIDATE = tl.constexpr(-(2**63))  # the key of a padding slot: below every score's key
+
+
+@triton.jit
+def _keys(scores, rows, LARGEST: tl.constexpr):
+    """int64 keys ordered as (score, then the smaller row first), best largest: the score's float32 bits mapped
+    to an int32 of the same order in the high word (``-0.0`` as ``+0.0``; reversed for the smallest), and
+    ``2^32 - 1 - row`` in the low word. Distinct rows give distinct keys, so the top keys are one exact answer."""
+    bits = tl.where(scores == 0.0, 0, scores.to(tl.int32, bitcast=True))
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: flip the magnitude, keep the sign
+    if not LARGEST:
+        ordered = ~ordered
+    return (ordered.to(tl.int64) << 32) | (0xFFFFFFFF - rows)
+
+
+@triton.jit
+def _bitonic_sort(x, LOG: tl.constexpr, DESCENDING: tl.constexpr):
+    """``x`` ``(R, W)`` (``W = 2^LOG``) sorted along its rows by a bitonic network written with reshapes,
+    splits and joins only. The interpreter's ``tl.sort`` reduces element by element in Python (seconds a tile),
+    so the interpreter runs this network instead; compiled kernels use ``tl.sort``, whose partner exchanges stay
+    in registers."""
+    R: tl.constexpr = x.shape[0]
+    W: tl.constexpr = x.shape[1]
+    for stage in tl.static_range(1, LOG + 1):  # sorted runs of 2^stage, alternately up and down
+        for step in tl.static_range(stage):
+            j: tl.constexpr = 1 << (stage - 1 - step)  # compare-exchange i with i + j within blocks of 2j
+            pairs = tl.permute(tl.reshape(x, (R, W // (2 * j), 2, j)), (0, 1, 3, 2))
+            left, right = tl.split(pairs)
+            block = tl.arange(0, W // (2 * j))
+            down = (((block * 2 * j) >> stage) & 1) == 1  # this block's run is sorted downwards
+            if DESCENDING:
+                down = ~down
+            down = down[None, :, None]
+            low, high = tl.minimum(left, right), tl.maximum(left, right)
+            pairs = tl.join(tl.where(down, high, low), tl.where(down, low, high))
+            x = tl.reshape(tl.permute(pairs, (0, 1, 3, 2)), (R, W))
+    return x
+
+
+@triton.jit
+def _sorted(x, LOG: tl.constexpr, DESCENDING: tl.constexpr, NETWORK: tl.constexpr):
+    """``x`` ``(R, 2^LOG)`` sorted along its rows: by :func:`_bitonic_sort` with ``NETWORK``, else ``tl.sort``."""
+    if NETWORK:
+        return _bitonic_sort(x, LOG, DESCENDING)
+    else:
+        return tl.sort(x, 1, descending=DESCENDING)
+
+
+@triton.jit
+def _kth_score(best, k, LARGEST: tl.constexpr):
+    """``(BLOCK_M,)`` float32: the score of each row's ``k``-th best key (best sorted descending), or ``-inf``
+    (``+inf`` for the smallest) while a row holds fewer than ``k`` candidates."""
+    slots = tl.arange(0, best.shape[1])
+    key = tl.sum(tl.where(slots[None, :] == k - 1, best, 0), 1)
+    ordered = (key >> 32).to(tl.int32)
+    if not LARGEST:
+        ordered = ~ordered
+    score = tl.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).to(tl.float32, bitcast=True)
+    return tl.where(key == _NO_CANDIDATE, float("-inf") if LARGEST else float("inf"), score)
+
+
+@triton.jit
+def _topk_kernel(a_ptr, b_ptr, keys_ptr, bad_ptr, N, M, K, stride_an, stride_ak, stride_bm, stride_bk,
+                 rows_per_chunk, chunks, k, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+                 LARGEST: tl.constexpr, NETWORK: tl.constexpr, LOG_N: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """For queries (rows of ``b``) ``offs_m`` and the rows of ``a`` in chunk ``program_id(1)``: the keys of the
+    best ``BLOCK_N >= k`` rows, best first, into ``keys[m, chunk, :]``, and whether any score was NaN or infinite
+    into ``bad[query block, chunk]``. Scores live in registers only, one ``(BLOCK_M, BLOCK_N)`` tile at a time;
+    a tile is merged into the running best (by sorting networks) only where one of its scores beats a query's
+    ``k``-th best so far, which after the first tiles is rare. Rows come in increasing order, so a score equal
+    to the ``k``-th best loses its tie and need not be merged. No score matrix in memory, no host wait."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    chunk = tl.program_id(1).to(tl.int64)
+    first = chunk * rows_per_chunk
+    last = tl.minimum(first + rows_per_chunk, N.to(tl.int64))
+    best = tl.full((BLOCK_M, BLOCK_N), _NO_CANDIDATE, dtype=tl.int64)
+    kth = tl.full((BLOCK_M,), float("-inf") if LARGEST else float("inf"), dtype=tl.float32)
+    bad = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for start in range(first, last, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N).to(tl.int64)
+        scores = tl.trans(_scores(a_ptr, b_ptr, offs_n, offs_m, N, M, K, stride_an, stride_ak, stride_bm,
+                                  stride_bk, NORMALIZE, PRECISION, BLOCK_K))  # (BLOCK_M, BLOCK_N)
+        valid = (offs_n < last)[None, :] & (offs_m < M)[:, None]
+        bad = tl.maximum(bad, tl.where(valid & ~(tl.abs(scores) < float("inf")), 1, 0))  # NaN fails it too
+        if LARGEST:
+            better = valid & (scores > kth[:, None])
+        else:
+            better = valid & (scores < kth[:, None])
+        if tl.max(tl.max(better.to(tl.int32), 1), 0) > 0:
+            keys = tl.where(better, _keys(scores, offs_n[None, :], LARGEST), _NO_CANDIDATE)
+            # the best BLOCK_N of (best, keys): best sorted descending against keys sorted ascending, slot by
+            # slot the larger (a bitonic merge's first step), then sorted
+            best = _sorted(tl.maximum(best, _sorted(keys, LOG_N, False, NETWORK)), LOG_N, True, NETWORK)
+            kth = _kth_score(best, k, LARGEST)
+    slots = tl.arange(0, BLOCK_N).to(tl.int64)
+    tl.store(keys_ptr + (offs_m[:, None] * chunks + chunk) * BLOCK_N + slots[None, :], best,
+             mask=(offs_m < M)[:, None])
+    tl.store(bad_ptr + tl.program_id(0).to(tl.int64) * chunks + chunk, tl.max(tl.max(bad, 1), 0))
 
 
 def _interpreted() -> bool:
@@ -268,10 +379,10 @@ class ProjectPlan(NamedTuple):
 _TILES = {
     ("sm_90a", "half"): ((128, (256, 64, 128, 8, 3)), (64, (128, 64, 128, 4, 3)), (0, (64, 64, 128, 4, 3))),
     ("sm_90a", "parts"): ((128, (256, 32, 128, 8, 3)), (64, (128, 32, 128, 4, 3)), (0, (64, 32, 128, 4, 3))),
-    ("sm_90a", "gaussian"): ((64, (128, 32, 128, 8, 3)), (0, (64, 32, 128, 4, 3))),
-    ("sm_80", "half"): ((128, (256, 64, 64, 8, 3)), (64, (128, 64, 64, 4, 3)), (0, (64, 64, 64, 4, 3))),
+    ("sm_90a", "gaussian"): ((64, (128, 32, 128, 8, 3)), (0, (64, 64, 128, 4, 2))),
+    ("sm_80", "half"): ((128, (256, 64, 64, 8, 3)), (64, (128, 64, 64, 4, 3)), (0, (64, 32, 128, 4, 2))),
     ("sm_80", "parts"): ((128, (256, 32, 64, 8, 2)), (64, (128, 32, 64, 4, 3)), (0, (64, 32, 64, 4, 3))),
-    ("sm_80", "gaussian"): ((64, (128, 32, 128, 8, 3)), (0, (64, 32, 128, 4, 3))),
+    ("sm_80", "gaussian"): ((64, (128, 32, 128, 8, 3)), (0, (64, 32, 64, 4, 2))),
     (None, "fma"): ((0, (64, 32, 64, 4, 3)),),
 }
 _TARGET_PROGRAMS = 264  # split over P until the grid has this many programs (2 waves of an H100's 132 SMs) ...
@@ -368,6 +479,78 @@ def inner_launch(a: Tensor, b: Tensor, out: Tensor, normalize: bool, interpreted
                                                   BLOCK_M=block_m, BLOCK_K=block_k))
 
 
+FUSED_TOPK_MAX_K = 128  # larger k takes the streamed path of kernels.topk_inner
+
+
+class TopKPlan(NamedTuple):
+    """The fused top-k's launch: queries ``block_m`` at a time against chunks of ``rows_per_chunk`` rows of ``a``
+    (``chunks`` of them), each program (8 warps) keeping its best ``block_n`` (``>= k``) candidates per query."""
+
+    k: int
+    block_n: int
+    block_m: int
+    block_k: int
+    rows_per_chunk: int
+    chunks: int
+
+
+def topk_plan(n: int, m: int, k: int, block_rows: Optional[int] = None) -> TopKPlan:
+    if not 1 <= k <= FUSED_TOPK_MAX_K:
+        raise ValueError(f"k: the fused top-k takes 1 <= k <= {FUSED_TOPK_MAX_K}, got {k}")
+    # candidates per tile and kept per query, against 32 queries: the (32, block_n) int64 keys of the running best
+    # and of a tile, with 8 warps, fit the registers without spills (static model, RESULTS.md)
+    block_n, block_m = max(64, triton.next_power_of_2(k)), 32
+    if block_rows is None:  # enough chunks to fill the GPU, each at least 8 tiles of candidates long
+        chunks = max(1, min(triton.cdiv(_TARGET_PROGRAMS, triton.cdiv(m, block_m)), n // (8 * block_n)))
+        block_rows = triton.cdiv(n, chunks)
+    rows_per_chunk = triton.cdiv(max(block_rows, triton.cdiv(n, _GRID_Y)), block_n) * block_n
+    return TopKPlan(k, block_n, block_m, 32, rows_per_chunk, triton.cdiv(n, rows_per_chunk))
+
+
+def topk_launch(a: Tensor, b: Tensor, keys: Tensor, bad: Tensor, plan: TopKPlan, largest: bool, normalize: bool,
+                interpreted: bool = False) -> Launch:
+    """The fused top-k over ``a`` (candidates) for the rows of ``b`` (queries) into ``keys`` ``(m, chunks,
+    block_n)`` int64 and ``bad`` ``(query blocks, chunks)`` int32."""
+    N, K = a.shape
+    M = b.shape[0]
+    grid = (triton.cdiv(M, plan.block_m), plan.chunks)
+    precision = "ieee" if interpreted else ("tf32x3" if a.dtype == torch.float32 else "ieee")
+    args = (a, b, keys, bad, N, M, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), plan.rows_per_chunk,
+            plan.chunks, plan.k)
+    return Launch(_topk_kernel, grid, args, dict(NORMALIZE=normalize, PRECISION=precision, LARGEST=largest,
+                                                 NETWORK=interpreted, LOG_N=plan.block_n.bit_length() - 1,
+                                                 BLOCK_N=plan.block_n, BLOCK_M=plan.block_m, BLOCK_K=plan.block_k,
+                                                 num_warps=8))
+
+
+def decode_keys(keys: Tensor, largest: bool) -> Tuple[Tensor, Tensor]:
+    """``(scores float32, rows int64)`` from :func:`_keys`'s int64 keys."""
+    ordered = (keys >> 32).to(torch.int32)
+    if not largest:
+        ordered = ~ordered
+    bits = torch.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered)
+    return bits.view(torch.float32), 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+
+
+def topk(a: Tensor, b: Tensor, k: int, largest: bool, normalize: bool,
+         block_rows: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor, int]:
+    """For each row of ``b``, the ``k`` rows of ``a`` of the largest (smallest) score, ties to the smaller row:
+    ``(values (m, k) float32, indices (m, k), bad (chunks,) bool, rows_per_chunk)``, where ``bad[c]`` says
+    chunk ``c`` (rows ``c * rows_per_chunk ..``) gave a NaN or infinite score. ``k <= FUSED_TOPK_MAX_K`` and
+    fewer than ``2^32`` rows of ``a``; nothing waits for the GPU (the caller reads ``bad``)."""
+    a, b = _same_dtype(a, b)
+    n, m = a.shape[0], b.shape[0]
+    if n >= 2**32:
+        raise ValueError(f"a: the fused top-k ranks fewer than 2**32 rows, got {n}")
+    plan = topk_plan(n, m, k, block_rows)
+    keys = torch.empty(m, plan.chunks, plan.block_n, dtype=torch.int64, device=a.device)
+    bad = torch.empty(triton.cdiv(m, plan.block_m), plan.chunks, dtype=torch.int32, device=a.device)
+    topk_launch(a, b, keys, bad, plan, largest, normalize, interpreted=_interpreted())()
+    # keys are distinct, so the k largest are one answer whatever torch.topk does with ties
+    values, indices = decode_keys(torch.topk(keys.view(m, -1), k, dim=1).values, largest)
+    return values, indices, bad.amax(0) > 0, plan.rows_per_chunk
+
+
 def entries(seed: int, row_offset: int, rows: int, dim_out: int, kind: str, device: torch.device) -> Tensor:
     """Unscaled entries ``R[row_offset : row_offset + rows, :dim_out]``, float32."""
     out = torch.empty(rows, dim_out, dtype=torch.float32, device=device)
@@ -396,9 +579,14 @@ def project_dense(x: Tensor, dim_out: int, kind: str, seed: int, offset: int) ->
     return out.mul_(1.0 / math.sqrt(dim_out))
 
 
+def _same_dtype(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
+    """``a`` and ``b`` in one dtype for ``tl.dot`` (float32 under the interpreter, whose bf16 is wrong)."""
+    dtype = torch.float32 if _interpreted() else torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype), b.to(dtype)
+
+
 def inner(a: Tensor, b: Tensor, normalize: bool) -> Tensor:
-    if _interpreted():
-        a, b = a.to(torch.float32), b.to(torch.float32)
+    a, b = _same_dtype(a, b)
     out = torch.empty(a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
     rows = _GRID_Y * 64  # b's rows per launch, within the grid's limit
     for start in range(0, b.shape[0], rows):

@@ -34,7 +34,8 @@ def test_the_main_loop_and_its_instruction_mix_are_read_as_counted_by_hand():
 
 
 SUBSET = ("project/rademacher/float32", "project/rademacher/bfloat16", "project/gaussian/float32", "inner/dot/float32",
-          "inner/cosine/bfloat16")
+          "inner/cosine/bfloat16", "topk/k=10/bfloat16")
+SMALL = ("project/rademacher/bfloat16", "project/gaussian/float32")  # also with B = 64 rows: their own tiles
 
 
 # Compiled in a process without TRITON_INTERPRET (conftest sets it for the kernel tests: under it @triton.jit
@@ -60,8 +61,13 @@ signatures = {
     # seed 1580096365 hashes to seed_key 1, which Triton would make a constant unless told not to
     "seed_key_one": sa.bound_source(project(64, 1 << 20, seed=1580096365))[0].signature,
 }
-SUBSET = __SUBSET__
+SUBSET, SMALL = __SUBSET__, __SMALL__
 records = [sa.analyse(c) for arch in ("sm_80", "sm_90a") for c in sa.configs(arch) if c.name in SUBSET]
+for arch in ("sm_80", "sm_90a"):
+    for name in SMALL:
+        _, kind, dtype = name.split("/")
+        config = sa.project_config(arch, kind, getattr(torch, dtype), 64, 1 << 24, 8192)
+        records.append(sa.analyse(config._replace(name=name + "@B=64")))
 print(json.dumps({"signatures": signatures, "records": records}))
 """
 
@@ -74,7 +80,7 @@ def compiled():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = COMPILE.replace("__SUBSET__", repr(SUBSET))
+    script = COMPILE.replace("__SUBSET__", repr(SUBSET)).replace("__SMALL__", repr(SMALL))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     if out.stdout.startswith("SKIP"):
@@ -95,7 +101,7 @@ def test_arguments_bind_as_a_real_launch_binds_them(compiled):
 def test_a_subset_of_configurations_compiles_for_both_architectures_without_spills_on_tensor_cores(compiled):
     records = compiled["records"]
     assert sorted((r["config"], r["arch"]) for r in records) == sorted(
-        (name, arch) for name in SUBSET for arch in ("sm_80", "sm_90a"))
+        (name, arch) for name in SUBSET + tuple(n + "@B=64" for n in SMALL) for arch in ("sm_80", "sm_90a"))
     for record in records:
         loop = record["loop"]
         assert record["registers"] > 0 and record["num_warps"] >= 1 and loop["macs"] > 0
@@ -105,8 +111,8 @@ def test_a_subset_of_configurations_compiles_for_both_architectures_without_spil
         assert 0 < record["roofline_fraction_of_bf16_peak"] <= 1
         # ±1 entries on tensor cores (fp32 x as its bf16 parts); Gaussian entries and fp32 inner: three tf32 products
         assert record["meant_for_tensor_cores"] and record["tensor_core_instructions"] > 0 and loop["tc"] > 0
-    three = [r for r in records if r["config"] not in ("project/rademacher/bfloat16", "inner/cosine/bfloat16")]
-    assert len(three) == 6 and all(r["useful_macs"] == r["loop"]["macs"] / 3 for r in three)
+    three = [r for r in records if "float32" in r["config"]]  # bf16 parts, or tf32x3
+    assert len(three) == 8 and all(r["useful_macs"] == r["loop"]["macs"] / 3 for r in three)
 
 
 def test_the_projection_is_bound_by_its_tensor_cores(compiled):

@@ -160,3 +160,69 @@ def test_the_plan_follows_the_gpu_generation_and_the_shape():
     fma = plan(4096, 1 << 24, 8192, torch.float32, "rademacher", None, False)  # a GPU without bf16 tensor cores
     assert (fma.dot, fma.parts) == (0, 1)
     assert plan(4096, 1 << 24, 8192, torch.float32, "rademacher", "sm_90a", True).dot == 0  # the interpreter: FMA
+
+
+def _stable_topk(scores, k, largest):
+    """Oracle: per column of ``scores`` (n, m), rows by score with ties to the smaller row."""
+    order = torch.sort(scores.T, dim=1, descending=largest, stable=True).indices[:, :k]
+    return scores.T.gather(1, order), order
+
+
+@settings(max_examples=12)
+@given(st.integers(1, 300), st.integers(1, 40), st.integers(1, 5), st.integers(0, 10**6), st.booleans(),
+       st.sampled_from([None, 1, 50, 64, 130]))
+def test_fused_topk_equals_the_exact_ranking_with_ties(n, m, width, seed, largest, block_rows):
+    # small integers: exact scores, and ties everywhere
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(-2, 3, (n, width), generator=g).float()
+    b = torch.randint(-2, 3, (m, width), generator=g).float()
+    k = 1 + seed % min(n, triton_kernels.FUSED_TOPK_MAX_K)
+    values, indices, bad, _ = triton_kernels.topk(a, b, k, largest, False, block_rows)
+    expected_values, expected_indices = _stable_topk(a @ b.T, k, largest)
+    assert torch.equal(indices, expected_indices) and torch.equal(values, expected_values)
+    assert not bool(bad.any())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_fused_topk_of_real_valued_scores(dtype, normalize):
+    g = torch.Generator().manual_seed(16)
+    a, b = torch.randn(500, 24, generator=g).to(dtype), torch.randn(37, 24, generator=g).to(dtype)
+    a[7] = 0  # a zero row: cosine 0
+    exact = a.double() @ b.double().T
+    if normalize:
+        exact = exact / a.double().norm(dim=1).clamp_min(1e-300)[:, None] / b.double().norm(dim=1)[None, :]
+    for largest in (True, False):
+        values, indices, _, _ = triton_kernels.topk(a, b, 20, largest, normalize, 96)
+        expected, _ = _stable_topk(exact, 20, largest)
+        torch.testing.assert_close(values.double(), expected, rtol=1e-5, atol=1e-5)
+        # each returned row really has the returned score, in order
+        torch.testing.assert_close(exact.T.gather(1, indices), values.double(), rtol=1e-5, atol=1e-5)
+        assert bool((values[:, :-1] >= values[:, 1:]).all() if largest else (values[:, :-1] <= values[:, 1:]).all())
+
+
+def test_fused_topk_ranks_signed_zeros_as_equal():
+    a = torch.tensor([[-0.0], [0.0], [-0.0], [1.0], [-1.0]])
+    b = torch.tensor([[1.0], [-1.0]])  # scores -0, +0, -0 (and +0, -0, +0) tie
+    values, indices, _, _ = triton_kernels.topk(a, b, 4, True, False)
+    assert indices.tolist() == [[3, 0, 1, 2], [4, 0, 1, 2]]
+    assert values.tolist() == [[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]
+    values, indices, _, _ = triton_kernels.topk(a, b, 4, False, False)
+    assert indices.tolist() == [[4, 0, 1, 2], [3, 0, 1, 2]]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul")  # the interpreter's inf * 0
+def test_fused_topk_through_the_dispatcher(monkeypatch):
+    monkeypatch.setenv("ATTRIB_KERNELS", "triton")
+    g = torch.Generator().manual_seed(17)
+    a, b = torch.randint(-3, 4, (300, 3), generator=g).float(), torch.randint(-3, 4, (5, 3), generator=g).float()
+    for k in (7, 150):  # fused, and past FUSED_TOPK_MAX_K the streamed path
+        top = dispatch.topk_inner(a, b, k, block_rows=64)
+        values, indices = _stable_topk(a @ b.T, k, True)
+        assert torch.equal(top.indices, indices) and torch.equal(top.values, values)
+    bad = a.clone()
+    bad[150, 1] = float("inf")  # in the third chunk of 64 rows
+    with pytest.raises(ValueError, match=r"a: rows 128\.\.191 give NaN or Inf"):
+        dispatch.topk_inner(bad, b, 7, block_rows=64)
+    with pytest.raises(ValueError, match="k: the fused top-k takes"):
+        triton_kernels.topk_plan(300, 5, 129)
