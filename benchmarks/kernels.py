@@ -1,13 +1,17 @@
 """Kernel microbenchmarks: projection and inner products against a materialised-matrix matmul.
 
-    python -m benchmarks.kernels [--B 256] [--P 1048576] [--k 1024] [--repeats 3]
+    python -m benchmarks.kernels [--B 256] [--P 1048576] [--k 1024] [--repeats 3] [--no-cpu]
 
 CPU (always): ``kernels.project`` (rademacher, gaussian, sjlt) against
 ``torch.matmul`` with the same matrix materialised beforehand, and
 ``kernels.inner`` / ``kernels.topk_inner`` against ``matmul`` (+ ``torch.topk``),
-in one run on the same inputs. GPU (when CUDA is available): the Triton kernels,
-the torch reference and the materialised matmul, in TFLOP/s. Without a GPU the
-script says so and runs the CPU part only.
+in one run on the same inputs. GPU (when CUDA is available): first the GPU's
+numbers against the CPU's (entries bit for bit, projections and inner products
+against float64, top-k against the exact ranking), then the Triton projection
+against cuBLAS on the materialised matrix, ``inner`` against ``matmul`` and the
+fused top-k against ``matmul`` + ``torch.topk``, in TFLOP/s (``--gpu-*`` sizes;
+``--no-cpu`` skips the CPU part). Without a GPU the script says so and runs the
+CPU part only.
 """
 
 from __future__ import annotations
@@ -81,28 +85,86 @@ def cpu_part(args) -> None:
     print("\n".join(lines))
 
 
+def gpu_checks(device: torch.device) -> bool:
+    """The GPU's numbers against the CPU's: matrix entries bit for bit, projections and inner products against
+    float64, top-k against the exact ranking (ties to the smaller row). Prints one line each; True if all pass."""
+    g = torch.Generator().manual_seed(3)
+    results = []
+    for kind in ("rademacher", "gaussian"):
+        entries = [kernels.projection_entries(300, 200, kind=kind, seed=3, offset=2**33 - 7, device=d).cpu()
+                   for d in (device, "cpu")]
+        results.append((f"entries, {kind}: bit-identical to the CPU's", torch.equal(*entries)))
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for rows in (3, 300):  # one tile of rows with the columns split over programs; several tiles
+                x = torch.randn(rows, 20000, generator=g).to(dtype)
+                exact = reference.project_dense(x.double(), 1000, kind, 5, 11)
+                got = kernels.project(x.to(device), 1000, kind=kind, seed=5, offset=11).cpu().double()
+                error = float((got - exact).abs().max() / exact.abs().max())
+                results.append((f"project, {kind}, {dtype}, B={rows}: max error {error:.1e} of the largest", error < 3e-5))
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(3000, 100, generator=g).to(dtype), torch.randn(70, 100, generator=g).to(dtype)
+        for normalize in (False, True):
+            exact = a.double() @ b.double().T
+            if normalize:
+                exact = exact / a.double().norm(dim=1)[:, None] / b.double().norm(dim=1)[None, :]
+            got = kernels.inner(a.to(device), b.to(device), normalize=normalize).cpu().double()
+            error = float((got - exact).abs().max() / exact.abs().max())
+            results.append((f"inner, {dtype}, normalize={normalize}: max error {error:.1e}", error < 1e-5))
+    a = torch.randint(-3, 4, (5000, 8), generator=g).float()
+    b = torch.randint(-3, 4, (40, 8), generator=g).float()
+    for k in (10, 128, 200):  # fused; fused at its largest k; streamed
+        order = torch.sort((a @ b.T).T, dim=1, descending=True, stable=True).indices[:, :k]
+        top = kernels.topk_inner(a.to(device), b.to(device), k)
+        results.append((f"topk_inner, k={k}: the exact ranking with ties", torch.equal(top.indices.cpu(), order)))
+    for name, ok in results:
+        print(f"| {name} | {'pass' if ok else 'FAIL'} |")
+    return all(ok for _, ok in results)
+
+
 def gpu_part(args) -> None:
     if not torch.cuda.is_available():
         print("\nGPU: none available here; only the CPU part ran.")
         return
     device = torch.device("cuda")
-    B, P, k = args.B, args.P, args.k
     sync = torch.cuda.synchronize
-    print(f"\nGPU: {torch.cuda.get_device_name()}, projection B={B}, P={P:,}, k={k}\n")
-    print("| operation | dtype | time (ms) | TFLOP/s |")
-    print("|---|---|---:|---:|")
+    print(f"\nGPU: {torch.cuda.get_device_name()}, capability {torch.cuda.get_device_capability()}\n")
+    print("| check | result |\n|---|---|")
+    passed = gpu_checks(device)
+    B, P, k = args.gpu_B, args.gpu_P, args.gpu_k
+    print(f"\nprojection B={B}, P={P:,}, k={k}; medians of {args.repeats}\n")
+    print("| operation | dtype | time (ms) | TFLOP/s | vs materialised matmul |")
+    print("|---|---|---:|---:|---:|")
     flops = 2.0 * B * P * k
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(B, P, device=device).to(dtype)
         R = materialise(P, k, "rademacher", 0, device).to(dtype)
-        t = timed(lambda: x @ R, args.repeats, sync=sync).seconds
-        print(f"| matmul, materialised | {dtype} | {t * 1e3:.2f} | {flops / t / 1e12:.1f} |")
+        t_mat = timed(lambda: x @ R, args.repeats, sync=sync).seconds
+        print(f"| matmul, materialised (cuBLAS) | {dtype} | {t_mat * 1e3:.2f} | {flops / t_mat / 1e12:.1f} | 1.00 |")
         R = None  # free it before the next kind
         for kind in ("rademacher", "gaussian"):
             t = timed(lambda: kernels.project(x, k, kind=kind), args.repeats, sync=sync).seconds
-            print(f"| project {kind}, Triton | {dtype} | {t * 1e3:.2f} | {flops / t / 1e12:.1f} |")
-            t = timed(lambda: reference.project_dense(x, k, kind, 0, 0), args.repeats, sync=sync).seconds
-            print(f"| project {kind}, torch reference | {dtype} | {t * 1e3:.2f} | {flops / t / 1e12:.1f} |")
+            print(f"| project {kind}, Triton | {dtype} | {t * 1e3:.2f} | {flops / t / 1e12:.1f} | {t_mat / t:.2f} |")
+        x = None
+    n, m, width = args.gpu_n, args.n_test, args.k
+    print(f"\ninner and top-10 of {n:,} x {m:,} rows of {width}\n")
+    print("| operation | dtype | time (ms) | TFLOP/s | vs baseline |")
+    print("|---|---|---:|---:|---:|")
+    flops = 2.0 * n * m * width
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(n, width, device=device).to(dtype)
+        b = torch.randn(m, width, device=device).to(dtype)
+        t_mm = timed(lambda: a @ b.T, args.repeats, sync=sync).seconds
+        print(f"| matmul (baseline) | {dtype} | {t_mm * 1e3:.2f} | {flops / t_mm / 1e12:.1f} | 1.00 |")
+        t = timed(lambda: kernels.inner(a, b), args.repeats, sync=sync).seconds
+        print(f"| inner, Triton | {dtype} | {t * 1e3:.2f} | {flops / t / 1e12:.1f} | {t_mm / t:.2f} |")
+        t_top = timed(lambda: torch.topk(a @ b.T, 10, dim=0), args.repeats, sync=sync).seconds
+        print(f"| top-10: matmul + torch.topk (baseline) | {dtype} | {t_top * 1e3:.2f} | {flops / t_top / 1e12:.1f} "
+              f"| 1.00 |")
+        t = timed(lambda: kernels.topk_inner(a, b, 10), args.repeats, sync=sync).seconds
+        print(f"| top-10: topk_inner, fused | {dtype} | {t * 1e3:.2f} | {flops / t / 1e12:.1f} | {t_top / t:.2f} |")
+        a = b = None
+    if not passed:
+        raise SystemExit("GPU: some checks FAILED (above)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,9 +175,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-train", type=int, default=100_000, help="rows of a for inner / top-k")
     parser.add_argument("--n-test", type=int, default=1000, help="rows of b for inner / top-k")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gpu-B", type=int, default=2048, help="GPU: rows projected at once")
+    parser.add_argument("--gpu-P", type=int, default=1 << 20, help="GPU: input width")
+    parser.add_argument("--gpu-k", type=int, default=4096, help="GPU: projection width")
+    parser.add_argument("--gpu-n", type=int, default=1_000_000, help="GPU: rows of a for inner / top-k")
+    parser.add_argument("--cpu", action=argparse.BooleanOptionalAction, default=True, help="run the CPU part")
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}")
-    cpu_part(args)
+    if args.cpu:
+        cpu_part(args)
     gpu_part(args)
 
 

@@ -53,6 +53,7 @@ SCRIPT = textwrap.dedent('''
     except ValueError as error:
         assert "ranks [1]" in str(error), error
     print(f"rank {rank} of {size} ok", flush=True)
+    dist.barrier()  # no rank tears gloo down while another is still in its last collective
     dist.destroy_process_group()
 ''')
 
@@ -143,6 +144,7 @@ ATTRIBUTORS = textwrap.dedent('''
         assert torch.equal(one.indices, many.indices), (one.indices, many.indices)
         torch.testing.assert_close(one.values, many.values)
     print(f"rank {rank} ok", flush=True)
+    dist.barrier()  # no rank tears gloo down while another is still in its last collective
     dist.destroy_process_group()
 ''')
 
