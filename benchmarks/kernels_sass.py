@@ -35,8 +35,9 @@ def main(argv: Optional[List[str]] = None) -> None:
             print(json.dumps(record, sort_keys=True))
         return
     print("\n| config | arch | warps | registers | spill bytes | shared KiB | tensor-core instr. | "
-          "loop int / fp / cvt / tc instr. | int lane-ops per MAC | bound (% of bf16 peak) |")
-    print("|---|---|---:|---:|---:|---:|---:|---|---:|---:|")
+          "loop int / fp / cvt / tc instr. | loop shared wavefronts / barriers | int lane-ops per MAC | "
+          "bound (% of bf16 peak) |")
+    print("|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|")
     for r in records:
         loop = r["loop"]
         ratio = "-" if r["int_lane_ops_per_mac"] is None else f"{r['int_lane_ops_per_mac']:.3f}"
@@ -44,7 +45,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             f"{100 * r['roofline_fraction_of_bf16_peak']:.1f}"
         print(f"| {r['config']} | {r['arch']} | {r['num_warps']} | {r['registers']} | {r['spill_bytes']} | "
               f"{r['shared_bytes'] / 1024:.0f} | {r['tensor_core_instructions']} | "
-              f"{loop['int']} / {loop['fp']} / {loop['cvt']} / {loop['tc']} | {ratio} | {bound} |", flush=True)
+              f"{loop['int']} / {loop['fp']} / {loop['cvt']} / {loop['tc']} | "
+              f"{loop['shared_wavefronts']} / {loop['barriers']} | {ratio} | {bound} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -16,25 +16,28 @@ configuration and architecture:
   instructions, multiply-adds (MACs), and integer lane-operations per MAC;
 - a roofline bound from instruction throughput: the fraction of the chip's dense
   bf16 tensor-core rate the loop could reach if every pipe overlapped perfectly and
-  memory were free, ``(MACs / TC) / max(int / INT, fp / FP, cvt / CVT, MACs / TC)``
-  with per-SM, per-clock rates (lanes; MACs for tensor cores):
+  global memory were free, ``(MACs / TC) / max(int / INT, fp / FP, cvt / CVT,
+  shared / SHARED, MACs / TC)`` with per-SM, per-clock rates (lanes; MACs for tensor
+  cores; 128-byte shared-memory wavefronts):
 
-  ====== ===== ===== ===== ===========================
-  arch   INT   FP    CVT   TC (bf16 dense MACs)
-  ====== ===== ===== ===== ===========================
-  sm_80   64    64    16   1024  (A100: 312 TFLOP/s)
-  sm_90a  64   128    16   2048  (H100 SXM: 989 TFLOP/s)
-  ====== ===== ===== ===== ===========================
+  ====== ===== ===== ===== ====== ===========================
+  arch   INT   FP    CVT   SHARED TC (bf16 dense MACs)
+  ====== ===== ===== ===== ====== ===========================
+  sm_80   64    64    16    1     1024  (A100: 312 TFLOP/s)
+  sm_90a  64   128    16    1     2048  (H100 SXM: 989 TFLOP/s)
+  ====== ===== ===== ===== ====== ===========================
 
   A warp instruction counts 32 lane-operations (``IMAD.WIDE`` one instruction, a
   conservative count); ``FFMA`` 32 MACs; ``HMMA.MNK`` ``M·N·K`` MACs; ``HGMMA.MxNxK``
   ``M·N·K / 4`` per warp (one instruction per warpgroup of four warps); a tf32 MAC
   costs two bf16 MACs of tensor-core time, and a ``tf32x3`` product (fp32 inputs as
-  three tf32 products), the Gaussian projection's ``tf32x3`` or the three bf16 parts of a
-  float32 projection input do
-  one useful MAC per three. Loads,
-  stores, moves and branches are counted, not modelled. A bound from the instruction
-  mix only: a static estimate, not a timing.
+  three tf32 products: ``inner``, the Gaussian projection) or the three bf16 parts
+  of a float32 projection input do one useful MAC per three. ``LDS``/``STS`` take
+  one wavefront per warp for lanes up to 32 bits, two for 64, four for 128 (bank
+  conflicts not modelled), ``LDSM`` one per 8x8 matrix; the tensor cores' own
+  operand reads from shared memory (``HGMMA``) are not counted. Barriers
+  (``BAR``) are counted, not modelled, as are global loads, stores, moves and
+  branches. A bound from the instruction mix only: a static estimate, not a timing.
 
 ``python -m benchmarks.kernels_sass`` prints the table (``--json``: one record each).
 """
@@ -52,8 +55,8 @@ import torch
 
 ARCHS = {"sm_80": 80, "sm_90a": 90}
 # per SM and clock: integer lanes, fp32 lanes, conversion lanes, dense bf16 tensor-core MACs
-RATES = {"sm_80": {"int": 64, "fp": 64, "cvt": 16, "tc": 1024},
-         "sm_90a": {"int": 64, "fp": 128, "cvt": 16, "tc": 2048}}
+RATES = {"sm_80": {"int": 64, "fp": 64, "cvt": 16, "tc": 1024, "shared": 1},
+         "sm_90a": {"int": 64, "fp": 128, "cvt": 16, "tc": 2048, "shared": 1}}
 # shared memory a block may use on the smallest GPU that takes each tile table: H100/H200 227 KiB; "sm_80" also
 # serves sm_86/sm_89 (RTX 30xx/40xx, L4, L40) with 99 KiB (A100: 163 KiB)
 SHARED_LIMIT = {"sm_80": 99 * 1024, "sm_90a": 227 * 1024}
@@ -199,7 +202,8 @@ def _macs(opcode: str, suffix: str) -> int:
 def _mix(lines: Sequence[str]) -> Dict[str, int]:
     """Instruction counts by pipe, the multiply-adds they do (``macs``), and ``tc_cost``: the tensor-core MACs in
     units of bf16 MACs (a tf32 MAC costs two: the tf32 rate is half the bf16 rate)."""
-    counts = {"int": 0, "fp": 0, "cvt": 0, "tc": 0, "memory": 0, "other": 0, "macs": 0, "tc_cost": 0}
+    counts = {"int": 0, "fp": 0, "cvt": 0, "tc": 0, "memory": 0, "other": 0, "macs": 0, "tc_cost": 0,
+              "shared_wavefronts": 0, "barriers": 0}
     for line in lines:
         match = _INSTRUCTION.match(line)
         if not match:
@@ -219,9 +223,22 @@ def _mix(lines: Sequence[str]) -> Dict[str, int]:
             counts["cvt"] += 1
         elif opcode.startswith(("LD", "ST", "ATOM", "RED", "CP", "UBLKCP", "UTMA", "SYNCS")):
             counts["memory"] += 1
+            counts["shared_wavefronts"] += _wavefronts(opcode, suffix)
         else:
             counts["other"] += 1
+            counts["barriers"] += opcode == "BAR"
     return counts
+
+
+def _wavefronts(opcode: str, suffix: str) -> int:
+    """Cycles of the SM's shared-memory pipe (128 bytes a cycle) a warp's ``LDS``/``STS``/``LDSM`` takes, bank
+    conflicts aside: one for up to 32-bit lanes, two for 64-bit, four for 128-bit; ``LDSM`` one per 8x8 matrix."""
+    if opcode == "LDSM":
+        matrices = re.search(r"\.M88\.(\d)", suffix)
+        return int(matrices.group(1)) if matrices else 1
+    if opcode in ("LDS", "STS"):
+        return 4 if ".128" in suffix else 2 if ".64" in suffix else 1
+    return 0
 
 
 def main_loop(sass: Sequence[str]) -> List[str]:
@@ -266,7 +283,7 @@ def analyse(config: Config) -> Dict[str, Any]:
         three = meta.get("PRECISION") == "tf32x3" or meta.get("DOT") == 2 or meta.get("PARTS") == 3
         useful = loop["macs"] / 3 if three else loop["macs"]
         cycles = max(lane["int"] / rates["int"], lane["fp"] / rates["fp"], lane["cvt"] / rates["cvt"],
-                     loop["tc_cost"] / rates["tc"])
+                     loop["tc_cost"] / rates["tc"], loop["shared_wavefronts"] / rates["shared"])
         record["useful_macs"] = useful
         record["int_lane_ops_per_mac"] = lane["int"] / useful
         record["roofline_fraction_of_bf16_peak"] = min(1.0, (useful / rates["tc"]) / cycles) if cycles else None

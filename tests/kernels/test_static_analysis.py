@@ -16,6 +16,10 @@ LISTING = """
         /*0060*/                   HMMA.16816.F32.BF16 R8, R12, R14, R8 ;
         /*0070*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4].tnspB, R24 ;
         /*0080*/                   LDG.E R6, desc[UR4][R2.64] ;
+        /*0084*/                   LDS.128 R8, [R2] ;
+        /*0088*/                   STS.U16 [R3], R4 ;
+        /*008c*/                   LDSM.16.M88.4 R12, [R5] ;
+        /*008e*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
         /*0090*/              @!P2 BRA `(.L_x_1) ;
 .L_x_2:
         /*00a0*/                   FFMA R5, R4, R4, R5 ;
@@ -27,8 +31,11 @@ def test_the_main_loop_and_its_instruction_mix_are_read_as_counted_by_hand():
     lines = LISTING.splitlines()
     loop = sa.main_loop(lines)
     mix = sa._mix(loop)
-    # IADD3 + LOP3 are integer, I2F a conversion, FFMA fp, HMMA and HGMMA tensor-core, LDG memory, BRA other
-    assert (mix["int"], mix["cvt"], mix["fp"], mix["tc"], mix["memory"], mix["other"]) == (2, 1, 1, 2, 1, 1)
+    # IADD3 + LOP3 are integer, I2F a conversion, FFMA fp, HMMA and HGMMA tensor-core, LDG/LDS/STS/LDSM memory,
+    # BAR and BRA other
+    assert (mix["int"], mix["cvt"], mix["fp"], mix["tc"], mix["memory"], mix["other"]) == (2, 1, 1, 2, 4, 2)
+    # shared-memory wavefronts: 128-bit LDS 4, 16-bit STS 1, LDSM of four 8x8 matrices 4; one barrier
+    assert (mix["shared_wavefronts"], mix["barriers"]) == (9, 1)
     assert mix["macs"] == 32 + 16 * 8 * 16 + 64 * 64 * 16 // 4  # FFMA lanes, m16n8k16, one warp's part of 64x64x16
     assert sa._mix(lines)["int"] == 3  # the IMAD outside the loop too
 
