@@ -395,11 +395,12 @@ def project_plan(B: int, P: int, K: int, dtype: torch.dtype, kind: str, arch: Op
         dot, path = 1, (arch, "parts" if parts == 3 else "half")
     else:
         dot, path = 2, (arch, "gaussian")
-    block_b, block_p, block_k, warps, stages = next(tile for above, tile in _TILES[path] if B > above)
+    tiles = _TILES[path]
+    block_b, block_p, block_k, warps, stages = next((t for above, t in tiles if B > above), tiles[-1][1])
     chunk = max(P, 1)
     if parts == 3:
-        chunk = min(chunk, max(block_p, _PART_BYTES // (3 * 2 * B) // block_p * block_p))
-    programs = triton.cdiv(B, block_b) * triton.cdiv(K, block_k)
+        chunk = min(chunk, max(block_p, _PART_BYTES // (3 * 2 * max(B, 1)) // block_p * block_p))
+    programs = max(1, triton.cdiv(B, block_b) * triton.cdiv(K, block_k))  # B = 0: one empty program
     splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, programs), chunk // _MIN_SPLIT_COLUMNS))
     columns_per_split = triton.cdiv(triton.cdiv(chunk, splits), block_p) * block_p
     splits = triton.cdiv(chunk, columns_per_split)
