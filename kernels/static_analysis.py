@@ -32,9 +32,10 @@ configuration and architecture:
   ``M·N·K / 4`` per warp (one instruction per warpgroup of four warps); a tf32 MAC
   costs two bf16 MACs of tensor-core time, and a ``tf32x3`` product (fp32 inputs as
   three tf32 products: ``inner``, the Gaussian projection) or the three bf16 parts
-  of a float32 projection input do one useful MAC per three. ``LDS``/``STS`` take
-  one wavefront per warp for lanes up to 32 bits, two for 64, four for 128 (bank
-  conflicts not modelled), ``LDSM`` one per 8x8 matrix; the tensor cores' own
+  of a float32 projection input do one useful MAC per three. ``LDS``/``STS`` and
+  the shared-memory writes of ``LDGSTS`` take one wavefront per warp for lanes up to
+  32 bits, two for 64, four for 128 (bank conflicts not modelled), ``LDSM`` one per
+  8x8 matrix; the tensor cores' own
   operand reads from shared memory (``HGMMA``) are not counted. Barriers
   (``BAR``) are counted, not modelled, as are global loads, stores, moves and
   branches. A bound from the instruction mix only: a static estimate, not a timing.
@@ -231,12 +232,13 @@ def _mix(lines: Sequence[str]) -> Dict[str, int]:
 
 
 def _wavefronts(opcode: str, suffix: str) -> int:
-    """Cycles of the SM's shared-memory pipe (128 bytes a cycle) a warp's ``LDS``/``STS``/``LDSM`` takes, bank
-    conflicts aside: one for up to 32-bit lanes, two for 64-bit, four for 128-bit; ``LDSM`` one per 8x8 matrix."""
+    """Cycles of the SM's shared-memory pipe (128 bytes a cycle) a warp's ``LDS``/``STS``/``LDGSTS`` (an async copy
+    from global memory, written to shared memory)/``LDSM`` takes, bank conflicts aside: one for up to 32-bit lanes,
+    two for 64-bit, four for 128-bit; ``LDSM`` (``.MT88`` transposed too) one per 8x8 matrix."""
     if opcode == "LDSM":
-        matrices = re.search(r"\.M88\.(\d)", suffix)
+        matrices = re.search(r"\.MT?88\.(\d)", suffix)
         return int(matrices.group(1)) if matrices else 1
-    if opcode in ("LDS", "STS"):
+    if opcode in ("LDS", "STS", "LDGSTS"):
         return 4 if ".128" in suffix else 2 if ".64" in suffix else 1
     return 0
 

@@ -19,7 +19,9 @@ LISTING = """
         /*0084*/                   LDS.128 R8, [R2] ;
         /*0088*/                   STS.U16 [R3], R4 ;
         /*008c*/                   LDSM.16.M88.4 R12, [R5] ;
-        /*008e*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*008d*/                   LDSM.16.MT88.2 R16, [R5] ;
+        /*008e*/                   LDGSTS.E.BYPASS.128 [R7], desc[UR4][R2.64] ;
+        /*008f*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
         /*0090*/              @!P2 BRA `(.L_x_1) ;
 .L_x_2:
         /*00a0*/                   FFMA R5, R4, R4, R5 ;
@@ -33,9 +35,10 @@ def test_the_main_loop_and_its_instruction_mix_are_read_as_counted_by_hand():
     mix = sa._mix(loop)
     # IADD3 + LOP3 are integer, I2F a conversion, FFMA fp, HMMA and HGMMA tensor-core, LDG/LDS/STS/LDSM memory,
     # BAR and BRA other
-    assert (mix["int"], mix["cvt"], mix["fp"], mix["tc"], mix["memory"], mix["other"]) == (2, 1, 1, 2, 4, 2)
-    # shared-memory wavefronts: 128-bit LDS 4, 16-bit STS 1, LDSM of four 8x8 matrices 4; one barrier
-    assert (mix["shared_wavefronts"], mix["barriers"]) == (9, 1)
+    assert (mix["int"], mix["cvt"], mix["fp"], mix["tc"], mix["memory"], mix["other"]) == (2, 1, 1, 2, 6, 2)
+    # shared-memory wavefronts: 128-bit LDS 4, 16-bit STS 1, LDSM of four 8x8 matrices 4 and a transposed one of
+    # two 2, a 128-bit LDGSTS (written to shared memory) 4; one barrier
+    assert (mix["shared_wavefronts"], mix["barriers"]) == (15, 1)
     assert mix["macs"] == 32 + 16 * 8 * 16 + 64 * 64 * 16 // 4  # FFMA lanes, m16n8k16, one warp's part of 64x64x16
     assert sa._mix(lines)["int"] == 3  # the IMAD outside the loop too
 
