@@ -36,7 +36,8 @@ from .layer_capture import Captured, LayerSpec
 
 __all__ = ["side_seed", "project_factors", "project_gradient", "Compression", "compression", "compress_factors",
            "compress_one_hot", "embedding_input_maps", "compressed_covariances", "compressed_ekfac",
-           "compress_gradient", "compress_parameter_gradients", "compressed_gradients", "token_gradients", "token_scores", "COMPRESSION_KINDS"]
+           "compress_gradient", "compress_parameter_gradients", "compressed_gradients", "token_gradients",
+           "token_scores", "COMPRESSION_KINDS"]
 
 COMPRESSION_KINDS = ("logra", "factgrass")
 MASK_RATIO = 4  # FactGraSS keeps this many coordinates per output dimension before its SJLT

@@ -121,47 +121,48 @@ def gpu_checks(device: torch.device) -> bool:
     return all(ok for _, ok in results)
 
 
+def gpu_row(name: str, dtype: torch.dtype, seconds: float, flops: float, baseline: float) -> str:
+    return f"| {name} | {dtype} | {seconds * 1e3:.2f} | {flops / seconds / 1e12:.1f} | {baseline / seconds:.2f} |"
+
+
 def gpu_part(args) -> None:
     if not torch.cuda.is_available():
         print("\nGPU: none available here; only the CPU part ran.")
         return
     device = torch.device("cuda")
-    sync = torch.cuda.synchronize
+
+    def seconds(fn) -> float:
+        return timed(fn, args.repeats, sync=torch.cuda.synchronize).seconds
+
     print(f"\nGPU: {torch.cuda.get_device_name()}, capability {torch.cuda.get_device_capability()}\n")
     print("| check | result |\n|---|---|")
     passed = gpu_checks(device)
     B, P, k = args.gpu_B, args.gpu_P, args.gpu_k
     print(f"\nprojection B={B}, P={P:,}, k={k}; medians of {args.repeats}\n")
-    print("| operation | dtype | time (ms) | TFLOP/s | vs materialised matmul |")
-    print("|---|---|---:|---:|---:|")
+    print("| operation | dtype | time (ms) | TFLOP/s | vs materialised matmul |\n|---|---|---:|---:|---:|")
     flops = 2.0 * B * P * k
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(B, P, device=device).to(dtype)
         R = materialise(P, k, "rademacher", 0, device).to(dtype)
-        t_mat = timed(lambda: x @ R, args.repeats, sync=sync).seconds
-        print(f"| matmul, materialised (cuBLAS) | {dtype} | {t_mat * 1e3:.2f} | {flops / t_mat / 1e12:.1f} | 1.00 |")
+        t_mat = seconds(lambda: x @ R)
         R = None  # free it before the next kind
+        print(gpu_row("matmul, materialised (cuBLAS)", dtype, t_mat, flops, t_mat))
         for kind in ("rademacher", "gaussian"):
-            t = timed(lambda: kernels.project(x, k, kind=kind), args.repeats, sync=sync).seconds
-            print(f"| project {kind}, Triton | {dtype} | {t * 1e3:.2f} | {flops / t / 1e12:.1f} | {t_mat / t:.2f} |")
+            print(gpu_row(f"project {kind}, Triton", dtype, seconds(lambda: kernels.project(x, k, kind=kind)),
+                          flops, t_mat))
         x = None
     n, m, width = args.gpu_n, args.n_test, args.k
     print(f"\ninner and top-10 of {n:,} x {m:,} rows of {width}\n")
-    print("| operation | dtype | time (ms) | TFLOP/s | vs baseline |")
-    print("|---|---|---:|---:|---:|")
+    print("| operation | dtype | time (ms) | TFLOP/s | vs baseline |\n|---|---|---:|---:|---:|")
     flops = 2.0 * n * m * width
     for dtype in (torch.float32, torch.bfloat16):
         a = torch.randn(n, width, device=device).to(dtype)
         b = torch.randn(m, width, device=device).to(dtype)
-        t_mm = timed(lambda: a @ b.T, args.repeats, sync=sync).seconds
-        print(f"| matmul (baseline) | {dtype} | {t_mm * 1e3:.2f} | {flops / t_mm / 1e12:.1f} | 1.00 |")
-        t = timed(lambda: kernels.inner(a, b), args.repeats, sync=sync).seconds
-        print(f"| inner, Triton | {dtype} | {t * 1e3:.2f} | {flops / t / 1e12:.1f} | {t_mm / t:.2f} |")
-        t_top = timed(lambda: torch.topk(a @ b.T, 10, dim=0), args.repeats, sync=sync).seconds
-        print(f"| top-10: matmul + torch.topk (baseline) | {dtype} | {t_top * 1e3:.2f} | {flops / t_top / 1e12:.1f} "
-              f"| 1.00 |")
-        t = timed(lambda: kernels.topk_inner(a, b, 10), args.repeats, sync=sync).seconds
-        print(f"| top-10: topk_inner, fused | {dtype} | {t * 1e3:.2f} | {flops / t / 1e12:.1f} | {t_top / t:.2f} |")
+        t_mm, t_top = seconds(lambda: a @ b.T), seconds(lambda: torch.topk(a @ b.T, 10, dim=0))
+        print(gpu_row("matmul (baseline)", dtype, t_mm, flops, t_mm))
+        print(gpu_row("inner, Triton", dtype, seconds(lambda: kernels.inner(a, b)), flops, t_mm))
+        print(gpu_row("top-10: matmul + torch.topk (baseline)", dtype, t_top, flops, t_top))
+        print(gpu_row("top-10: topk_inner, fused", dtype, seconds(lambda: kernels.topk_inner(a, b, 10)), flops, t_top))
         a = b = None
     if not passed:
         raise SystemExit("GPU: some checks FAILED (above)")

@@ -85,8 +85,9 @@ def project(
 
     On GPUs with bf16 tensor cores (sm_80 and later) the Rademacher projection runs
     on them exactly (±1 is exact in fp16/bf16, and float32 ``x`` goes in as three
-    exact bf16 parts); the Gaussian one as three tf32 products (``tf32x3``: each
-    product to about ``2^-21`` relative instead of float32's ``2^-24``).
+    exact bf16 parts, so an infinite float32 entry gives NaN there, not ±inf); the
+    Gaussian one as three tf32 products (``tf32x3``: each product to about ``2^-21``
+    relative instead of float32's ``2^-24``).
 
     Args:
         x: ``(B, P)`` float32, float16, bfloat16 or float64 (accumulated in float32).
@@ -161,9 +162,11 @@ def topk_inner(
     On the Triton path with ``k <= 128`` (and float32/float16/bfloat16 inputs) one
     fused kernel scores tiles of ``a`` against tiles of ``b`` in registers and keeps
     each query's best candidates by sorting networks over keys that order by score
-    and then by smaller index; ``a`` is cut into chunks of ``block_rows`` rows
-    (default: enough to fill the GPU), one program each, and only each chunk's
-    best candidates reach memory. Otherwise ``a`` is streamed in blocks of
+    and then by smaller index; ``a`` is cut into chunks of about ``block_rows``
+    rows (rounded up to a multiple of 64 or 128, at least ``n / 65535``; default:
+    enough chunks to fill the GPU), one program each, and only each chunk's best 64
+    or 128 candidates per query reach memory (so chunks shorter than a few hundred
+    rows hold more keys than they save). Otherwise ``a`` is streamed in blocks of
     ``block_rows`` rows (default: about 16M scores per block), each scored with
     :func:`inner` and merged into a running top-k. Either way the ``(n, m)``
     matrix is never allocated, and ties go to the smaller index of ``a``, whatever

@@ -51,9 +51,9 @@ def _row_keys(seed_key, rows):
 
 
 @triton.jit
-def _tile(keys, col_start, cols, table_ptr, KIND: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
-    """Unscaled entries for row keys ``(BP,)`` and the columns ``cols`` ``(BK,)`` (int64, from ``col_start``, a
-    multiple of 32): ``(BP, BK)`` in ``DTYPE`` (float32, or for Rademacher also float16/bfloat16)."""
+def _tile(keys, col_start, table_ptr, KIND: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
+    """Unscaled entries for row keys ``(BP,)`` and the ``BK`` columns from ``col_start`` (int64, a multiple of 32):
+    ``(BP, BK)`` in ``DTYPE`` (float32, or for Rademacher also float16/bfloat16)."""
     if KIND == 0:
         # Word w gives columns 32w .. 32w + 31 (bit j & 31 of word j >> 5), a byte for each 8 of them; each byte's
         # thread hashes its word (4 hashes a word, against 32 with one per entry)
@@ -83,7 +83,7 @@ def _byte_signs(h, DTYPE: tl.constexpr):
     i0]`` from bit ``4 i2 + 2 i1 + i0``. Built by joins, which keep the 8 entries in the thread that made the byte,
     close to the 8 consecutive columns per thread the tile's store to shared memory wants. (One join tree per word,
     32 columns per thread, made Triton convert layouts through shared memory at every level: 66 barriers an
-    iteration against 18, and 59% against 81% of bf16 peak on sm_90a, in the static model.)"""
+    iteration against 18 on sm_90a.)"""
     a0 = tl.join(_sign(h, 0, DTYPE), _sign(h, 4, DTYPE))
     a1 = tl.join(_sign(h, 1, DTYPE), _sign(h, 5, DTYPE))
     a2 = tl.join(_sign(h, 2, DTYPE), _sign(h, 6, DTYPE))
@@ -113,7 +113,7 @@ def _entries_kernel(out_ptr, table_ptr, R, K, row_offset, seed_key, KIND: tl.con
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
     keys = _row_keys(seed_key.to(tl.uint32), row_offset + rows)
-    values = _tile(keys, tl.program_id(1).to(tl.int64) * BLOCK_K, cols, table_ptr, KIND, BLOCK_K, tl.float32)
+    values = _tile(keys, tl.program_id(1).to(tl.int64) * BLOCK_K, table_ptr, KIND, BLOCK_K, tl.float32)
     mask = (rows[:, None] < R) & (cols[None, :] < K)
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], values, mask=mask)
 
@@ -146,18 +146,22 @@ def _project_kernel(x_ptr, out_ptr, table_ptr, B, P, K, stride_xs, stride_xb, st
         # The tile of the matrix lives in registers only, reused by the BLOCK_B rows of x (and by every part).
         keys = _row_keys(key_seed, row_offset + offs_p)
         if DOT == 1:  # ±1 entries are exact in fp16/bf16: tensor cores lose nothing
-            tile = _tile(keys, col_start, offs_k, table_ptr, KIND, BLOCK_K, x_ptr.dtype.element_ty)
-            for part in tl.static_range(PARTS):
-                acc = tl.dot(tl.load(x_ptrs + part * stride_xs, mask=x_mask, other=0.0), tile, acc)
+            tile = _tile(keys, col_start, table_ptr, KIND, BLOCK_K, x_ptr.dtype.element_ty)
+            part_ptrs = x_ptrs
+            for part in tl.static_range(PARTS):  # pointer steps: part * stride_xs in int32 would wrap past 2^31
+                acc = tl.dot(tl.load(part_ptrs, mask=x_mask, other=0.0), tile, acc)
+                part_ptrs += stride_xs
         elif DOT == 2:  # Gaussian entries (float32) on tensor cores as three tf32 products
-            tile = _tile(keys, col_start, offs_k, table_ptr, KIND, BLOCK_K, tl.float32)
+            tile = _tile(keys, col_start, table_ptr, KIND, BLOCK_K, tl.float32)
             x = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)
             acc = tl.dot(x, tile, acc, input_precision="tf32x3")
         else:  # FMA in float32 (the interpreter, GPUs without bf16 tensor cores)
-            tile = _tile(keys, col_start, offs_k, table_ptr, KIND, BLOCK_K, tl.float32)
+            tile = _tile(keys, col_start, table_ptr, KIND, BLOCK_K, tl.float32)
+            part_ptrs = x_ptrs
             for part in tl.static_range(PARTS):
-                x = tl.load(x_ptrs + part * stride_xs, mask=x_mask, other=0.0).to(tl.float32)
+                x = tl.load(part_ptrs, mask=x_mask, other=0.0).to(tl.float32)
                 acc = tl.dot(x, tile, acc, input_precision="ieee")
+                part_ptrs += stride_xs
     tl.store(out_ptrs, acc, mask=out_mask)
 
 
@@ -323,9 +327,19 @@ class Launch(NamedTuple):
             self.kernel[self.grid](*self.args, **self.meta)
 
 
+_GRID_Y = 65535  # CUDA's limit on the second and third grid dimensions
+
+
+def _checked_grid(grid: Tuple[int, ...], name: str, what: str) -> Tuple[int, ...]:
+    if any(blocks > _GRID_Y for blocks in grid[1:]):
+        raise ValueError(f"{name}: {what} need a grid of {grid} blocks, over the grid's {_GRID_Y} in its second and "
+                         "third dimensions")
+    return grid
+
+
 def entries_launch(out: Tensor, table: Tensor, seed: int, row_offset: int, kind: str) -> Launch:
     rows, dim_out = out.shape
-    grid = (triton.cdiv(rows, 32), triton.cdiv(dim_out, 32))
+    grid = _checked_grid((triton.cdiv(rows, 32), triton.cdiv(dim_out, 32)), "entries_launch", f"{dim_out} columns")
     return Launch(_entries_kernel, grid, (out, table, rows, dim_out, row_offset, _host_mix(seed ^ K0)),
                   dict(KIND=_KIND[kind], BLOCK_R=32, BLOCK_K=32))
 
@@ -369,7 +383,7 @@ _TILES = {
 }
 _TARGET_PROGRAMS = 264  # split over P until the grid has this many programs (2 waves of an H100's 132 SMs) ...
 _MIN_SPLIT_COLUMNS = 4096  # ... but never into ranges shorter than this
-_PART_BYTES = 1 << 28  # the bf16 parts of a float32 input are made at most this many bytes at a time
+_PART_BYTES = 1 << 28  # bf16 parts of a float32 input made at a time: this many bytes, or block_p columns if more
 
 
 def device_arch(device: torch.device) -> Optional[str]:
@@ -435,7 +449,8 @@ def project_launch(x: Tensor, out: Tensor, table: Tensor, kind: str, seed: int, 
     ``offset``) into ``out`` ``(plan.splits, B, K)``, unscaled; ``accumulate`` continues the sums in ``out``."""
     _, B, P = x.shape
     dim_out = out.shape[2]
-    grid = (triton.cdiv(B, plan.block_b), triton.cdiv(dim_out, plan.block_k), plan.splits)
+    grid = _checked_grid((triton.cdiv(B, plan.block_b), triton.cdiv(dim_out, plan.block_k), plan.splits),
+                         "project_launch", f"{dim_out} output columns")
     args = (x, out, table, B, P, dim_out, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),
             out.stride(2), offset, _host_mix(seed ^ K0), plan.columns_per_split)
     return Launch(_project_kernel, grid, args,
@@ -444,18 +459,13 @@ def project_launch(x: Tensor, out: Tensor, table: Tensor, kind: str, seed: int, 
                        num_stages=plan.stages))
 
 
-_GRID_Y = 65535  # CUDA's limit on the second and third grid dimensions
-
-
 def inner_launch(a: Tensor, b: Tensor, out: Tensor, normalize: bool, interpreted: bool = False) -> Launch:
     """``out = a bᵀ`` (cosines with ``normalize``) for ``b`` of at most ``65535 · 64`` rows (:func:`inner`
     launches larger ``b`` in slices)."""
     N, K = a.shape
     M = b.shape[0]
     block_n, block_m, block_k = 64, 64, 32
-    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
-    if grid[1] > _GRID_Y:
-        raise ValueError(f"inner_launch: {M} rows of b need {grid[1]} blocks, over the grid's {_GRID_Y}")
+    grid = _checked_grid((triton.cdiv(N, block_n), triton.cdiv(M, block_m)), "inner_launch", f"{M} rows of b")
     precision = "ieee" if interpreted else ("tf32x3" if a.dtype == torch.float32 else "ieee")
     args = (a, b, out, N, M, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1))
     return Launch(_inner_kernel, grid, args, dict(NORMALIZE=normalize, PRECISION=precision, BLOCK_N=block_n,

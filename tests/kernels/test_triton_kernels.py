@@ -98,6 +98,16 @@ def test_inner_slices_queries_beyond_the_grid_limit(monkeypatch):
         triton_kernels.inner_launch(a, b, torch.empty(40, 300), False)
 
 
+def test_projection_of_no_rows_and_past_the_grid(monkeypatch):
+    for kind in ("rademacher", "gaussian"):
+        assert triton_kernels.project_dense(torch.randn(0, 10), 8, kind, 1, 0).shape == (0, 8)
+    monkeypatch.setattr(triton_kernels, "_GRID_Y", 2)  # 2 blocks of output columns per launch at most
+    with pytest.raises(ValueError, match="project_launch: 200 output columns need a grid .* over the grid"):
+        triton_kernels.project_dense(torch.randn(3, 10), 200, "rademacher", 1, 0)
+    with pytest.raises(ValueError, match="entries_launch: 100 columns need a grid"):
+        triton_kernels.entries(0, 0, 4, 100, "gaussian", CPU)
+
+
 def test_the_three_bf16_parts_of_a_float32_add_up_to_it_exactly():
     g = torch.Generator().manual_seed(13)
     # from 2^-149 (subnormal) to 2^127, signed zeros, the largest
