@@ -7,8 +7,10 @@ CPU (always): ``kernels.project`` (rademacher, gaussian, sjlt) against
 ``kernels.inner`` / ``kernels.topk_inner`` against ``matmul`` (+ ``torch.topk``),
 in one run on the same inputs. GPU (when CUDA is available): first the GPU's
 numbers against the CPU's (entries bit for bit, projections and inner products
-against float64, top-k against the exact ranking), then the Triton projection
-against cuBLAS on the materialised matrix, ``inner`` against ``matmul`` and the
+against float64, top-k against the exact ranking; every schedule the projection's
+timing may choose the same bit for bit), then the Triton projection, with its
+static plan and tuned (``ATTRIB_TUNE``, :mod:`kernels.tuning`), against cuBLAS on
+the materialised matrix, ``inner`` against ``matmul`` and the
 fused top-k against ``matmul`` + ``torch.topk``, in TFLOP/s (``--gpu-*`` sizes;
 ``--no-cpu`` skips the CPU part). Without a GPU the script says so and runs the
 CPU part only.
@@ -17,11 +19,13 @@ CPU part only.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 
 import torch
 
 import kernels
-from kernels import reference
+from kernels import reference, tuning
 
 from .measure import timed
 
@@ -85,9 +89,26 @@ def cpu_part(args) -> None:
     print("\n".join(lines))
 
 
+def schedules_agree(x: torch.Tensor, dim_out: int, kind: str) -> tuple[int, bool]:
+    """How many schedules the projection's timing may choose from on ``x``'s GPU (``project_schedules``), and
+    whether every one gives ``x``'s projection bit for bit as the static plan does (``x`` within one chunk)."""
+    from kernels import triton_kernels as tk
+
+    B, P = x.shape
+    plans = tk.project_schedules(B, P, dim_out, x.dtype, kind, tk.device_arch(x.device), interpreted=False)
+    outs = []
+    for plan in plans:
+        parts = tk.bf16_parts(x) if plan.parts == 3 else x.unsqueeze(0)
+        partial = torch.empty(plan.splits, B, dim_out, device=x.device)
+        tk.project_launch(parts, partial, tk.gaussian_table(x.device), kind, 5, 11, plan)()
+        outs.append(partial)
+    return len(plans), all(torch.equal(out, outs[0]) for out in outs[1:])
+
+
 def gpu_checks(device: torch.device) -> bool:
     """The GPU's numbers against the CPU's: matrix entries bit for bit, projections and inner products against
-    float64, top-k against the exact ranking (ties to the smaller row). Prints one line each; True if all pass."""
+    float64, top-k against the exact ranking (ties to the smaller row); every schedule of the projection the
+    same bit for bit. Prints one line each; True if all pass."""
     g = torch.Generator().manual_seed(3)
     results = []
     for kind in ("rademacher", "gaussian"):
@@ -101,6 +122,9 @@ def gpu_checks(device: torch.device) -> bool:
                 got = kernels.project(x.to(device), 1000, kind=kind, seed=5, offset=11).cpu().double()
                 error = float((got - exact).abs().max() / exact.abs().max())
                 results.append((f"project, {kind}, {dtype}, B={rows}: max error {error:.1e} of the largest", error < 3e-5))
+                count, same = schedules_agree(x.to(device), 1000, kind)
+                results.append((f"project, {kind}, {dtype}, B={rows}: its {count} schedules bit for bit the same",
+                                same))
     for dtype in (torch.float32, torch.bfloat16):
         a, b = torch.randn(3000, 100, generator=g).to(dtype), torch.randn(70, 100, generator=g).to(dtype)
         for normalize in (False, True):
@@ -119,6 +143,20 @@ def gpu_checks(device: torch.device) -> bool:
     for name, ok in results:
         print(f"| {name} | {'pass' if ok else 'FAIL'} |")
     return all(ok for _, ok in results)
+
+
+@contextlib.contextmanager
+def tuned(on: bool):
+    """``ATTRIB_TUNE`` set to ``on`` inside, as it was after."""
+    previous = os.environ.get("ATTRIB_TUNE")
+    os.environ["ATTRIB_TUNE"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["ATTRIB_TUNE"]
+        else:
+            os.environ["ATTRIB_TUNE"] = previous
 
 
 def gpu_row(name: str, dtype: torch.dtype, seconds: float, flops: float, baseline: float) -> str:
@@ -148,8 +186,13 @@ def gpu_part(args) -> None:
         R = None  # free it before the next kind
         print(gpu_row("matmul, materialised (cuBLAS)", dtype, t_mat, flops, t_mat))
         for kind in ("rademacher", "gaussian"):
-            print(gpu_row(f"project {kind}, Triton", dtype, seconds(lambda: kernels.project(x, k, kind=kind)),
-                          flops, t_mat))
+            with tuned(False):
+                t_static = seconds(lambda: kernels.project(x, k, kind=kind))
+            with tuned(True):
+                t_tuned = seconds(lambda: kernels.project(x, k, kind=kind))  # the warm-up call times the schedules
+            taken = [index for key, index in tuning.choices().items() if key[3:5] == (kind, dtype)]
+            print(gpu_row(f"project {kind}, Triton, static plan", dtype, t_static, flops, t_mat))
+            print(gpu_row(f"project {kind}, Triton, tuned (schedule {taken})", dtype, t_tuned, flops, t_mat))
         x = None
     n, m, width = args.gpu_n, args.n_test, args.k
     print(f"\ninner and top-10 of {n:,} x {m:,} rows of {width}\n")

@@ -1,12 +1,14 @@
 """What the Triton kernels compile to on sm_80 and sm_90a, without a GPU: :mod:`kernels.static_analysis`'s table.
 
     PYTHONPATH=. python -m benchmarks.kernels_sass [--json] [--arch sm_80,sm_90a] [--only project] [--rows B]
+                                                    [--schedules]
 
 Registers, spills, shared memory, tensor-core instructions, the main loop's instruction
 mix and integer lane-operations per multiply-add, and the roofline bound (fraction of
 dense bf16 tensor-core peak) from the instruction-throughput model documented in
 :mod:`kernels.static_analysis`, for every configuration the dispatcher launches. About
-40 s on 2 cores (28 compilations).
+40 s on 2 cores (28 compilations); ``--schedules`` adds the three alternative
+schedules of each projection that a GPU's timing may choose (``name#i``), 36 more.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--arch", default="sm_80,sm_90a")
     parser.add_argument("--only", help="configurations whose name starts with this (e.g. project)")
     parser.add_argument("--rows", type=int, default=4096, help="B: rows of x (gradients) per call; 4096 by default")
+    parser.add_argument("--schedules", action="store_true", help="also every alternative schedule of the projection")
     args = parser.parse_args(argv)
     archs = [a for a in args.arch.split(",") if a]
     for arch in archs:
         if arch not in ARCHS:
             raise SystemExit(f"--arch: expected some of {sorted(ARCHS)}, got {arch!r}")
-    records = [analyse(c) for arch in archs for c in configs(arch, B=args.rows, only=args.only)]
+    records = [analyse(c) for arch in archs for c in configs(arch, B=args.rows, only=args.only,
+                                                                          schedules=args.schedules)]
     if args.json:
         for record in records:
             print(json.dumps(record, sort_keys=True))

@@ -75,11 +75,14 @@ def project(
 
     The matrix is defined entry by entry by the hash in :mod:`kernels.hash` and is
     never materialised whole: the torch path generates one tile of at most 4M
-    entries at a time, the Triton kernel one tile (up to ``64 x 128``) in
+    entries at a time, the Triton kernel one tile (up to ``64 x 256``) in
     registers, shared by up to 256 rows of ``x`` (:func:`kernels.triton_kernels.project_plan`).
     Since entries depend on ``(seed, row, column)`` only, the result does not
     depend on tile, chunk or batch sizes or on the device (up to float summation
-    order, which for one shape and GPU generation is the same at every run), and
+    order, which for one shape and GPU generation is the same at every run: a
+    projection of at least ``2^40`` multiply-adds on a GPU takes the fastest of a
+    few schedules, timed once per shape, that all sum in the static plan's order,
+    :mod:`kernels.tuning`; ``ATTRIB_TUNE=0`` takes the static plan untimed), and
     projecting column slices of ``x`` with their ``offset`` and summing gives the
     projection of the whole (for ``P`` too large to hold at once).
 

@@ -81,28 +81,33 @@ def _meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def project_config(arch: str, kind: str, dtype: torch.dtype, B: int, P: int, K: int) -> Config:
+def project_config(arch: str, kind: str, dtype: torch.dtype, B: int, P: int, K: int, schedule: int = 0) -> Config:
     """The projection launch :func:`kernels.triton_kernels.project_dense` makes on ``arch`` for ``x`` ``(B, P)``
-    of ``dtype`` (a float32 Rademacher input: the launch over one chunk of its bf16 parts)."""
+    of ``dtype`` (a float32 Rademacher input: the launch over one chunk of its bf16 parts), with the static plan
+    or (``schedule`` ``i > 0``) the ``i``-th alternative a GPU's timing may choose instead (named ``...#i``)."""
     from kernels import triton_kernels as tk
 
-    plan = tk.project_plan(B, P, K, dtype, kind, arch, interpreted=False)
+    plan = tk.project_schedules(B, P, K, dtype, kind, arch, interpreted=False)[schedule]
     columns = min(P, plan.chunk)
     x = _meta(3, B, columns, dtype=torch.bfloat16) if plan.parts == 3 else _meta(B, columns, dtype=dtype)[None]
     launch = tk.project_launch(x, _meta(plan.splits, B, K), _meta(65536), kind, 0, 0, plan)
-    return Config(f"project/{kind}/{str(dtype)[6:]}", arch, launch, plan.dot != 0)
+    return Config(f"project/{kind}/{str(dtype)[6:]}" + (f"#{schedule}" if schedule else ""), arch, launch,
+                  plan.dot != 0)
 
 
-def configs(arch: str, B: int = 4096, P: int = 1 << 24, K: int = 8192, only: Optional[str] = None) -> List[Config]:
+def configs(arch: str, B: int = 4096, P: int = 1 << 24, K: int = 8192, only: Optional[str] = None,
+            schedules: bool = False) -> List[Config]:
     """The configurations the dispatcher launches on ``arch``, with arguments of a realistic size (``B`` gradients
-    of ``P`` parameters projected to ``K``; ``inner`` of ``B`` by ``B`` rows of ``K``)."""
+    of ``P`` parameters projected to ``K``; ``inner`` of ``B`` by ``B`` rows of ``K``); with ``schedules``, every
+    alternative schedule of each projection too."""
     from kernels import triton_kernels as tk
 
     out = []
     for kind in ("rademacher", "gaussian"):
         out.append(Config(f"entries/{kind}", arch, tk.entries_launch(_meta(B, K), _meta(65536), 0, 0, kind), False))
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            out.append(project_config(arch, kind, dtype, B, P, K))
+            count = len(tk.project_schedules(B, P, K, dtype, kind, arch, interpreted=False)) if schedules else 1
+            out.extend(project_config(arch, kind, dtype, B, P, K, schedule) for schedule in range(count))
     for normalize in (False, True):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             launch = tk.inner_launch(_meta(B, K, dtype=dtype), _meta(B, K, dtype=dtype), _meta(B, B), normalize)
@@ -231,6 +236,17 @@ def _mix(lines: Sequence[str]) -> Dict[str, int]:
     return counts
 
 
+def _tensor_core_kinds(lines: Sequence[str]) -> List[str]:
+    """The tensor-core instructions in ``lines`` by opcode and operand types, shape left out (``HGMMA.F32.BF16``)."""
+    kinds = set()
+    for line in lines:
+        match = _INSTRUCTION.match(line)
+        if match and match.group(3) in _TC:
+            types = [t for t in (match.group(4) or "").split(".") if re.fullmatch(r"[A-Z]+\d*", t)]
+            kinds.add(".".join([match.group(3)] + types))
+    return sorted(kinds)
+
+
 def _wavefronts(opcode: str, suffix: str) -> int:
     """Cycles of the SM's shared-memory pipe (128 bytes a cycle) a warp's ``LDS``/``STS``/``LDGSTS`` (an async copy
     from global memory, written to shared memory)/``LDSM`` takes, bank conflicts aside: one for up to 32-bit lanes,
@@ -274,6 +290,7 @@ def analyse(config: Config) -> Dict[str, Any]:
         "spill_bytes": report["spill_stores"] + report["spill_loads"], "shared_bytes": int(compiled.metadata.shared),
         "shared_limit_bytes": SHARED_LIMIT[arch],
         "num_warps": int(compiled.metadata.num_warps), "tensor_core_instructions": whole["tc"],
+        "tensor_core_kinds": _tensor_core_kinds(sass),
         "meant_for_tensor_cores": config.tensor_cores, "loop": loop,
         "signature": {k: v for k, v in compiled.src.signature.items()},
     }

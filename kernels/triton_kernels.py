@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import tuning
 from .hash import K0, M1, M2, gaussian_table
 
 _KIND = {"rademacher": 0, "gaussian": 1}
@@ -366,24 +367,43 @@ class ProjectPlan(NamedTuple):
     columns_per_split: int
 
 
-# Tiles per GPU generation and path, ((rows of x above which it is taken, (BLOCK_B, BLOCK_P, BLOCK_K, warps,
-# stages)), ...), chosen with the static model of kernels/static_analysis.py (benchmarks/kernels_sass.py,
-# RESULTS.md): no spills, shared memory within the smallest GPU that takes the table (227 KiB on Hopper; 99 KiB
-# for "sm_80", which also serves sm_86/sm_89 and later), and as many rows per generated tile of the matrix as
-# the accumulator's registers allow (each tile serves BLOCK_B rows of x: the more, the less hashing per
-# multiply-add).
+# Tiles per GPU generation and path: rows ``(above, tile, alternatives)``, taken for inputs of more than ``above``
+# rows of x. ``tile`` (BLOCK_B, BLOCK_P, BLOCK_K, warps, stages) is the static plan, chosen with the static model of
+# kernels/static_analysis.py (benchmarks/kernels_sass.py, RESULTS.md): no spills, shared memory within the smallest
+# GPU that takes the table (227 KiB on Hopper; 99 KiB for "sm_80", which also serves sm_86/sm_89 and later), and
+# the highest bound (within 2%, the deeper pipeline), which favours many rows per generated tile of the matrix
+# (each tile serves BLOCK_B rows of x: the more, the less hashing per multiply-add). ``alternatives`` (BLOCK_B, BLOCK_K, warps, stages) keep BLOCK_P and
+# so every output's sum: the next best schedules by the same model, among which a GPU's timings choose
+# (kernels/tuning.py, project_schedules).
 _TILES = {
-    ("sm_90a", "half"): ((128, (256, 64, 128, 8, 3)), (64, (128, 64, 128, 4, 3)), (0, (64, 64, 128, 4, 3))),
-    ("sm_90a", "parts"): ((128, (256, 64, 128, 8, 2)), (64, (128, 32, 128, 4, 3)), (0, (64, 32, 128, 4, 3))),
-    ("sm_90a", "gaussian"): ((64, (128, 32, 128, 8, 3)), (0, (64, 64, 128, 4, 2))),
-    ("sm_80", "half"): ((128, (256, 64, 64, 8, 3)), (64, (128, 64, 64, 4, 3)), (0, (64, 32, 128, 4, 2))),
-    ("sm_80", "parts"): ((128, (256, 32, 64, 8, 2)), (64, (128, 32, 64, 4, 3)), (0, (64, 32, 64, 4, 3))),
-    ("sm_80", "gaussian"): ((64, (128, 32, 128, 8, 3)), (0, (64, 32, 64, 4, 2))),
-    (None, "fma"): ((0, (64, 32, 64, 4, 3)),),
+    ("sm_90a", "half"): (
+        (128, (256, 64, 128, 8, 3), ((256, 128, 8, 2), (256, 128, 8, 4), (256, 64, 8, 3))),
+        (64, (128, 64, 256, 8, 3), ((128, 128, 4, 3), (128, 128, 8, 3), (128, 256, 8, 2))),
+        (0, (64, 64, 128, 4, 3), ((64, 256, 4, 3), (64, 256, 8, 3), (64, 128, 8, 3)))),
+    ("sm_90a", "parts"): (
+        (128, (256, 64, 128, 8, 2), ((128, 128, 8, 3), (128, 256, 8, 2), (256, 64, 8, 2))),
+        (64, (128, 32, 128, 4, 3), ((128, 128, 4, 2), (128, 256, 8, 3), (128, 128, 8, 3))),
+        (0, (64, 32, 256, 4, 3), ((64, 128, 4, 3), (64, 128, 4, 2), (64, 64, 4, 3)))),
+    ("sm_90a", "gaussian"): (
+        (64, (128, 32, 128, 8, 3), ((128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 4))),
+        (0, (64, 64, 128, 8, 2), ((64, 128, 8, 3), (64, 128, 4, 2), (64, 64, 8, 2)))),
+    ("sm_80", "half"): (
+        (64, (128, 64, 256, 8, 3), ((128, 256, 8, 2), (128, 128, 4, 3), (256, 64, 8, 3))),
+        (0, (64, 32, 128, 4, 2), ((64, 256, 8, 2), (64, 256, 8, 3), (64, 128, 4, 3)))),
+    ("sm_80", "parts"): (
+        (128, (256, 32, 64, 8, 2), ((128, 128, 8, 3), (128, 256, 8, 2), (128, 64, 4, 3))),
+        (64, (128, 32, 64, 4, 3), ((128, 64, 4, 2), (128, 128, 8, 3), (128, 256, 8, 2))),
+        (0, (64, 32, 64, 8, 3), ((64, 64, 8, 2), (64, 256, 8, 2), (64, 128, 4, 2)))),
+    ("sm_80", "gaussian"): (
+        (64, (128, 32, 128, 8, 3), ((128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4))),
+        (0, (64, 32, 64, 8, 3), ((64, 64, 8, 2), (64, 64, 8, 4), (64, 64, 4, 2)))),
+    (None, "fma"): ((0, (64, 32, 64, 4, 3), ()),),
 }
 _TARGET_PROGRAMS = 264  # split over P until the grid has this many programs (2 waves of an H100's 132 SMs) ...
 _MIN_SPLIT_COLUMNS = 4096  # ... but never into ranges shorter than this
 _PART_BYTES = 1 << 28  # bf16 parts of a float32 input made at a time: this many bytes, or block_p columns if more
+_TUNE_MACS = 1 << 40  # projections of fewer multiply-adds (B·P·K) take the static plan, untimed
+_TUNE_COLUMNS = 1 << 14  # columns of x per split each candidate schedule is timed on
 
 
 def device_arch(device: torch.device) -> Optional[str]:
@@ -395,11 +415,13 @@ def device_arch(device: torch.device) -> Optional[str]:
     return "sm_90a" if major == 9 else "sm_80" if major >= 8 else None
 
 
-def project_plan(B: int, P: int, K: int, dtype: torch.dtype, kind: str, arch: Optional[str],
-                 interpreted: bool) -> ProjectPlan:
-    """The launch plan for ``x`` ``(B, P)`` of ``dtype`` projected to ``K`` on ``arch`` (see :class:`ProjectPlan`).
-    Depends on the shape and the GPU generation only, never on timings, so a call's summation order (its float
-    rounding) is the same at every run."""
+def project_schedules(B: int, P: int, K: int, dtype: torch.dtype, kind: str, arch: Optional[str],
+                      interpreted: bool) -> List[ProjectPlan]:
+    """The launch plans for ``x`` ``(B, P)`` of ``dtype`` projected to ``K`` on ``arch`` (see :class:`ProjectPlan`):
+    the static plan first, then its table row's alternatives. They differ in rows and columns per program, warps
+    and pipeline stages only; ``block_p``, chunks and splits are the static plan's, so every output element is
+    the same sum of the same products in the same order whichever of them runs. The static plan depends on the
+    shape and the GPU generation only, never on timings."""
     tensor_cores = arch is not None and not interpreted  # the interpreter's bf16 arithmetic is wrong
     # float32 x as three bf16 parts on tensor cores; the interpreter runs the same plan on float32 copies of them
     parts = 3 if kind == "rademacher" and dtype == torch.float32 and (tensor_cores or interpreted) else 1
@@ -409,8 +431,8 @@ def project_plan(B: int, P: int, K: int, dtype: torch.dtype, kind: str, arch: Op
         dot, path = 1, (arch, "parts" if parts == 3 else "half")
     else:
         dot, path = 2, (arch, "gaussian")
-    tiles = _TILES[path]
-    block_b, block_p, block_k, warps, stages = next((t for above, t in tiles if B > above), tiles[-1][1])
+    rows = _TILES[path]
+    _, (block_b, block_p, block_k, warps, stages), alternatives = next((r for r in rows if B > r[0]), rows[-1])
     chunk = max(P, 1)
     if parts == 3:
         chunk = min(chunk, max(block_p, _PART_BYTES // (3 * 2 * max(B, 1)) // block_p * block_p))
@@ -418,7 +440,16 @@ def project_plan(B: int, P: int, K: int, dtype: torch.dtype, kind: str, arch: Op
     splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, programs), chunk // _MIN_SPLIT_COLUMNS))
     columns_per_split = triton.cdiv(triton.cdiv(chunk, splits), block_p) * block_p
     splits = triton.cdiv(chunk, columns_per_split)
-    return ProjectPlan(dot, parts, block_b, block_p, block_k, warps, stages, chunk, splits, columns_per_split)
+    plan = ProjectPlan(dot, parts, block_b, block_p, block_k, warps, stages, chunk, splits, columns_per_split)
+    return [plan] + [plan._replace(block_b=b, block_k=k, warps=w, stages=s) for b, k, w, s in alternatives
+                     if triton.cdiv(K, k) <= _GRID_Y]
+
+
+def project_plan(B: int, P: int, K: int, dtype: torch.dtype, kind: str, arch: Optional[str],
+                 interpreted: bool) -> ProjectPlan:
+    """The static launch plan (the first of :func:`project_schedules`): the same at every run, so a call's
+    summation order (its float rounding) is too."""
+    return project_schedules(B, P, K, dtype, kind, arch, interpreted)[0]
 
 
 def bf16_parts(x: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
@@ -551,14 +582,40 @@ def entries(seed: int, row_offset: int, rows: int, dim_out: int, kind: str, devi
     return out
 
 
+def _tuned(plans: List[ProjectPlan], x: Tensor, partial: Tensor, table: Tensor, kind: str,
+           arch: Optional[str]) -> ProjectPlan:
+    """The fastest of ``plans`` (:func:`project_schedules`) for ``x`` on its GPU, each timed once per process and
+    shape (not per ``P``: per input dtype, kind, ``B``, ``K`` and splits) on the first ``_TUNE_COLUMNS`` columns of
+    every split of ``x``, written into ``partial`` (which the projection then overwrites)."""
+    B, P = x.shape
+    K = partial.shape[2]
+    plan = plans[0]
+    if len(plans) == 1 or B * P * K < _TUNE_MACS or not tuning.enabled():
+        return plan
+    columns = min(plan.columns_per_split, _TUNE_COLUMNS)  # both multiples of block_p
+    sample: List[Tensor] = []
+
+    def seconds(index: int) -> float:
+        if not sample:
+            head = x[:, : columns * plan.splits]
+            sample.append(bf16_parts(head) if plan.parts == 3 else head.unsqueeze(0))
+        trial = plans[index]._replace(columns_per_split=columns)
+        return tuning.cuda_seconds(project_launch(sample[0], partial, table, kind, 0, 0, trial), x.device)
+
+    key = ("project", x.device, arch, kind, x.dtype, B, K, plan.splits)
+    return plans[tuning.choose(key, len(plans), seconds)]
+
+
 def project_dense(x: Tensor, dim_out: int, kind: str, seed: int, offset: int) -> Tensor:
     interpreted = _interpreted()
     if interpreted and x.dtype == torch.bfloat16:
         x = x.to(torch.float32)
     B, P = x.shape
-    plan = project_plan(B, P, dim_out, x.dtype, kind, device_arch(x.device), interpreted)
-    partial = torch.empty(plan.splits, B, dim_out, dtype=torch.float32, device=x.device)
+    arch = device_arch(x.device)
+    plans = project_schedules(B, P, dim_out, x.dtype, kind, arch, interpreted)
+    partial = torch.empty(plans[0].splits, B, dim_out, dtype=torch.float32, device=x.device)
     table = gaussian_table(x.device)
+    plan = _tuned(plans, x, partial, table, kind, arch)
     for start in range(0, max(P, 1), plan.chunk):
         columns = x[:, start : start + plan.chunk]
         if plan.parts == 3:

@@ -41,11 +41,13 @@ def test_the_main_loop_and_its_instruction_mix_are_read_as_counted_by_hand():
     assert (mix["shared_wavefronts"], mix["barriers"]) == (15, 1)
     assert mix["macs"] == 32 + 16 * 8 * 16 + 64 * 64 * 16 // 4  # FFMA lanes, m16n8k16, one warp's part of 64x64x16
     assert sa._mix(lines)["int"] == 3  # the IMAD outside the loop too
+    assert sa._tensor_core_kinds(lines) == ["HGMMA.F32.BF16", "HMMA.F32.BF16"]  # shapes left out
 
 
-SUBSET = ("project/rademacher/float32", "project/rademacher/bfloat16", "project/gaussian/float32", "inner/dot/float32",
-          "inner/cosine/bfloat16", "topk/k=10/bfloat16")
+SUBSET = ("project/rademacher/float32", "project/rademacher/bfloat16", "project/gaussian/float32",
+          "project/gaussian/bfloat16", "inner/dot/float32", "inner/cosine/bfloat16", "topk/k=10/bfloat16")
 SMALL = ("project/rademacher/bfloat16", "project/gaussian/float32")  # also with B = 64 rows: their own tiles
+SCHEDULED = SUBSET[:4]  # also every alternative schedule a GPU's timing may choose, at B = 4096
 
 
 # Compiled in a process without TRITON_INTERPRET (conftest sets it for the kernel tests: under it @triton.jit
@@ -71,13 +73,18 @@ signatures = {
     # seed 1580096365 hashes to seed_key 1, which Triton would make a constant unless told not to
     "seed_key_one": sa.bound_source(project(64, 1 << 20, seed=1580096365))[0].signature,
 }
-SUBSET, SMALL = __SUBSET__, __SMALL__
+SUBSET, SMALL, SCHEDULED = __SUBSET__, __SMALL__, __SCHEDULED__
 records = [sa.analyse(c) for arch in ("sm_80", "sm_90a") for c in sa.configs(arch) if c.name in SUBSET]
 for arch in ("sm_80", "sm_90a"):
     for name in SMALL:
         _, kind, dtype = name.split("/")
         config = sa.project_config(arch, kind, getattr(torch, dtype), 64, 1 << 24, 8192)
         records.append(sa.analyse(config._replace(name=name + "@B=64")))
+    for name in SCHEDULED:
+        _, kind, dtype = name.split("/")
+        for schedule in (1, 2, 3):
+            records.append(sa.analyse(sa.project_config(arch, kind, getattr(torch, dtype), 4096, 1 << 24, 8192,
+                                                        schedule)))
 print(json.dumps({"signatures": signatures, "records": records}))
 """
 
@@ -90,7 +97,8 @@ def compiled():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = COMPILE.replace("__SUBSET__", repr(SUBSET)).replace("__SMALL__", repr(SMALL))
+    script = COMPILE.replace("__SUBSET__", repr(SUBSET)).replace("__SMALL__", repr(SMALL)).replace(
+        "__SCHEDULED__", repr(SCHEDULED))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     if out.stdout.startswith("SKIP"):
@@ -110,8 +118,9 @@ def test_arguments_bind_as_a_real_launch_binds_them(compiled):
 
 def test_a_subset_of_configurations_compiles_for_both_architectures_without_spills_on_tensor_cores(compiled):
     records = compiled["records"]
+    names = SUBSET + tuple(n + "@B=64" for n in SMALL) + tuple(f"{n}#{i}" for n in SCHEDULED for i in (1, 2, 3))
     assert sorted((r["config"], r["arch"]) for r in records) == sorted(
-        (name, arch) for name in SUBSET + tuple(n + "@B=64" for n in SMALL) for arch in ("sm_80", "sm_90a"))
+        (name, arch) for name in names for arch in ("sm_80", "sm_90a"))
     for record in records:
         loop = record["loop"]
         assert record["registers"] > 0 and record["num_warps"] >= 1 and loop["macs"] > 0
@@ -122,7 +131,19 @@ def test_a_subset_of_configurations_compiles_for_both_architectures_without_spil
         # ±1 entries on tensor cores (fp32 x as its bf16 parts); Gaussian entries and fp32 inner: three tf32 products
         assert record["meant_for_tensor_cores"] and record["tensor_core_instructions"] > 0 and loop["tc"] > 0
     three = [r for r in records if "float32" in r["config"]]  # bf16 parts, or tf32x3
-    assert len(three) == 8 and all(r["useful_macs"] == r["loop"]["macs"] / 3 for r in three)
+    assert len(three) == 20 and all(r["useful_macs"] == r["loop"]["macs"] / 3 for r in three)
+
+
+def test_alternative_schedules_use_the_static_plans_tensor_core_instructions(compiled):
+    """What a GPU's timing may choose sums each output with the same instructions as the static plan (warpgroup
+    HGMMA on sm_90a, HMMA on sm_80, in the same precision): the same numbers whichever schedule wins."""
+    record = {(r["config"], r["arch"]): r for r in compiled["records"]}
+    for arch in ("sm_80", "sm_90a"):
+        for name in SCHEDULED:
+            kinds = record[name, arch]["tensor_core_kinds"]
+            assert kinds and all(k.startswith("HGMMA" if arch == "sm_90a" else "HMMA") for k in kinds), kinds
+            for i in (1, 2, 3):
+                assert record[f"{name}#{i}", arch]["tensor_core_kinds"] == kinds, (name, i, arch)
 
 
 def test_the_projection_is_bound_by_its_tensor_cores(compiled):

@@ -157,7 +157,7 @@ def test_the_plan_follows_the_gpu_generation_and_the_shape():
     plan = triton_kernels.project_plan
     for arch in ("sm_80", "sm_90a"):
         half = plan(4096, 1 << 24, 8192, torch.bfloat16, "rademacher", arch, False)
-        assert (half.dot, half.parts, half.block_b, half.warps, half.splits) == (1, 1, 256, 8, 1)
+        assert (half.dot, half.parts, half.warps, half.splits) == (1, 1, 8, 1) and half.block_b >= 128
         single = plan(4096, 1 << 24, 8192, torch.float32, "rademacher", arch, False)
         assert single.parts == 3 and single.dot == 1 and 3 * 2 * 4096 * single.chunk <= triton_kernels._PART_BYTES
         assert plan(4096, 1 << 24, 8192, torch.float32, "gaussian", arch, False).dot == 2
@@ -170,6 +170,83 @@ def test_the_plan_follows_the_gpu_generation_and_the_shape():
     fma = plan(4096, 1 << 24, 8192, torch.float32, "rademacher", None, False)  # a GPU without bf16 tensor cores
     assert (fma.dot, fma.parts) == (0, 1)
     assert plan(4096, 1 << 24, 8192, torch.float32, "rademacher", "sm_90a", True).dot == 0  # the interpreter: FMA
+
+
+GPU_PATHS = [(arch, dtype, kind) for arch in ("sm_80", "sm_90a")
+             for dtype, kind in ((torch.bfloat16, "rademacher"), (torch.float32, "rademacher"),
+                                 (torch.float32, "gaussian"))]
+
+
+@pytest.mark.parametrize("arch, dtype, kind", GPU_PATHS)
+def test_every_schedule_keeps_the_static_plans_sums(arch, dtype, kind):
+    for B in (4096, 200, 128, 64, 1, 0):
+        plans = triton_kernels.project_schedules(B, 1 << 24, 8192, dtype, kind, arch, False)
+        assert plans[0] == triton_kernels.project_plan(B, 1 << 24, 8192, dtype, kind, arch, False)
+        assert len(set(plans)) == len(plans) == 4  # the static plan and three alternatives
+        same = {(p.dot, p.parts, p.block_p, p.chunk, p.splits, p.columns_per_split) for p in plans}
+        assert len(same) == 1, plans  # the same products, summed in the same order
+    assert len(triton_kernels.project_schedules(4096, 1 << 24, 8192, dtype, kind, None, False)) == 1  # FMA
+    assert len(triton_kernels.project_schedules(4096, 1 << 24, 8192, dtype, kind, arch, True)) == 1  # interpreter
+
+
+def _run_plan(x, plan, kind, dim_out, seed=3, offset=17):
+    """``x`` projected by ``plan`` as a launch, its splits summed in order, on the interpreter's FMA path."""
+    plan = plan._replace(dot=0)
+    parts = triton_kernels.bf16_parts(x, torch.float32) if plan.parts == 3 else x.unsqueeze(0)
+    partial = torch.empty(plan.splits, x.shape[0], dim_out)
+    table = triton_kernels.gaussian_table(CPU)
+    triton_kernels.project_launch(parts, partial, table, kind, seed, offset, plan)()
+    return partial.sum(0)
+
+
+@pytest.mark.parametrize("arch, dtype, kind", GPU_PATHS)
+def test_every_schedule_projects_bit_identically(monkeypatch, arch, dtype, kind):
+    """The tiles a GPU may time against each other, run by the interpreter: every one the same numbers, bit for
+    bit (on tensor cores the argument is the same: each output sums the same BLOCK_P-wide products in order)."""
+    monkeypatch.setattr(triton_kernels, "_MIN_SPLIT_COLUMNS", 64)
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(300, 200, generator=g)  # edges in every tile's rows, columns and the last block of P
+    plans = triton_kernels.project_schedules(300, 200, 300, dtype, kind, arch, False)
+    assert len(plans) == 4
+    first = _run_plan(x, plans[0], kind, 300)
+    expected = reference.project_dense(x, 300, kind, 3, 17) * 300**0.5
+    torch.testing.assert_close(first, expected, rtol=1e-4, atol=1e-4)
+    for plan in plans[1:]:
+        assert torch.equal(_run_plan(x, plan, kind, 300), first), plan
+
+
+def test_the_tuned_plan_is_timed_once_per_shape_on_a_sample(monkeypatch):
+    monkeypatch.setattr(triton_kernels, "_TUNE_MACS", 0)
+    monkeypatch.setattr(triton_kernels, "_TUNE_COLUMNS", 64)
+    monkeypatch.delenv("ATTRIB_TUNE", raising=False)
+    triton_kernels.tuning.forget()
+    timed = []
+
+    def fake_seconds(launch, device):  # runs the launch as cuda_seconds would, with made-up times
+        launch()
+        timed.append(launch)
+        return [3.0, 1.0, 2.0, 1.0][len(timed) - 1]
+
+    monkeypatch.setattr(triton_kernels.tuning, "cuda_seconds", fake_seconds)
+    g = torch.Generator().manual_seed(18)
+    x = torch.randn(300, 200, generator=g)
+    table = triton_kernels.gaussian_table(CPU)
+    plans = [p._replace(dot=0, parts=1) for p in
+             triton_kernels.project_schedules(300, 200, 300, torch.float32, "gaussian", "sm_90a", False)]
+    partial = torch.empty(plans[0].splits, 300, 300)
+    try:
+        assert triton_kernels._tuned(plans, x, partial, table, "gaussian", "sm_90a") == plans[1]
+        assert len(timed) == 4 and all(launch.args[0].shape == (1, 300, 64) for launch in timed)  # the sample
+        assert [launch.args[-1] for launch in timed] == [64] * 4  # columns per split of the sample
+        wider = torch.randn(300, 500, generator=g)  # another P, the same shape otherwise: remembered
+        assert triton_kernels._tuned(plans, wider, partial, table, "gaussian", "sm_90a") == plans[1]
+        assert len(timed) == 4
+        monkeypatch.setenv("ATTRIB_TUNE", "0")
+        triton_kernels.tuning.forget()
+        assert triton_kernels._tuned(plans, x, partial, table, "gaussian", "sm_90a") == plans[0]
+        assert len(timed) == 4
+    finally:
+        triton_kernels.tuning.forget()
 
 
 def _stable_topk(scores, k, largest):
