@@ -91,17 +91,12 @@ def cpu_part(args) -> None:
 
 def schedules_agree(x: torch.Tensor, dim_out: int, kind: str) -> tuple[int, bool]:
     """How many schedules the projection's timing may choose from on ``x``'s GPU (``project_schedules``), and
-    whether every one gives ``x``'s projection bit for bit as the static plan does (``x`` within one chunk)."""
+    whether every one gives ``x``'s projection bit for bit as the static plan does."""
     from kernels import triton_kernels as tk
 
     B, P = x.shape
     plans = tk.project_schedules(B, P, dim_out, x.dtype, kind, tk.device_arch(x.device), interpreted=False)
-    outs = []
-    for plan in plans:
-        parts = tk.bf16_parts(x) if plan.parts == 3 else x.unsqueeze(0)
-        partial = torch.empty(plan.splits, B, dim_out, device=x.device)
-        tk.project_launch(parts, partial, tk.gaussian_table(x.device), kind, 5, 11, plan)()
-        outs.append(partial)
+    outs = [tk.project_with_plan(x, dim_out, kind, 5, 11, plan) for plan in plans]
     return len(plans), all(torch.equal(out, outs[0]) for out in outs[1:])
 
 
@@ -116,7 +111,7 @@ def gpu_checks(device: torch.device) -> bool:
                    for d in (device, "cpu")]
         results.append((f"entries, {kind}: bit-identical to the CPU's", torch.equal(*entries)))
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            for rows in (3, 300):  # one tile of rows with the columns split over programs; several tiles
+            for rows in (3, 100, 300):  # one tile of rows, columns split over programs; each table row
                 x = torch.randn(rows, 20000, generator=g).to(dtype)
                 exact = reference.project_dense(x.double(), 1000, kind, 5, 11)
                 got = kernels.project(x.to(device), 1000, kind=kind, seed=5, offset=11).cpu().double()
@@ -172,6 +167,9 @@ def gpu_part(args) -> None:
     def seconds(fn) -> float:
         return timed(fn, args.repeats, sync=torch.cuda.synchronize).seconds
 
+    def timing(fn):
+        return timed(fn, args.repeats, sync=torch.cuda.synchronize)
+
     print(f"\nGPU: {torch.cuda.get_device_name()}, capability {torch.cuda.get_device_capability()}\n")
     print("| check | result |\n|---|---|")
     passed = gpu_checks(device)
@@ -187,12 +185,16 @@ def gpu_part(args) -> None:
         print(gpu_row("matmul, materialised (cuBLAS)", dtype, t_mat, flops, t_mat))
         for kind in ("rademacher", "gaussian"):
             with tuned(False):
-                t_static = seconds(lambda: kernels.project(x, k, kind=kind))
+                static = timing(lambda: kernels.project(x, k, kind=kind))
             with tuned(True):
-                t_tuned = seconds(lambda: kernels.project(x, k, kind=kind))  # the warm-up call times the schedules
-            taken = [index for key, index in tuning.choices().items() if key[3:5] == (kind, dtype)]
-            print(gpu_row(f"project {kind}, Triton, static plan", dtype, t_static, flops, t_mat))
-            print(gpu_row(f"project {kind}, Triton, tuned (schedule {taken})", dtype, t_tuned, flops, t_mat))
+                tuned_run = timing(lambda: kernels.project(x, k, kind=kind))  # the warm-up call times the schedules
+            taken = [index for key, index in tuning.choices().items() if (key.kind, key.dtype) == (kind, dtype)]
+            same = torch.equal(static.result, tuned_run.result)
+            passed = passed and same
+            print(gpu_row(f"project {kind}, Triton, static plan", dtype, static.seconds, flops, t_mat))
+            print(gpu_row(f"project {kind}, Triton, tuned (schedule {taken}; bit for bit the static plan's: "
+                          f"{'yes' if same else 'NO, FAIL'})", dtype, tuned_run.seconds, flops, t_mat))
+            static = tuned_run = None
         x = None
     n, m, width = args.gpu_n, args.n_test, args.k
     print(f"\ninner and top-10 of {n:,} x {m:,} rows of {width}\n")

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import reference
+from . import reference, tuning
 from .hash import check_seed
 
 __all__ = ["backend", "project", "projection_entries", "inner", "topk_inner", "TopK", "KINDS"]
@@ -82,7 +82,9 @@ def project(
     order, which for one shape and GPU generation is the same at every run: a
     projection of at least ``2^40`` multiply-adds on a GPU takes the fastest of a
     few schedules, timed once per shape, that all sum in the static plan's order,
-    :mod:`kernels.tuning`; ``ATTRIB_TUNE=0`` takes the static plan untimed), and
+    :mod:`kernels.tuning` (equal results checked under the interpreter and in the
+    compiled instructions, not yet on a GPU); ``ATTRIB_TUNE=0`` takes the static
+    plan untimed), and
     projecting column slices of ``x`` with their ``offset`` and summing gives the
     projection of the whole (for ``P`` too large to hold at once).
 
@@ -119,6 +121,7 @@ def project(
         return reference.project_sjlt(x, dim_out, seed, offset, nnz)
     if x.dtype == torch.float64 or backend(x) == "torch":
         return reference.project_dense(x, dim_out, kind, seed, offset)
+    tuning.enabled()  # a bad ATTRIB_TUNE fails here, not at the first call large enough to time
     return _triton().project_dense(x, dim_out, kind, seed, offset)
 
 

@@ -370,11 +370,13 @@ class ProjectPlan(NamedTuple):
 # Tiles per GPU generation and path: rows ``(above, tile, alternatives)``, taken for inputs of more than ``above``
 # rows of x. ``tile`` (BLOCK_B, BLOCK_P, BLOCK_K, warps, stages) is the static plan, chosen with the static model of
 # kernels/static_analysis.py (benchmarks/kernels_sass.py, RESULTS.md): no spills, shared memory within the smallest
-# GPU that takes the table (227 KiB on Hopper; 99 KiB for "sm_80", which also serves sm_86/sm_89 and later), and
-# the highest bound (within 2%, the deeper pipeline), which favours many rows per generated tile of the matrix
-# (each tile serves BLOCK_B rows of x: the more, the less hashing per multiply-add). ``alternatives`` (BLOCK_B, BLOCK_K, warps, stages) keep BLOCK_P and
-# so every output's sum: the next best schedules by the same model, among which a GPU's timings choose
-# (kernels/tuning.py, project_schedules).
+# GPU that takes the table (227 KiB on Hopper; 99 KiB for "sm_80", which also serves sm_86/sm_89 and later), and a
+# bound within 6% of the highest the sweep found (sm_90a's Gaussian 15.8% against 16.7% for a tile that spills
+# with half-precision input), which favours many rows per generated tile of the matrix (each tile serves BLOCK_B
+# rows of x: the more, the less hashing per multiply-add). ``alternatives`` (BLOCK_B, BLOCK_K,
+# warps, stages) keep BLOCK_P and so every output's sum: other schedules without spills, picked to vary rows,
+# columns, warps and stages, some with a lower bound (the model leaves out latency, occupancy and L2, which a
+# GPU's timing sees), among which that timing chooses (kernels/tuning.py, project_schedules).
 _TILES = {
     ("sm_90a", "half"): (
         (128, (256, 64, 128, 8, 3), ((256, 128, 8, 2), (256, 128, 8, 4), (256, 64, 8, 3))),
@@ -582,17 +584,35 @@ def entries(seed: int, row_offset: int, rows: int, dim_out: int, kind: str, devi
     return out
 
 
+class TuneKey(NamedTuple):
+    """What a projection's timed choice of schedule is remembered by (:mod:`kernels.tuning`): not ``P``."""
+
+    device: torch.device
+    arch: Optional[str]
+    kind: str
+    dtype: torch.dtype
+    B: int
+    K: int
+    splits: int
+
+
 def _tuned(plans: List[ProjectPlan], x: Tensor, partial: Tensor, table: Tensor, kind: str,
            arch: Optional[str]) -> ProjectPlan:
     """The fastest of ``plans`` (:func:`project_schedules`) for ``x`` on its GPU, each timed once per process and
-    shape (not per ``P``: per input dtype, kind, ``B``, ``K`` and splits) on the first ``_TUNE_COLUMNS`` columns of
-    every split of ``x``, written into ``partial`` (which the projection then overwrites)."""
+    :class:`TuneKey` on a sample of ``x``: its first ``splits x columns`` columns, split as the call splits them,
+    ``columns`` a multiple of ``block_p`` of at most ``_TUNE_COLUMNS`` and (for ``P`` of more than
+    ``8 x splits x block_p``) at most ``P / (8 splits)``, so the 16 timed launches cost at most two calls. The
+    sample's sums go into ``partial``, which the projection then overwrites. The static plan, untimed, under
+    ``ATTRIB_TUNE=0``, for fewer than ``_TUNE_MACS`` multiply-adds and while a CUDA graph is being captured."""
     B, P = x.shape
     K = partial.shape[2]
     plan = plans[0]
     if len(plans) == 1 or B * P * K < _TUNE_MACS or not tuning.enabled():
         return plan
-    columns = min(plan.columns_per_split, _TUNE_COLUMNS)  # both multiples of block_p
+    if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return plan
+    columns = min(plan.columns_per_split, _TUNE_COLUMNS, P // (8 * plan.splits))
+    columns = max(plan.block_p, columns // plan.block_p * plan.block_p)
     sample: List[Tensor] = []
 
     def seconds(index: int) -> float:
@@ -602,20 +622,21 @@ def _tuned(plans: List[ProjectPlan], x: Tensor, partial: Tensor, table: Tensor, 
         trial = plans[index]._replace(columns_per_split=columns)
         return tuning.cuda_seconds(project_launch(sample[0], partial, table, kind, 0, 0, trial), x.device)
 
-    key = ("project", x.device, arch, kind, x.dtype, B, K, plan.splits)
+    key = TuneKey(x.device, arch, kind, x.dtype, B, K, plan.splits)
     return plans[tuning.choose(key, len(plans), seconds)]
 
 
-def project_dense(x: Tensor, dim_out: int, kind: str, seed: int, offset: int) -> Tensor:
+def project_with_plan(x: Tensor, dim_out: int, kind: str, seed: int, offset: int, plan: ProjectPlan,
+                      partial: Optional[Tensor] = None, table: Optional[Tensor] = None) -> Tensor:
+    """``x`` projected by the launches of ``plan``: a chunk of columns at a time (float32 parts made per chunk),
+    the splits' partial sums (``partial``, ``(splits, B, dim_out)`` float32, allocated if not given) added in a
+    fixed order, scaled by ``1/sqrt(dim_out)``."""
     interpreted = _interpreted()
-    if interpreted and x.dtype == torch.bfloat16:
-        x = x.to(torch.float32)
     B, P = x.shape
-    arch = device_arch(x.device)
-    plans = project_schedules(B, P, dim_out, x.dtype, kind, arch, interpreted)
-    partial = torch.empty(plans[0].splits, B, dim_out, dtype=torch.float32, device=x.device)
-    table = gaussian_table(x.device)
-    plan = _tuned(plans, x, partial, table, kind, arch)
+    if partial is None:
+        partial = torch.empty(plan.splits, B, dim_out, dtype=torch.float32, device=x.device)
+    if table is None:
+        table = gaussian_table(x.device)
     for start in range(0, max(P, 1), plan.chunk):
         columns = x[:, start : start + plan.chunk]
         if plan.parts == 3:
@@ -627,6 +648,20 @@ def project_dense(x: Tensor, dim_out: int, kind: str, seed: int, offset: int) ->
     for split in range(1, plan.splits):  # in a fixed order: the same rounding at every run
         out.add_(partial[split])
     return out.mul_(1.0 / math.sqrt(dim_out))
+
+
+def project_dense(x: Tensor, dim_out: int, kind: str, seed: int, offset: int) -> Tensor:
+    """``x`` projected with the static plan for its shape and GPU, or the fastest of its schedules (:func:`_tuned`)."""
+    interpreted = _interpreted()
+    if interpreted and x.dtype == torch.bfloat16:
+        x = x.to(torch.float32)
+    B, P = x.shape
+    arch = device_arch(x.device)
+    plans = project_schedules(B, P, dim_out, x.dtype, kind, arch, interpreted)
+    partial = torch.empty(plans[0].splits, B, dim_out, dtype=torch.float32, device=x.device)
+    table = gaussian_table(x.device)
+    plan = _tuned(plans, x, partial, table, kind, arch)
+    return project_with_plan(x, dim_out, kind, seed, offset, plan, partial, table)
 
 
 def _same_dtype(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:

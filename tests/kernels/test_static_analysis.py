@@ -47,7 +47,8 @@ def test_the_main_loop_and_its_instruction_mix_are_read_as_counted_by_hand():
 SUBSET = ("project/rademacher/float32", "project/rademacher/bfloat16", "project/gaussian/float32",
           "project/gaussian/bfloat16", "inner/dot/float32", "inner/cosine/bfloat16", "topk/k=10/bfloat16")
 SMALL = ("project/rademacher/bfloat16", "project/gaussian/float32")  # also with B = 64 rows: their own tiles
-SCHEDULED = SUBSET[:4]  # also every alternative schedule a GPU's timing may choose, at B = 4096
+SCHEDULED = SUBSET[:4]  # also every alternative schedule a GPU's timing may choose, at B = 4096 ...
+SCHEDULED_SMALL = SMALL  # ... and at B = 64 on sm_90a, where 4- and 8-warp schedules mix
 
 
 # Compiled in a process without TRITON_INTERPRET (conftest sets it for the kernel tests: under it @triton.jit
@@ -73,7 +74,7 @@ signatures = {
     # seed 1580096365 hashes to seed_key 1, which Triton would make a constant unless told not to
     "seed_key_one": sa.bound_source(project(64, 1 << 20, seed=1580096365))[0].signature,
 }
-SUBSET, SMALL, SCHEDULED = __SUBSET__, __SMALL__, __SCHEDULED__
+SUBSET, SMALL, SCHEDULED, SCHEDULED_SMALL = __SUBSET__, __SMALL__, __SCHEDULED__, __SCHEDULED_SMALL__
 records = [sa.analyse(c) for arch in ("sm_80", "sm_90a") for c in sa.configs(arch) if c.name in SUBSET]
 for arch in ("sm_80", "sm_90a"):
     for name in SMALL:
@@ -85,6 +86,11 @@ for arch in ("sm_80", "sm_90a"):
         for schedule in (1, 2, 3):
             records.append(sa.analyse(sa.project_config(arch, kind, getattr(torch, dtype), 4096, 1 << 24, 8192,
                                                         schedule)))
+for name in SCHEDULED_SMALL:
+    _, kind, dtype = name.split("/")
+    for schedule in (1, 2, 3):
+        config = sa.project_config("sm_90a", kind, getattr(torch, dtype), 64, 1 << 24, 8192, schedule)
+        records.append(sa.analyse(config._replace(name=f"{name}@B=64#{schedule}")))
 print(json.dumps({"signatures": signatures, "records": records}))
 """
 
@@ -98,7 +104,7 @@ def compiled():
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = COMPILE.replace("__SUBSET__", repr(SUBSET)).replace("__SMALL__", repr(SMALL)).replace(
-        "__SCHEDULED__", repr(SCHEDULED))
+        "__SCHEDULED__", repr(SCHEDULED)).replace("__SCHEDULED_SMALL__", repr(SCHEDULED_SMALL))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     if out.stdout.startswith("SKIP"):
@@ -119,8 +125,9 @@ def test_arguments_bind_as_a_real_launch_binds_them(compiled):
 def test_a_subset_of_configurations_compiles_for_both_architectures_without_spills_on_tensor_cores(compiled):
     records = compiled["records"]
     names = SUBSET + tuple(n + "@B=64" for n in SMALL) + tuple(f"{n}#{i}" for n in SCHEDULED for i in (1, 2, 3))
+    small = [(f"{n}@B=64#{i}", "sm_90a") for n in SCHEDULED_SMALL for i in (1, 2, 3)]
     assert sorted((r["config"], r["arch"]) for r in records) == sorted(
-        (name, arch) for name in names for arch in ("sm_80", "sm_90a"))
+        [(name, arch) for name in names for arch in ("sm_80", "sm_90a")] + small)
     for record in records:
         loop = record["loop"]
         assert record["registers"] > 0 and record["num_warps"] >= 1 and loop["macs"] > 0
@@ -131,7 +138,7 @@ def test_a_subset_of_configurations_compiles_for_both_architectures_without_spil
         # ±1 entries on tensor cores (fp32 x as its bf16 parts); Gaussian entries and fp32 inner: three tf32 products
         assert record["meant_for_tensor_cores"] and record["tensor_core_instructions"] > 0 and loop["tc"] > 0
     three = [r for r in records if "float32" in r["config"]]  # bf16 parts, or tf32x3
-    assert len(three) == 20 and all(r["useful_macs"] == r["loop"]["macs"] / 3 for r in three)
+    assert len(three) == 23 and all(r["useful_macs"] == r["loop"]["macs"] / 3 for r in three)
 
 
 def test_alternative_schedules_use_the_static_plans_tensor_core_instructions(compiled):
@@ -144,6 +151,11 @@ def test_alternative_schedules_use_the_static_plans_tensor_core_instructions(com
             assert kinds and all(k.startswith("HGMMA" if arch == "sm_90a" else "HMMA") for k in kinds), kinds
             for i in (1, 2, 3):
                 assert record[f"{name}#{i}", arch]["tensor_core_kinds"] == kinds, (name, i, arch)
+    for name in SCHEDULED_SMALL:
+        kinds = record[f"{name}@B=64", "sm_90a"]["tensor_core_kinds"]
+        assert kinds and all(k.startswith("HGMMA") for k in kinds), kinds
+        for i in (1, 2, 3):
+            assert record[f"{name}@B=64#{i}", "sm_90a"]["tensor_core_kinds"] == kinds, (name, i)
 
 
 def test_the_projection_is_bound_by_its_tensor_cores(compiled):

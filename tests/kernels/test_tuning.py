@@ -73,3 +73,32 @@ def test_a_single_candidate_or_tuning_off_takes_the_first_untimed(monkeypatch):
     monkeypatch.setenv("ATTRIB_TUNE", "yes")
     with pytest.raises(ValueError, match="ATTRIB_TUNE: expected '0' or '1', got 'yes'"):
         tuning.enabled()
+
+
+def test_cuda_seconds_times_after_a_compiling_run_and_takes_the_median(monkeypatch):
+    import contextlib
+
+    import torch
+
+    elapsed = iter([5.0, 1.0, 3.0])  # milliseconds per timed run
+    calls = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            calls.append("record")
+
+        def synchronize(self):
+            calls.append("sync")
+
+        def elapsed_time(self, end):
+            return next(elapsed)
+
+    devices = []
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: devices.append(d) or contextlib.nullcontext())
+    seconds = tuning.cuda_seconds(lambda: calls.append("run"), "cuda:1", repeats=3)
+    assert seconds == 3.0 / 1e3 and devices == ["cuda:1"]
+    assert calls == ["run"] + ["record", "run", "record", "sync"] * 3  # untimed first run, then each timed
