@@ -8,8 +8,8 @@ timing race changes how long a call takes, never what it returns. (For the
 projection: the schedules keep the static plan's ``BLOCK_P``, chunks and splits, so
 each output adds the same ``BLOCK_P``-wide tensor-core products in the same order;
 the tests check that they compile to the same tensor-core instructions and project
-bit for bit alike under the interpreter, and ``benchmarks/kernels.py`` checks it on
-a GPU.)
+bit for bit alike under the interpreter; ``benchmarks/kernels.py`` checks it on a
+GPU, which has not been done yet.)
 
 The first call with a given ``key`` times every candidate (:func:`cuda_seconds`),
 remembers the fastest for the rest of the process, and later calls with that key
