@@ -164,11 +164,11 @@ def gpu_part(args) -> None:
         return
     device = torch.device("cuda")
 
-    def seconds(fn) -> float:
-        return timed(fn, args.repeats, sync=torch.cuda.synchronize).seconds
-
     def timing(fn):
         return timed(fn, args.repeats, sync=torch.cuda.synchronize)
+
+    def seconds(fn) -> float:
+        return timing(fn).seconds
 
     print(f"\nGPU: {torch.cuda.get_device_name()}, capability {torch.cuda.get_device_capability()}\n")
     print("| check | result |\n|---|---|")

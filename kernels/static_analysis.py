@@ -50,12 +50,13 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 ARCHS = {"sm_80": 80, "sm_90a": 90}
-# per SM and clock: integer lanes, fp32 lanes, conversion lanes, dense bf16 tensor-core MACs
+# per SM and clock: integer lanes, fp32 lanes, conversion lanes, dense bf16 tensor-core MACs, 128-byte
+# shared-memory wavefronts
 RATES = {"sm_80": {"int": 64, "fp": 64, "cvt": 16, "tc": 1024, "shared": 1},
          "sm_90a": {"int": 64, "fp": 128, "cvt": 16, "tc": 2048, "shared": 1}}
 # shared memory a block may use on the smallest GPU that takes each tile table: H100/H200 227 KiB; "sm_80" also
@@ -205,21 +206,24 @@ def _macs(opcode: str, suffix: str) -> int:
     return 0
 
 
+def _instructions(lines: Sequence[str]) -> Iterator[Tuple[str, str]]:
+    """``(opcode, suffix)`` of each instruction in ``lines`` (``suffix``: the dotted modifiers, ``""`` if none)."""
+    for line in lines:
+        match = _INSTRUCTION.match(line)
+        if match:
+            yield match.group(3), match.group(4) or ""
+
+
 def _mix(lines: Sequence[str]) -> Dict[str, int]:
     """Instruction counts by pipe, the multiply-adds they do (``macs``), and ``tc_cost``: the tensor-core MACs in
     units of bf16 MACs (a tf32 MAC costs two: the tf32 rate is half the bf16 rate)."""
     counts = {"int": 0, "fp": 0, "cvt": 0, "tc": 0, "memory": 0, "other": 0, "macs": 0, "tc_cost": 0,
               "shared_wavefronts": 0, "barriers": 0}
-    for line in lines:
-        match = _INSTRUCTION.match(line)
-        if not match:
-            continue
-        opcode, suffix = match.group(3), match.group(4) or ""
+    for opcode, suffix in _instructions(lines):
         macs = _macs(opcode, suffix)
         counts["macs"] += macs
         if opcode in _TC:
             counts["tc_cost"] += macs * (2 if "TF32" in suffix else 1)
-        if opcode in _TC:
             counts["tc"] += 1
         elif opcode in _INT:
             counts["int"] += 1
@@ -239,11 +243,9 @@ def _mix(lines: Sequence[str]) -> Dict[str, int]:
 def _tensor_core_kinds(lines: Sequence[str]) -> List[str]:
     """The tensor-core instructions in ``lines`` by opcode and operand types, shape left out (``HGMMA.F32.BF16``)."""
     kinds = set()
-    for line in lines:
-        match = _INSTRUCTION.match(line)
-        if match and match.group(3) in _TC:
-            types = [t for t in (match.group(4) or "").split(".") if re.fullmatch(r"[A-Z]+\d*", t)]
-            kinds.add(".".join([match.group(3)] + types))
+    for opcode, suffix in _instructions(lines):
+        if opcode in _TC:
+            kinds.add(".".join([opcode] + [t for t in suffix.split(".") if re.fullmatch(r"[A-Z]+\d*", t)]))
     return sorted(kinds)
 
 

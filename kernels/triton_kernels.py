@@ -601,9 +601,10 @@ def _tuned(plans: List[ProjectPlan], x: Tensor, partial: Tensor, table: Tensor, 
     """The fastest of ``plans`` (:func:`project_schedules`) for ``x`` on its GPU, each timed once per process and
     :class:`TuneKey` on a sample of ``x``: its first ``splits x columns`` columns, split as the call splits them,
     ``columns`` a multiple of ``block_p`` of at most ``_TUNE_COLUMNS`` and (for ``P`` of more than
-    ``8 x splits x block_p``) at most ``P / (8 splits)``, so the 16 timed launches cost at most two calls. The
-    sample's sums go into ``partial``, which the projection then overwrites. The static plan, untimed, under
-    ``ATTRIB_TUNE=0``, for fewer than ``_TUNE_MACS`` multiply-adds and while a CUDA graph is being captured."""
+    ``8 x splits x block_p``) at most ``P / (8 splits)``, so its 16 launches (4 per schedule) cost at most
+    two calls. The sample's sums go into ``partial``, which the projection then overwrites. The static plan,
+    untimed, under ``ATTRIB_TUNE=0``, for fewer than ``_TUNE_MACS`` multiply-adds and while a CUDA graph is being
+    captured."""
     B, P = x.shape
     K = partial.shape[2]
     plan = plans[0]

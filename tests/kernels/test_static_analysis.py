@@ -145,17 +145,13 @@ def test_alternative_schedules_use_the_static_plans_tensor_core_instructions(com
     """What a GPU's timing may choose sums each output with the same instructions as the static plan (warpgroup
     HGMMA on sm_90a, HMMA on sm_80, in the same precision): the same numbers whichever schedule wins."""
     record = {(r["config"], r["arch"]): r for r in compiled["records"]}
-    for arch in ("sm_80", "sm_90a"):
-        for name in SCHEDULED:
-            kinds = record[name, arch]["tensor_core_kinds"]
-            assert kinds and all(k.startswith("HGMMA" if arch == "sm_90a" else "HMMA") for k in kinds), kinds
-            for i in (1, 2, 3):
-                assert record[f"{name}#{i}", arch]["tensor_core_kinds"] == kinds, (name, i, arch)
-    for name in SCHEDULED_SMALL:
-        kinds = record[f"{name}@B=64", "sm_90a"]["tensor_core_kinds"]
-        assert kinds and all(k.startswith("HGMMA") for k in kinds), kinds
+    static_plans = [(name, arch) for arch in ("sm_80", "sm_90a") for name in SCHEDULED]
+    static_plans += [(f"{name}@B=64", "sm_90a") for name in SCHEDULED_SMALL]
+    for name, arch in static_plans:
+        kinds = record[name, arch]["tensor_core_kinds"]
+        assert kinds and all(k.startswith("HGMMA" if arch == "sm_90a" else "HMMA") for k in kinds), kinds
         for i in (1, 2, 3):
-            assert record[f"{name}@B=64#{i}", "sm_90a"]["tensor_core_kinds"] == kinds, (name, i)
+            assert record[f"{name}#{i}", arch]["tensor_core_kinds"] == kinds, (name, i, arch)
 
 
 def test_the_projection_is_bound_by_its_tensor_cores(compiled):
